@@ -1,0 +1,396 @@
+"""Patch cache, torch dataset, augmentation, class weights and a balanced sampler.
+
+The patch index (one row per kept patch) is turned once into a memory-mapped cache of
+normalised patches, ``(N, C, P, P)`` in index order. Training then reads patches from that
+cache lazily, so neither the images nor all patches need to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from cytofuse.errors import InputError
+
+CACHE_ARRAY = "patches.npy"
+CACHE_META = "patches.json"
+_EPS = 1e-6
+_INDEX_KEYS = ["patch_id", "image_id", "z", "y", "x", "size"]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class PatchCache:
+    """Read-only view of a patch cache folder: ``patches.npy`` (N, C, P, P) + ``patches.json``.
+
+    The memory map is opened on first access, and dropped when pickled, so DataLoader
+    workers each open their own map instead of receiving a copy of the patches.
+    """
+
+    def __init__(self, path: str | Path, meta: dict) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.patch_ids = np.asarray(meta["patch_ids"], dtype=np.int64)
+        self.channels: tuple[str, ...] = tuple(meta["channels"])
+        self.size = int(meta["size"])
+        self.dtype = np.dtype(meta["dtype"])
+        self.fingerprint: str = meta["fingerprint"]
+        self._array: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PatchCache":
+        """Open the cache in folder ``path``; error when it is missing or inconsistent."""
+        path = Path(path)
+        meta_file = path / CACHE_META
+        if not meta_file.is_file() or not (path / CACHE_ARRAY).is_file():
+            raise InputError(f"PatchCache.open: no patch cache in {path} (expected {CACHE_ARRAY} and {CACHE_META})")
+        cache = cls(path, json.loads(meta_file.read_text()))
+        expected = (len(cache.patch_ids), len(cache.channels), cache.size, cache.size)
+        if cache.array.shape != expected or cache.array.dtype != cache.dtype:
+            raise InputError(
+                f"PatchCache.open: {path / CACHE_ARRAY} has shape {cache.array.shape} {cache.array.dtype}, "
+                f"its sidecar says {expected} {cache.dtype}; delete the folder to rebuild it"
+            )
+        return cache
+
+    @property
+    def array(self) -> np.ndarray:
+        """The (N, C, P, P) memory map (read-only)."""
+        if self._array is None:
+            self._array = np.load(self.path / CACHE_ARRAY, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    def __getitem__(self, item):
+        return self.array[item]
+
+    def positions(self, patch_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row positions in the cache of the given patch ids (error on an unknown id)."""
+        lookup = pd.Index(self.patch_ids)
+        pos = lookup.get_indexer(np.asarray(patch_ids, dtype=np.int64))
+        if (pos < 0).any():
+            missing = np.asarray(patch_ids)[pos < 0][:5].tolist()
+            raise InputError(f"PatchCache.positions: patch_ids {missing} are not in the cache {self.path}")
+        return pos
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_array"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"PatchCache({str(self.path)!r}, n={len(self)}, channels={self.channels}, size={self.size})"
+
+
+def index_fingerprint(index: pd.DataFrame, stats: pd.DataFrame, *, channels: Sequence[str], dtype) -> str:
+    """A hash of everything the cache content depends on: patch positions, stats, channels, dtype."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(channels), np.dtype(dtype).str]).encode())
+    h.update(pd.util.hash_pandas_object(index[_INDEX_KEYS], index=False).to_numpy().tobytes())
+    cols = ["image_id"] + [f"{p}_{c}" for c in channels for p in ("lo", "hi")]
+    used = stats.loc[stats["image_id"].isin(index["image_id"]), cols].drop_duplicates("image_id").sort_values("image_id")
+    h.update(pd.util.hash_pandas_object(used, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _check_inputs(index: pd.DataFrame, stats: pd.DataFrame, channels: Sequence[str]) -> int:
+    missing = [c for c in _INDEX_KEYS if c not in index.columns]
+    if missing:
+        raise InputError(f"build_patch_cache: index lacks columns {missing}; it has {list(index.columns)}")
+    if len(index) == 0:
+        raise InputError("build_patch_cache: index has no patches")
+    if not index["patch_id"].is_unique:
+        raise InputError("build_patch_cache: index patch_id values are not unique")
+    sizes = index["size"].unique()
+    if len(sizes) != 1:
+        raise InputError(f"build_patch_cache: all patches must share one size, got sizes {sorted(sizes.tolist())}")
+    need = ["image_id"] + [f"{p}_{c}" for c in channels for p in ("lo", "hi")]
+    missing = [c for c in need if c not in stats.columns]
+    if missing:
+        raise InputError(f"build_patch_cache: stats lacks columns {missing} for channels {list(channels)}")
+    absent = sorted(set(index["image_id"]) - set(stats["image_id"]))
+    if absent:
+        raise InputError(f"build_patch_cache: stats has no row for image_id {absent[:5]}")
+    return int(sizes[0])
+
+
+def _cut_patches(image: np.ndarray, rows: pd.DataFrame, lo: np.ndarray, hi: np.ndarray, *, size: int, image_id: str) -> np.ndarray:
+    """Cut and normalise the patches of ``rows`` from one (C, Z, Y, X) image."""
+    _, nz, ny, nx = image.shape
+    z, y, x = (rows[k].to_numpy() for k in ("z", "y", "x"))
+    bad = (z < 0) | (z >= nz) | (y < 0) | (x < 0) | (y + size > ny) | (x + size > nx)
+    if bad.any():
+        r = rows[bad].iloc[0]
+        raise InputError(
+            f"build_patch_cache: patch {r['patch_id']} (z={r['z']}, y={r['y']}, x={r['x']}, size={size}) "
+            f"lies outside image {image_id!r} of shape {image.shape}"
+        )
+    scale = (1.0 / np.maximum(hi - lo, _EPS)).astype(np.float32)[:, None, None]
+    offset = lo.astype(np.float32)[:, None, None]
+    out = np.empty((len(rows), image.shape[0], size, size), dtype=np.float32)
+    for k, (zz, yy, xx) in enumerate(zip(z, y, x)):
+        out[k] = (image[:, zz, yy : yy + size, xx : xx + size].astype(np.float32) - offset) * scale
+    return out
+
+
+def _write_cache(index, stats, *, load_image, channels, tmp: Path, size: int, dtype, progress: bool, chunk: int) -> None:
+    arr = np.lib.format.open_memmap(tmp / CACHE_ARRAY, mode="w+", dtype=dtype, shape=(len(index), len(channels), size, size))
+    stats = stats.drop_duplicates("image_id").set_index("image_id")
+    positions = pd.Series(np.arange(len(index)), index=index.index)
+    groups = index.groupby("image_id", sort=False).groups
+    bar = _progress(len(groups), progress, "caching patches")
+    for image_id, labels in groups.items():
+        image = np.asarray(load_image(image_id))
+        if image.ndim != 4 or image.shape[0] != len(channels):
+            raise InputError(
+                f"build_patch_cache: load_image({image_id!r}) must return (C, Z, Y, X) with C={len(channels)} "
+                f"channels {list(channels)}, got shape {image.shape}"
+            )
+        lo = stats.loc[image_id, [f"lo_{c}" for c in channels]].to_numpy(np.float64)
+        hi = stats.loc[image_id, [f"hi_{c}" for c in channels]].to_numpy(np.float64)
+        rows = index.loc[labels]
+        for start in range(0, len(rows), chunk):
+            part = rows.iloc[start : start + chunk]
+            arr[positions[part.index].to_numpy()] = _cut_patches(image, part, lo, hi, size=size, image_id=image_id).astype(dtype)
+        del image
+        bar.update(1)
+    bar.close()
+    arr.flush()
+    del arr
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+
+
+def build_patch_cache(
+    index: pd.DataFrame,
+    stats: pd.DataFrame,
+    *,
+    load_image: Callable[[str], np.ndarray],
+    channels: Sequence[str],
+    out: str | Path,
+    dtype=np.float16,
+    progress: bool = True,
+    chunk: int = 512,
+) -> PatchCache:
+    """Cut, normalise and store every indexed patch in folder ``out``; reuse it when up to date.
+
+    ``load_image(image_id)`` returns that image's (C, Z, Y, X) array of exactly ``channels``;
+    images are read one at a time. Patch values are ``(raw - lo) / max(hi - lo, eps)`` with that
+    image's ``lo_<channel>`` / ``hi_<channel>`` from ``stats``. A cache whose fingerprint (index
+    positions, stats, channels, dtype) matches is reused; a stale one is rebuilt.
+    """
+    out = Path(out)
+    channels = list(channels)
+    size = _check_inputs(index, stats, channels)
+    fingerprint = index_fingerprint(index, stats, channels=channels, dtype=dtype)
+    if (out / CACHE_META).is_file():
+        try:
+            cached = PatchCache.open(out)
+        except (InputError, ValueError, KeyError):
+            cached = None
+        if cached is not None and cached.fingerprint == fingerprint:
+            return cached
+    meta = {
+        "patch_ids": index["patch_id"].astype(np.int64).tolist(),
+        "channels": channels,
+        "size": size,
+        "dtype": np.dtype(dtype).str,
+        "fingerprint": fingerprint,
+        "normalisation": "(raw - lo) / max(hi - lo, eps) per image and channel",
+    }
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    try:
+        _write_cache(index, stats, load_image=load_image, channels=channels, tmp=tmp, size=size, dtype=dtype, progress=progress, chunk=chunk)
+        (tmp / CACHE_META).write_text(json.dumps(meta))
+        _replace_dir(tmp, out)
+    except BaseException:
+        _remove_dir(tmp)
+        raise
+    return PatchCache.open(out)
+
+
+def _remove_dir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move folder ``tmp`` to ``out``, replacing an old cache there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _remove_dir(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class Augment(BaseModel):
+    """Random patch augmentation, applied identically to every channel of a patch.
+
+    Works on a (C, H, W) patch or a (B, C, H, W) batch (each patch gets its own draw), on any
+    device, with torch's random generator (seeded per DataLoader worker by torch itself).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Master switch; False leaves patches unchanged.")
+    flip: bool = Field(True, description="Random horizontal and vertical flips (p=0.5 each).")
+    rot90: bool = Field(True, description="Random rotation by 0, 90, 180 or 270 degrees.")
+    crop_scale: float = Field(
+        0.85, gt=0.0, le=1.0, description="Random crop of this to 1.0 times the side, resized back; 1.0 disables."
+    )
+    rotate_deg: float = Field(15.0, ge=0.0, le=180.0, description="Random rotation within +-this angle (reflect padding); 0 disables.")
+    gain: float = Field(0.1, ge=0.0, lt=1.0, description="Intensity gain drawn from 1 +- gain, same for all channels; 0 disables.")
+    offset: float = Field(0.05, ge=0.0, description="Intensity offset drawn from +-offset, same for all channels; 0 disables.")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        single = x.ndim == 3
+        if single:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise InputError(f"Augment: expected a (C, H, W) patch or (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if self.flip:
+            x = _random_flip(x, -1)
+            x = _random_flip(x, -2)
+        if self.rot90 and x.shape[-1] == x.shape[-2]:
+            x = _random_rot90(x)
+        if self.crop_scale < 1.0 or self.rotate_deg > 0:
+            x = _random_affine(x, self.crop_scale, self.rotate_deg)
+        if self.gain > 0 or self.offset > 0:
+            x = _random_intensity(x, self.gain, self.offset)
+        return x[0] if single else x
+
+
+def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
+    return torch.rand(n, device=device) * (high - low) + low
+
+
+def _random_flip(x: torch.Tensor, dim: int) -> torch.Tensor:
+    mask = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(dim), x)
+
+
+def _random_rot90(x: torch.Tensor) -> torch.Tensor:
+    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
+    out = x.clone()
+    for turns in (1, 2, 3):
+        sel = k == turns
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
+    return out
+
+
+def _random_affine(x: torch.Tensor, crop_scale: float, rotate_deg: float) -> torch.Tensor:
+    """One bilinear resample per batch: a random crop (zoom in) and a small rotation."""
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    scale = _uniform(n, crop_scale, 1.0, x.device)
+    angle = _uniform(n, -rotate_deg, rotate_deg, x.device) * (math.pi / 180.0)
+    shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * (1 - scale)[:, None]
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    work = x if x.is_floating_point() else x.float()
+    grid = F.affine_grid(theta.to(work.dtype), list(work.shape), align_corners=False)
+    return F.grid_sample(work, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _random_intensity(x: torch.Tensor, gain: float, offset: float) -> torch.Tensor:
+    n = x.shape[0]
+    g = _uniform(n, 1 - gain, 1 + gain, x.device).to(x.dtype)[:, None, None, None]
+    o = _uniform(n, -offset, offset, x.device).to(x.dtype)[:, None, None, None]
+    return x * g + o
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class PatchDataset(Dataset):
+    """Patches ``rows`` (cache positions) of a :class:`PatchCache` with integer ``labels``.
+
+    Items are ``(float32 tensor (C, P, P), int label)``; ``augment`` is applied per item.
+    """
+
+    def __init__(self, cache: PatchCache, rows: np.ndarray, labels: np.ndarray, *, augment: Augment | None = None) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if rows.ndim != 1 or labels.shape != rows.shape:
+            raise InputError(f"PatchDataset: rows and labels must be 1D of equal length, got {rows.shape} and {labels.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(cache)):
+            raise InputError(f"PatchDataset: rows must lie in [0, {len(cache)}) for cache {cache.path}, got {rows.min()}..{rows.max()}")
+        if len(labels) and labels.min() < 0:
+            raise InputError(f"PatchDataset: labels must be >= 0, got {labels.min()}")
+        self.cache = cache
+        self.rows = rows
+        self.labels = labels
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(np.array(self.cache[self.rows[i]], dtype=np.float32))
+        if self.augment is not None:
+            x = self.augment(x)
+        return x, int(self.labels[i])
+
+
+# --------------------------------------------------------------------------- imbalance
+
+
+def _class_counts(labels: np.ndarray, num_classes: int, class_names: Sequence[str] | None, fn: str) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise InputError(f"{fn}: labels is empty")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise InputError(f"{fn}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    counts = np.bincount(labels, minlength=num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        names = [class_names[i] if class_names is not None else int(i) for i in empty]
+        raise InputError(f"{fn}: class {names} has no training sample (counts per class {counts.tolist()})")
+    return counts
+
+
+def class_weights(labels: np.ndarray, num_classes: int, *, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """Loss weight per class, inverse to its frequency in ``labels``: ``n / (K * n_k)``.
+
+    The weights average to 1 over the training samples (scikit-learn's "balanced"); e.g.
+    30 and 10 samples give [0.667, 2.0]. Errors naming the class when one has no sample.
+    """
+    counts = _class_counts(labels, num_classes, class_names, "class_weights")
+    return (counts.sum() / (num_classes * counts)).astype(np.float32)
+
+
+def make_sampler(labels: np.ndarray, *, num_samples: int | None = None, generator: torch.Generator | None = None) -> WeightedRandomSampler:
+    """A sampler drawing each class equally often on average (with replacement)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = _class_counts(labels, int(labels.max()) + 1 if len(labels) else 1, None, "make_sampler")
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=num_samples or len(labels), replacement=True, generator=generator)
