@@ -6,10 +6,21 @@ names and the physical pixel size in micrometres (z, y, x) when the file has the
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from cytofuse.errors import InputError
+
+SUPPORTED_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
+RGB_NAMES = ("red", "green", "blue")
 
 
 @dataclass(frozen=True)
@@ -38,3 +49,511 @@ class Image:
     @property
     def n_channels(self) -> int:
         return self.data.shape[0]
+
+
+def write_ome_tiff(path: str | Path, image: Image, *, overwrite: bool = False) -> Path:
+    """Write ``image`` as OME-TIFF with channel names and pixel sizes.
+
+    The file is written to a temporary name beside ``path`` and renamed into place, so a
+    crash never leaves a half-written file under the final name.
+    """
+    import tifffile
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"write_ome_tiff: {path} exists; pass overwrite=True to replace it")
+    metadata: dict = {"axes": "CZYX", "Channel": {"Name": list(image.channel_names)}}
+    for axis, size in zip("ZYX", image.pixel_size_um):
+        if size is not None:
+            metadata[f"PhysicalSize{axis}"] = float(size)
+            metadata[f"PhysicalSize{axis}Unit"] = "µm"
+    tmp = path.with_name(f".{path.name}.partial")
+    tifffile.imwrite(tmp, np.ascontiguousarray(image.data), ome=True, metadata=metadata, photometric="minisblack")
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file holds, read from its header where the format allows."""
+
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+    channel_names: tuple[str, ...]
+    pixel_size_um: tuple[float | None, float | None, float | None]
+    path: Path
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """One format reader's answer: data (None when probing) and what the file says about it."""
+
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+    data: np.ndarray | None = None
+    names: Sequence[str] | None = None
+    pixel_size_um: tuple[float | None, float | None, float | None] = (None, None, None)
+    metadata: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- public readers
+
+
+def read_image(
+    path: str | Path, *, axes: str | None = None, channel_names: Sequence[str] | None = None
+) -> Image:
+    """Read one image file into (C, Z, Y, X) with channel names and pixel sizes.
+
+    ``axes`` names the file's dimensions (letters C, Z, Y, X, plus T, S, ...); it is
+    required for .npy and overrides the order stored in a TIFF. Channels are ``C`` and
+    ``S`` (RGB samples); one other axis longer than 1 (Z, T, I, Q, ...) becomes Z.
+    ``channel_names`` replaces the names in the file (default "ch0", "ch1", ...).
+    """
+    path = _check_file(path)
+    parsed = _FORMATS[path.suffix.lower()](path, axes, True)
+    names = _channel_names(parsed.shape[0], parsed.names, channel_names, path)
+    return Image(parsed.data, names, parsed.pixel_size_um, str(path), parsed.metadata)
+
+
+def probe_image(path: str | Path, *, axes: str | None = None) -> ImageInfo:
+    """Describe an image file without decoding its pixels where the format allows.
+
+    TIFF, CZI, ND2 and .npy are read from their headers (a TIFF is also checked for
+    truncation); PNG and JPEG are decoded, because whether an RGB file is grey needs pixels.
+    """
+    path = _check_file(path)
+    parsed = _FORMATS[path.suffix.lower()](path, axes, False)
+    names = _channel_names(parsed.shape[0], parsed.names, None, path)
+    return ImageInfo(parsed.shape, np.dtype(parsed.dtype), names, parsed.pixel_size_um, path)
+
+
+def _check_file(path: str | Path) -> Path:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise InputError(f"unsupported image file {path}: suffix {path.suffix!r} is not one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if not path.exists():
+        raise InputError(f"image file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"image path {path} is not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"image file {path} is empty (0 bytes)")
+    return path
+
+
+def _channel_names(n: int, found: Sequence[str] | None, override: Sequence[str] | None, path: Path) -> tuple[str, ...]:
+    """The override (checked), else the file's names when they fit, else ch0, ch1, ..."""
+    if override is not None:
+        names = tuple(str(name) for name in override)
+        if len(names) != n:
+            raise InputError(f"channel_names has {len(names)} names but {path} has {n} channels, got channel_names={list(names)}")
+        return names
+    if found is not None:
+        names = tuple(str(name) for name in found)
+        if len(names) == n and all(names) and len(set(names)) == n:
+            return names
+    return tuple(f"ch{i}" for i in range(n))
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of a third-party reader into an InputError that names the file."""
+    try:
+        yield
+    except (InputError, Warning, MemoryError):
+        raise
+    except Exception as exc:  # readers raise anything from struct.error to codec errors
+        raise InputError(f"cannot read {path} as {what}: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- axes
+
+
+def _axes_plan(shape: tuple[int, ...], axes: str, path: Path | str) -> tuple[tuple[int, ...], tuple[int, int, int, int], str]:
+    """Transpose order, (C, Z, Y, X) shape and the axis read as Z, for data with ``axes``.
+
+    C and S (samples) become channels (C major); at most one other axis may be longer than 1
+    and becomes Z.
+    """
+    axes = axes.upper()
+    named = [a for a in axes if a not in "QI"]  # tifffile repeats Q and I for unnamed axes
+    if len(axes) != len(shape) or len(set(named)) != len(named) or not axes.isalpha() or not {"Y", "X"} <= set(axes):
+        raise InputError(
+            f"axes must name each of the {len(shape)} dimensions of {path} (shape {tuple(shape)}) once, "
+            f"including Y and X, got axes={axes!r}"
+        )
+    channel = [i for i, a in enumerate(axes) if a in "CS"]
+    stack = [i for i, a in enumerate(axes) if a not in "CSYX"]
+    long = [i for i in stack if shape[i] > 1]
+    if len(long) > 1:
+        raise InputError(
+            f"{path} has {len(long)} stack axes longer than 1 ({', '.join(f'{axes[i]}={shape[i]}' for i in long)}); "
+            f"cytofuse reads one of them as Z: pass axes= to name them, or split the file"
+        )
+    y, x = axes.index("Y"), axes.index("X")
+    order = (*channel, *stack, y, x)
+    c = int(np.prod([shape[i] for i in channel], dtype=np.int64))
+    z = int(np.prod([shape[i] for i in stack], dtype=np.int64))
+    return order, (c, z, shape[y], shape[x]), (axes[long[0]] if long else "Z")
+
+
+def _to_czyx(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    order, shape, _ = _axes_plan(data.shape, axes, path)
+    return data.transpose(order).reshape(shape)
+
+
+def _no_axes(axes: str | None, path: Path) -> None:
+    if axes is not None:
+        raise InputError(f"axes applies only to .tif/.tiff/.npy files, whose order may be unknown; got axes={axes!r} for {path}")
+
+
+# --------------------------------------------------------------------------- units
+
+_UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "å": 1e-4, "pm": 1e-6}
+
+
+def _length_um(value: object, unit: object = "µm") -> float | None:
+    """A length in micrometres, or None when the value or unit is missing or unknown."""
+    if value is None:
+        return None
+    unit = str(unit).strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").replace("\u03bc", "µ").lower()
+    try:
+        size = float(value) * _UNIT_UM[unit]
+    except (KeyError, ValueError, TypeError):
+        return None
+    return size if np.isfinite(size) and size > 0 else None
+
+
+# --------------------------------------------------------------------------- TIFF
+
+
+@contextmanager
+def _tifffile_log() -> Iterator[list[str]]:
+    """Collect what tifffile logs: it reports corrupt or truncated files there, not by raising."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _tiff(path: Path, axes: str | None, load: bool) -> _Parsed:
+    import tifffile
+
+    with _tifffile_log() as log, _reading(path, "TIFF"), tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        _check_tiff_complete(tif, series, path, log)
+        file_axes = (axes or series.axes).upper()
+        _, shape, z_axis = _axes_plan(series.shape, file_axes, path)
+        names, pixel = _tiff_metadata(tif, file_axes, shape)
+        data = _to_czyx(series.asarray(), file_axes, path) if load else None
+        _check_tiff_complete(tif, series, path, log)
+        meta = {"format": "tiff", "axes": file_axes, "z_axis": z_axis, "n_series": len(tif.series)}
+    return _Parsed(shape, series.dtype, data, names, pixel, meta)
+
+
+def _check_tiff_complete(tif, series, path: Path, log: list[str]) -> None:
+    """Raise when tifffile reported corruption or the image data runs past the end of the file."""
+    bad = [m for m in log if re.search(r"invalid|corrupt|truncat|failed", m, re.IGNORECASE)]
+    if bad:
+        raise InputError(f"image file {path} is truncated or corrupt: {bad[0]}")
+    size = path.stat().st_size
+    end = series.dataoffset + series.nbytes if series.dataoffset is not None else 0
+    for page in series.pages:
+        if page is not None and page.dataoffsets:
+            end = max(end, max(o + n for o, n in zip(page.dataoffsets, page.databytecounts)))
+    if end > size:
+        raise InputError(f"image file {path} is truncated: its image data ends at byte {end} but the file has {size} bytes")
+
+
+def _tiff_metadata(tif, axes: str, shape: tuple[int, int, int, int]) -> tuple[list[str] | None, tuple]:
+    """Channel names and (z, y, x) pixel size from OME-XML, ImageJ metadata or resolution tags."""
+    page = tif.pages.first
+    if tif.is_ome:
+        names, pixel = _ome_metadata(tif.ome_metadata)
+    elif tif.is_imagej:
+        names, pixel = _imagej_metadata(tif.imagej_metadata or {}, page, shape)
+    else:
+        names, pixel = None, (None, *_resolution_um(page, None))
+    if names is None and "S" in axes and "C" not in axes and shape[0] == 3 and page.photometric == 2:  # RGB
+        names = list(RGB_NAMES)
+    return names, pixel
+
+
+def _ome_metadata(xml: str | None) -> tuple[list[str] | None, tuple]:
+    import xml.etree.ElementTree as ElementTree
+
+    pixels = ElementTree.fromstring(xml).find(".//{*}Image/{*}Pixels") if xml else None
+    if pixels is None:
+        return None, (None, None, None)
+    names = [channel.get("Name", "") for channel in pixels.findall("{*}Channel")]
+    pixel = tuple(_length_um(pixels.get(f"PhysicalSize{a}"), pixels.get(f"PhysicalSize{a}Unit", "µm")) for a in "ZYX")
+    return names or None, pixel
+
+
+def _imagej_metadata(meta: dict, page, shape: tuple[int, int, int, int]) -> tuple[list[str] | None, tuple]:
+    """ImageJ slice labels as channel names when they repeat per channel; unit, resolution, spacing."""
+    c, z = shape[:2]
+    labels = meta.get("Labels")
+    names = None
+    if isinstance(labels, (list, tuple)) and labels and len(labels) % c == 0:
+        if all(label == labels[i % c] for i, label in enumerate(labels)):
+            names = list(labels[:c])
+    unit = meta.get("unit")
+    y, x = _resolution_um(page, unit)
+    dz = _length_um(meta.get("spacing"), unit) if z > 1 and unit else None
+    return names, (dz, y, x)
+
+
+def _resolution_um(page, unit: str | None) -> tuple[float | None, float | None]:
+    """(y, x) pixel size from the resolution tags: ImageJ's unit, else centimetres; inches are ignored
+
+    (72 dpi is what non-microscopy software writes)."""
+    if unit is None:
+        if page.tags.get("ResolutionUnit") is None or page.tags["ResolutionUnit"].value != 3:
+            return None, None
+        unit = "cm"
+    sizes = []
+    for name in ("YResolution", "XResolution"):
+        tag = page.tags.get(name)
+        num, den = tag.value if tag is not None else (0, 0)
+        sizes.append(_length_um(den / num, unit) if num else None)
+    return sizes[0], sizes[1]
+
+
+# --------------------------------------------------------------------------- CZI, ND2
+
+
+def _czi(path: Path, axes: str | None, load: bool) -> _Parsed:
+    _no_axes(axes, path)
+    from bioio_czi import Reader
+
+    with _reading(path, "CZI"):
+        reader = Reader(path)  # its pylibCZIrw mode is deprecated
+        scenes = tuple(reader.scenes)
+        order = reader.dims.order
+        _, shape, z_axis = _axes_plan(tuple(reader.shape), order, path)
+        names = [str(n) for n in reader.channel_names]
+        pps = reader.physical_pixel_sizes
+        pixel = tuple(_length_um(v) for v in (pps.Z, pps.Y, pps.X))
+        data = _to_czyx(np.asarray(reader.data), order, path) if load else None
+        dtype = reader.dtype
+    if len(scenes) > 1:
+        warnings.warn(f"{path} has {len(scenes)} scenes; reading the first, {scenes[0]!r}", stacklevel=3)
+    meta = {"format": "czi", "axes": order, "z_axis": z_axis, "n_scenes": len(scenes)}
+    return _Parsed(shape, dtype, data, names, pixel, meta)
+
+
+def _nd2(path: Path, axes: str | None, load: bool) -> _Parsed:
+    _no_axes(axes, path)
+    import nd2
+
+    with _reading(path, "ND2"), nd2.ND2File(path) as f:
+        sizes = dict(f.sizes)
+        data = f.asarray() if load else None
+        n_pos = sizes.get("P", 1)
+        if "P" in sizes:  # multipoint positions are separate fields: keep the first
+            data = None if data is None else np.take(data, 0, axis=list(sizes).index("P"))
+            del sizes["P"]
+        order = "".join(sizes)
+        _, shape, z_axis = _axes_plan(tuple(sizes.values()), order, path)
+        data = None if data is None else _to_czyx(data, order, path)
+        names = [ch.channel.name for ch in (f.metadata.channels or [])]
+        voxel = f.voxel_size()
+        pixel = (_length_um(voxel.z), _length_um(voxel.y), _length_um(voxel.x))
+        dtype = f.dtype
+    if n_pos > 1:
+        warnings.warn(f"{path} has {n_pos} positions; reading the first", stacklevel=3)
+    meta = {"format": "nd2", "axes": order, "z_axis": z_axis, "n_positions": n_pos}
+    return _Parsed(shape, dtype, data, names, pixel, meta)
+
+
+# --------------------------------------------------------------------------- PNG / JPEG, .npy
+
+
+def _pillow(path: Path, axes: str | None, load: bool) -> _Parsed:
+    """Grey -> one channel; RGB(A) with equal colour planes -> one channel; else red, green, blue."""
+    _no_axes(axes, path)
+    from PIL import Image as PILImage
+
+    with _reading(path, "PNG/JPEG image"), PILImage.open(path) as pil:
+        pil.load()
+        mode = pil.mode
+        array = _pillow_array(pil)
+    names = None
+    if array.ndim == 3:
+        rgb = array[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+            array = rgb[..., 0]
+        else:
+            array, names = np.moveaxis(rgb, -1, 0), list(RGB_NAMES)
+    data = np.ascontiguousarray(array.reshape((-1, 1, *array.shape[-2:])))
+    meta = {"format": path.suffix.lower().lstrip("."), "mode": mode}
+    return _Parsed(data.shape, data.dtype, data, names, (None, None, None), meta)
+
+
+def _pillow_array(pil) -> np.ndarray:
+    if pil.mode in ("L", "I", "F", "I;16", "I;16B", "I;16L"):
+        return np.asarray(pil)
+    if pil.mode in ("1", "LA", "La"):
+        return np.asarray(pil.convert("L"))
+    return np.asarray(pil.convert("RGBA"))[..., :3]
+
+
+def _npy(path: Path, axes: str | None, load: bool) -> _Parsed:
+    if axes is None:
+        raise InputError(f"{path}: a .npy file stores no axis order; pass axes= (e.g. 'YXC', 'CZYX', 'ZCYX' or 'YX')")
+    with _reading(path, "NumPy .npy"):
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{path} holds dtype {array.dtype}; images need integer, float or bool pixels")
+    order, shape, z_axis = _axes_plan(array.shape, axes, path)
+    data = _to_czyx(array, axes, path) if load else None
+    return _Parsed(shape, array.dtype, data, None, (None, None, None), {"format": "npy", "axes": axes.upper(), "z_axis": z_axis})
+
+
+_FORMATS = {
+    ".tif": _tiff,
+    ".tiff": _tiff,
+    ".czi": _czi,
+    ".nd2": _nd2,
+    ".png": _pillow,
+    ".jpg": _pillow,
+    ".jpeg": _pillow,
+    ".npy": _npy,
+}
+
+
+# --------------------------------------------------------------------------- one file per channel
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that puts Ch2 before Ch10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def group_channel_files(
+    paths: Iterable[str | Path], *, pattern: str = r"^(?P<channel>[^_]+)_(?P<key>.+)\.[^.]+$"
+) -> dict[str, dict[str, Path]]:
+    """Group one-file-per-channel images by key: {key: {channel: path}}, both in natural order.
+
+    ``pattern`` is matched against each file name and must have the named groups
+    ``channel`` and ``key``; every key must have every channel that any key has.
+    Group the files of one folder at a time when keys repeat across folders.
+    """
+    regex = re.compile(pattern)
+    if not {"channel", "key"} <= set(regex.groupindex):
+        raise InputError(f"pattern must have named groups 'channel' and 'key', got pattern={pattern!r}")
+    groups: dict[str, dict[str, Path]] = {}
+    for path in map(Path, paths):
+        match = regex.match(path.name)
+        if match is None:
+            raise InputError(f"file name of {path} does not match pattern={pattern!r}")
+        slot = groups.setdefault(match["key"], {})
+        if match["channel"] in slot:
+            raise InputError(f"{slot[match['channel']]} and {path} both give channel {match['channel']!r} of key {match['key']!r}")
+        slot[match["channel"]] = path
+    if not groups:
+        raise InputError("group_channel_files got no paths")
+    channels = sorted(set().union(*groups.values()), key=_natural_key)
+    for key, slot in groups.items():
+        missing = [channel for channel in channels if channel not in slot]
+        if missing:
+            raise InputError(f"key {key!r} lacks channel(s) {missing} that other files have; its files: {[str(p) for p in slot.values()]}")
+    return {key: {channel: groups[key][channel] for channel in channels} for key in sorted(groups, key=_natural_key)}
+
+
+def read_channel_files(channel_paths: Mapping[str, str | Path], *, axes: str | None = None) -> Image:
+    """Stack single-channel files, one per channel, into one Image named by the mapping's keys."""
+    if not channel_paths:
+        raise InputError("channel_paths is empty; give at least one {channel: path}")
+    images = [read_image(path, axes=axes) for path in channel_paths.values()]
+    first = images[0]
+    for image in images:
+        if image.n_channels != 1:
+            raise InputError(f"{image.source} holds {image.n_channels} channels; one file per channel needs single-channel files")
+        if image.shape != first.shape or image.data.dtype != first.data.dtype:
+            raise InputError(
+                f"{image.source} has shape {image.shape} and dtype {image.data.dtype}, but {first.source} "
+                f"has {first.shape} and {first.data.dtype}; channel files must match"
+            )
+    sizes = {image.pixel_size_um for image in images}
+    if len(sizes) > 1:
+        warnings.warn(f"channel files of {first.source} disagree on pixel size {sorted(map(str, sizes))}; using the first", stacklevel=2)
+    data = np.stack([image.data[0] for image in images])
+    meta = {**first.metadata, "channel_files": {name: image.source for name, image in zip(channel_paths, images)}}
+    return Image(data, tuple(channel_paths), first.pixel_size_um, first.source, meta)
+
+
+# --------------------------------------------------------------------------- montages
+
+
+def _tile_shape(tile_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (tile_size, tile_size) if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size):
+        raise InputError(f"tile_size must be a positive int or a pair of them, got tile_size={tile_size!r}")
+    return int(size[0]), int(size[1])
+
+
+def montage_tiles(
+    data: np.ndarray,
+    *,
+    tile_size: int | tuple[int, int],
+    order: Literal["column", "row"] = "column",
+    n_tiles: int | None = None,
+    source: str = "<array>",
+) -> np.ndarray:
+    """Cut a (C, Z, Y, X) montage into tiles of shape (N, C, Z, tile_y, tile_x).
+
+    ``order="column"`` runs down the first column of tiles, then the next (imaging flow
+    cytometry exports); ``"row"`` runs along rows. ``n_tiles`` keeps the first N tiles;
+    padding tiles are not detected here.
+    """
+    th, tw = _tile_shape(tile_size)
+    c, z, y, x = data.shape
+    if y % th or x % tw:
+        raise InputError(f"montage {source} of size (Y, X) = {(y, x)} is not a multiple of tile_size {(th, tw)}")
+    if order not in ("column", "row"):
+        raise InputError(f"order must be 'column' or 'row', got order={order!r}")
+    ny, nx = y // th, x // tw
+    if n_tiles is not None and not (isinstance(n_tiles, (int, np.integer)) and 0 < n_tiles <= ny * nx):
+        raise InputError(f"n_tiles must be between 1 and the {ny * nx} tiles of {source}, got n_tiles={n_tiles!r}")
+    grid = data.reshape(c, z, ny, th, nx, tw)
+    tiles = grid.transpose(4, 2, 0, 1, 3, 5) if order == "column" else grid.transpose(2, 4, 0, 1, 3, 5)
+    tiles = tiles.reshape(ny * nx, c, z, th, tw)
+    return tiles if n_tiles is None else tiles[: int(n_tiles)]
+
+
+def split_montage(
+    image: Image,
+    *,
+    tile_size: int | tuple[int, int],
+    order: Literal["column", "row"] = "column",
+    n_tiles: int | None = None,
+) -> list[Image]:
+    """Cut a montage of single-cell tiles into one Image per tile (see :func:`montage_tiles`).
+
+    Each tile's source is ``"<montage source>#<index>"`` and its metadata holds
+    ``tile_index``, ``tile_row`` and ``tile_col`` in the montage grid.
+    """
+    tiles = montage_tiles(image.data, tile_size=tile_size, order=order, n_tiles=n_tiles, source=image.source)
+    th, tw = _tile_shape(tile_size)
+    ny, nx = image.shape[2] // th, image.shape[3] // tw
+    out = []
+    for i, tile in enumerate(tiles):
+        row, col = (i % ny, i // ny) if order == "column" else (i // nx, i % nx)
+        meta = {**image.metadata, "montage": image.source, "tile_index": i, "tile_row": row, "tile_col": col}
+        out.append(Image(tile, image.channel_names, image.pixel_size_um, f"{image.source}#{i}", meta))
+    return out
