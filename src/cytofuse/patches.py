@@ -1,0 +1,502 @@
+"""Z-slice tiling with a global Otsu sparsity filter (Yee et al. 2026, "Patch sampling").
+
+Per image and channel one Otsu threshold is computed over the whole 3D stack; every
+z-slice is tiled into square patches of side ``size`` with step ``stride``; per patch and
+channel the foreground ratio is the fraction of pixels above that channel's threshold, and
+patches whose ratio (combined over channels by ``rule``) is below ``min_ratio`` are dropped.
+
+Arrays are (C, Z, Y, X); patch origins are the top-left corner (z, y, x).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class PatchSettings(BaseModel):
+    """How images are cut into patches and which patches are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(64, gt=0, description="Patch side in pixels (the paper's optimum: 350).")
+    stride: int | None = Field(None, gt=0, description="Step between patch origins; default: size (no overlap).")
+    min_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Minimum foreground ratio for a patch to be kept.")
+    rule: Literal["any", "all", "mean"] = Field(
+        "mean", description="How per-channel ratios are combined: any channel, all channels, or their mean."
+    )
+    channels: list[str | int] | None = Field(None, description="Channels to use, by name or index; default all.")
+    exclude_channels: list[str | int] = Field(
+        default_factory=list, description="Channels to drop, by name or index (e.g. the nucleus channel)."
+    )
+    z_step: int = Field(1, gt=0, description="Use every z_step-th slice (neighbouring slices are correlated).")
+    min_patches: int = Field(1, ge=0, description="Images keeping fewer patches than this are reported.")
+    fallback: Literal["none", "top_k"] = Field(
+        "none",
+        description="For images below min_patches: 'none' reports them; 'top_k' keeps their min_patches "
+        "patches with the highest non-zero foreground score.",
+    )
+    max_per_image: int | None = Field(
+        None, gt=0, description="Keep at most this many patches per image (random, seeded); default all."
+    )
+    percentiles: tuple[float, float] = Field(
+        (1.0, 99.8), description="Per-image, per-channel intensity percentiles used for normalisation."
+    )
+    hist_samples: int | None = Field(
+        8_000_000,
+        gt=0,
+        description="Pixels per channel used for the threshold histogram (a regular subsampling grid over "
+        "the whole stack); None uses every pixel.",
+    )
+    group_by: Literal["image", "patch"] = Field(
+        "image", description="CV group of a patch: its image, or the patch itself (single-cell montages)."
+    )
+    drop_duplicates: bool = Field(
+        True,
+        description="Drop patches that are pixel-exact copies of an earlier patch of the same image "
+        "(duplicated cells), and all copies of content repeated three or more times (montage padding "
+        "tiles); the count is reported.",
+    )
+    seed: int = Field(0, description="Seed of max_per_image subsampling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PatchSettings":
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        return self
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.size
+
+
+@dataclass
+class ImagePatches:
+    """Result of patching one image: kept patch origins, ratios and per-channel statistics."""
+
+    origins: np.ndarray  # (N, 3) int: z, y, x
+    ratios: np.ndarray  # (N, C) float32 foreground ratios of the kept patches
+    channel_names: tuple[str, ...]
+    thresholds: np.ndarray  # (C,)
+    low: np.ndarray  # (C,) normalisation percentiles
+    high: np.ndarray
+    n_candidates: int
+    n_passing: int  # patches that met min_ratio before any fallback or cap
+    n_duplicates: int = 0
+    fallback_used: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.origins)
+
+
+def select_channels(
+    names: Sequence[str], *, channels: Sequence[str | int] | None = None, exclude: Sequence[str | int] = ()
+) -> list[int]:
+    """Indices of the channels to use, given names or indices to keep and to exclude."""
+    names = list(names)
+
+    def index(ch: str | int, arg: str) -> int:
+        if isinstance(ch, int) or (isinstance(ch, str) and ch.isdigit() and ch not in names):
+            i = int(ch)
+            if not 0 <= i < len(names):
+                raise InputError(f"{arg}: channel index {i} out of range for channels {names}")
+            return i
+        if ch not in names:
+            raise InputError(f"{arg}: unknown channel name {ch!r}; the images have channels {names}")
+        return names.index(ch)
+
+    keep = [index(c, "channels") for c in channels] if channels else list(range(len(names)))
+    drop = {index(c, "exclude_channels") for c in exclude}
+    selected = [i for i in keep if i not in drop]
+    if not selected:
+        raise InputError(f"no channel left after channels={channels} and exclude_channels={list(exclude)} of {names}")
+    return selected
+
+
+def channel_histogram(channel: np.ndarray, *, hist_samples: int | None = 8_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of one (Z, Y, X) channel: (counts, bin values).
+
+    Integer images get one bin per grey value; float images 4096 bins over their range.
+    With ``hist_samples`` a regular grid of every k-th row and column is counted.
+    """
+    n_pixels = channel.size
+    step = 1 if hist_samples is None else max(1, int(math.sqrt(n_pixels / hist_samples)))
+    if np.issubdtype(channel.dtype, np.integer) and channel.dtype.itemsize <= 2:
+        from ._kernels import histogram_int
+
+        info = np.iinfo(channel.dtype)
+        counts = np.zeros(int(info.max) - int(info.min) + 1, np.int64)
+        histogram_int(np.ascontiguousarray(channel), int(info.min), step, counts)
+        values = np.arange(int(info.min), int(info.max) + 1)
+        nz = np.flatnonzero(counts)
+        return counts[nz[0] : nz[-1] + 1], values[nz[0] : nz[-1] + 1]
+    sample = channel[:, ::step, ::step].astype(np.float64, copy=False)
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return np.array([1]), np.array([0.0])
+    counts, edges = np.histogram(finite, bins=4096)
+    return counts, (edges[:-1] + edges[1:]) / 2
+
+
+def otsu_from_histogram(counts: np.ndarray, values: np.ndarray) -> float:
+    """Otsu threshold from a histogram; a single-valued histogram returns that value."""
+    if len(counts) == 1 or np.count_nonzero(counts) == 1:
+        return float(values[np.argmax(counts)])
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(hist=(counts, values)))
+
+
+def percentiles_from_histogram(counts: np.ndarray, values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """Percentiles (0-100) of the values a histogram counts."""
+    cdf = np.cumsum(counts) / counts.sum()
+    idx = np.searchsorted(cdf, np.asarray(qs) / 100.0, side="left")
+    return values[np.clip(idx, 0, len(values) - 1)].astype(np.float64)
+
+
+def channel_statistics(
+    stack: np.ndarray, *, percentiles: tuple[float, float] = (1.0, 99.8), hist_samples: int | None = 8_000_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global Otsu threshold and normalisation percentiles of each channel of a (C, Z, Y, X) stack."""
+    thr, low, high = (np.zeros(stack.shape[0]) for _ in range(3))
+    for c in range(stack.shape[0]):
+        counts, values = channel_histogram(stack[c], hist_samples=hist_samples)
+        thr[c] = otsu_from_histogram(counts, values)
+        low[c], high[c] = percentiles_from_histogram(counts, values, percentiles)
+    return thr, low, high
+
+
+def patch_grid(shape_yx: tuple[int, int], *, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left y and x coordinates of all patches that fit entirely inside the plane."""
+    n_y, n_x = shape_yx
+    if size > min(n_y, n_x):
+        raise InputError(f"patch size must be <= image size {tuple(shape_yx)}, got {size}")
+    return np.arange(0, n_y - size + 1, stride), np.arange(0, n_x - size + 1, stride)
+
+
+def foreground_ratios(stack: np.ndarray, thresholds: Sequence[float], *, size: int, stride: int, z_step: int = 1) -> np.ndarray:
+    """Foreground ratio of every patch: array (Z', ny, nx, C) for slices 0, z_step, 2*z_step, ...
+
+    Pixels above a channel's threshold are counted in blocks of gcd(size, stride) pixels;
+    each patch sums its blocks through a summed-area table, so overlap costs nothing extra.
+    """
+    from ._kernels import block_counts
+
+    n_c, n_z, n_y, n_x = stack.shape
+    ys, xs = patch_grid((n_y, n_x), size=size, stride=stride)
+    block = math.gcd(size, stride)
+    n_by, n_bx = (ys[-1] + size) // block, (xs[-1] + size) // block
+    k, s = size // block, stride // block
+    zs = range(0, n_z, z_step)
+    out = np.empty((len(zs), len(ys), len(xs), n_c), np.float32)
+    counts = np.zeros((n_by, n_bx), np.int32)
+    table = np.zeros((n_by + 1, n_bx + 1), np.int64)
+    for c in range(n_c):
+        thr = _typed_threshold(thresholds[c], stack.dtype)
+        for i, z in enumerate(zs):
+            block_counts(stack[c, z], thr, block, counts)
+            table[1:, 1:] = counts.cumsum(0).cumsum(1)
+            by, bx = np.arange(len(ys)) * s, np.arange(len(xs)) * s
+            total = (
+                table[np.ix_(by + k, bx + k)] - table[np.ix_(by, bx + k)] - table[np.ix_(by + k, bx)] + table[np.ix_(by, bx)]
+            )
+            out[i, :, :, c] = total / float(size * size)
+    return out
+
+
+def _typed_threshold(threshold: float, dtype: np.dtype):
+    """The threshold as the image's own type, so that `value > threshold` compiles to a fast compare."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return dtype.type(min(max(math.floor(threshold), info.min), info.max))
+    return dtype.type(threshold)
+
+
+def combine_ratios(ratios: np.ndarray, *, rule: str) -> np.ndarray:
+    """One foreground score per patch from per-channel ratios on the last axis."""
+    if rule == "any":
+        return ratios.max(axis=-1)
+    if rule == "all":
+        return ratios.min(axis=-1)
+    if rule == "mean":
+        return ratios.mean(axis=-1)
+    raise InputError(f"rule must be one of 'any', 'all', 'mean', got {rule!r}")
+
+
+def extract_patches(stack: np.ndarray, *, channel_names: Sequence[str], settings: PatchSettings) -> ImagePatches:
+    """Patch one (C, Z, Y, X) stack of already selected channels: statistics, ratios and kept origins."""
+    if stack.ndim != 4:
+        raise InputError(f"stack must be (C, Z, Y, X), got shape {stack.shape}")
+    thr, low, high = channel_statistics(stack, percentiles=settings.percentiles, hist_samples=settings.hist_samples)
+    size, step = settings.size, settings.step
+    ratios = foreground_ratios(stack, thr, size=size, stride=step, z_step=settings.z_step)
+    ys, xs = patch_grid(stack.shape[2:], size=size, stride=step)
+    zs = np.arange(0, stack.shape[1], settings.z_step)
+    flat = ratios.reshape(-1, stack.shape[0])
+    score = combine_ratios(flat, rule=settings.rule)
+    keep = np.flatnonzero(score >= settings.min_ratio) if settings.min_ratio > 0 else np.flatnonzero(score >= 0)
+    n_passing, fallback_used, notes = len(keep), False, []
+    if n_passing < settings.min_patches:
+        notes.append(f"kept {n_passing} patches, fewer than min_patches={settings.min_patches}")
+        if settings.fallback == "top_k":
+            order = np.argsort(-score, kind="stable")
+            keep = np.sort(order[: settings.min_patches][score[order[: settings.min_patches]] > 0])
+            fallback_used = True
+            notes.append(f"fallback top_k kept the {len(keep)} patches with the highest foreground score")
+    n_duplicates = 0
+    if settings.drop_duplicates and len(keep) > 1:
+        unique = _first_occurrences(stack, keep, ratios.shape[:3], zs, ys, xs, size)
+        n_duplicates = len(keep) - len(unique)
+        if n_duplicates:
+            notes.append(f"dropped {n_duplicates} patches that repeat other patches pixel for pixel")
+        keep = unique
+    if settings.max_per_image is not None and len(keep) > settings.max_per_image:
+        rng = np.random.default_rng(settings.seed)
+        keep = np.sort(rng.choice(keep, settings.max_per_image, replace=False))
+    iz, iy, ix = np.unravel_index(keep, ratios.shape[:3])
+    origins = np.stack([zs[iz], ys[iy], xs[ix]], axis=1).astype(np.int64)
+    return ImagePatches(
+        origins=origins,
+        ratios=flat[keep],
+        channel_names=tuple(channel_names),
+        thresholds=thr,
+        low=low,
+        high=high,
+        n_candidates=len(score),
+        n_passing=n_passing,
+        n_duplicates=n_duplicates,
+        fallback_used=fallback_used,
+        notes=notes,
+    )
+
+
+def _first_occurrences(stack, keep, grid_shape, zs, ys, xs, size) -> np.ndarray:
+    """The flat patch indices of ``keep`` without pixel-exact repeats (all channels compared).
+
+    A later copy of an earlier patch is dropped; content that occurs three or more times is fill
+    (montage padding, blank tiles) and is dropped entirely, first occurrence included. A sparse
+    pixel sample keys each patch; only patches whose keys collide are compared in full.
+    """
+    iz, iy, ix = np.unravel_index(keep, grid_shape)
+    step = max(1, size // 8)
+    seen: dict[bytes, list[list]] = {}  # key -> [[origin, first index, count], ...]
+    for k, z, y, x in zip(keep, zs[iz], ys[iy], xs[ix]):
+        key = stack[:, z, y : y + size : step, x : x + size : step].tobytes()
+        patch = stack[:, z, y : y + size, x : x + size]
+        for entry in seen.setdefault(key, []):
+            z0, y0, x0 = entry[0]
+            if np.array_equal(patch, stack[:, z0, y0 : y0 + size, x0 : x0 + size]):
+                entry[2] += 1
+                break
+        else:
+            seen[key].append([(z, y, x), k, 1])
+    firsts = [k for entries in seen.values() for _, k, count in entries if count < 3]
+    return np.sort(np.asarray(firsts, dtype=keep.dtype))
+
+
+# --------------------------------------------------------------------------- the patch stage
+
+
+@dataclass
+class PatchIndex:
+    """The artifacts of the patch stage (all also written to the run folder)."""
+
+    patches: "pd.DataFrame"  # one row per kept patch
+    images: "pd.DataFrame"  # one row per image: statistics, counts, notes
+    attrition: "pd.DataFrame"  # one row per class
+    channel_names: tuple[str, ...]
+    sparse_images: list[str]  # images that kept fewer than min_patches
+
+
+PATCHES_FILE, IMAGES_FILE, ATTRITION_FILE = "patches.parquet", "images.parquet", "attrition.csv"
+
+
+def _patch_one(image_set, image_id: str, settings: PatchSettings) -> dict:
+    """Read one image, select its channels, patch it; return plain data (runs in a worker)."""
+    image = image_set.read(image_id)
+    idx = select_channels(image.channel_names, channels=settings.channels, exclude=settings.exclude_channels)
+    names = tuple(image.channel_names[i] for i in idx)
+    result = extract_patches(np.asarray(image.data[idx]), channel_names=names, settings=settings)
+    return {"image_id": image_id, "shape": image.shape, "dtype": str(image.data.dtype), "result": result}
+
+
+def build_patch_index(
+    image_set,
+    settings: PatchSettings,
+    out_dir: str | Path | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> PatchIndex:
+    """Patch every image of ``image_set``; write the index, statistics and attrition to ``out_dir``.
+
+    Each image is read and processed on its own (one stack in memory per worker). Finished
+    images are kept in ``out_dir/.patch_parts`` so an interrupted run resumes where it stopped.
+    """
+    parts = _Parts(Path(out_dir) / ".patch_parts", settings) if out_dir is not None else None
+    results: dict[str, dict] = parts.load() if parts else {}
+    todo = [r.image_id for r in image_set if r.image_id not in results]
+    for item in _map_images(image_set, todo, settings, workers=workers, progress=progress, done=len(results)):
+        results[item["image_id"]] = item
+        if parts:
+            parts.save(item)
+    index = _assemble(image_set, results, settings)
+    if parts:
+        write_patch_index(index, out_dir)
+        parts.clear()
+    return index
+
+
+def _map_images(image_set, todo: list[str], settings: PatchSettings, *, workers: int, progress: bool, done: int):
+    """Yield per-image results, in worker processes when workers > 1, with a progress bar."""
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("patching images", total=done + len(todo), completed=done)
+        if workers <= 1 or len(todo) <= 1:
+            for image_id in todo:
+                yield _patch_one(image_set, image_id, settings)
+                bar.advance(task)
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+            futures = [pool.submit(_patch_one, image_set, i, settings) for i in todo]
+            for future in as_completed(futures):
+                yield future.result()
+                bar.advance(task)
+
+
+def _assemble(image_set, results: dict[str, dict], settings: PatchSettings) -> PatchIndex:
+    import pandas as pd
+
+    names = {tuple(v["result"].channel_names) for v in results.values()}
+    if len(names) > 1:
+        raise InputError(f"images have different selected channels {sorted(names)}; validate the image set first")
+    channel_names = names.pop()
+    rows, images = [], []
+    for record in image_set:
+        item = results[record.image_id]
+        res: ImagePatches = item["result"]
+        frame = pd.DataFrame(res.origins, columns=["z", "y", "x"])
+        frame.insert(0, "image_id", record.image_id)
+        frame.insert(1, "label", record.label)
+        frame.insert(2, "group", record.group)
+        frame["size"] = settings.size
+        for c, name in enumerate(channel_names):
+            frame[f"fg_{name}"] = res.ratios[:, c].astype(np.float32)
+        if settings.group_by == "patch":
+            frame["group"] = frame["image_id"] + "@" + frame[["z", "y", "x"]].astype(str).agg(",".join, axis=1)
+        rows.append(frame)
+        images.append(_image_row(record, item, res, channel_names))
+    patches = pd.concat(rows, ignore_index=True)
+    patches.insert(0, "patch_id", np.arange(len(patches), dtype=np.int64))
+    images = pd.DataFrame(images)
+    sparse = images.loc[images["n_kept"] < settings.min_patches, "image_id"].tolist()
+    return PatchIndex(patches, images, attrition_table(images), channel_names, sparse)
+
+
+def _image_row(record, item: dict, res: ImagePatches, channel_names) -> dict:
+    c, z, y, x = item["shape"]
+    row = {"image_id": record.image_id, "label": record.label, "group": record.group, "source": record.display,
+           "channels": c, "z": z, "y": y, "x": x, "dtype": item["dtype"]}
+    for i, name in enumerate(channel_names):
+        row[f"thr_{name}"], row[f"lo_{name}"], row[f"hi_{name}"] = res.thresholds[i], res.low[i], res.high[i]
+    row.update(n_candidates=res.n_candidates, n_passing=res.n_passing, n_duplicates=res.n_duplicates,
+               n_kept=res.n_kept, fallback_used=res.fallback_used, notes="; ".join(res.notes))
+    return row
+
+
+def attrition_table(images: "pd.DataFrame") -> "pd.DataFrame":
+    """Patches before and after filtering, per class (the paper's Fig. 7)."""
+    table = images.groupby("label").agg(
+        images=("image_id", "size"),
+        candidates=("n_candidates", "sum"),
+        kept=("n_kept", "sum"),
+        images_below_minimum=("notes", lambda s: int(s.str.contains("fewer than min_patches").sum())),
+    )
+    table["attrition_pct"] = 100.0 * (1 - table["kept"] / table["candidates"].clip(lower=1))
+    return table.reset_index()
+
+
+def write_patch_index(index: PatchIndex, out_dir: str | Path) -> None:
+    """Write the patch index, image statistics and attrition table, each renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in ((PATCHES_FILE, index.patches), (IMAGES_FILE, index.images)):
+        tmp = out_dir / f".{name}.partial"
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(out_dir / name)
+    tmp = out_dir / f".{ATTRITION_FILE}.partial"
+    index.attrition.to_csv(tmp, index=False)
+    tmp.replace(out_dir / ATTRITION_FILE)
+
+
+def read_patch_index(run_dir: str | Path) -> PatchIndex:
+    """Load the artifacts of the patch stage from a run folder."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    missing = [n for n in (PATCHES_FILE, IMAGES_FILE) if not (run_dir / n).is_file()]
+    if missing:
+        raise InputError(f"run folder {run_dir} lacks the patch stage ({', '.join(missing)}): run `cytofuse patches` first")
+    patches = pd.read_parquet(run_dir / PATCHES_FILE)
+    images = pd.read_parquet(run_dir / IMAGES_FILE)
+    names = tuple(c[3:] for c in patches.columns if c.startswith("fg_"))
+    sparse = images.loc[images["notes"].str.contains("fewer than min_patches"), "image_id"].tolist()
+    return PatchIndex(patches, images, attrition_table(images), names, sparse)
+
+
+class _Parts:
+    """Per-image results of an unfinished patch stage, tied to the settings that made them."""
+
+    def __init__(self, folder: Path, settings: PatchSettings) -> None:
+        import hashlib
+
+        self.folder = folder
+        self.key = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+
+    def load(self) -> dict[str, dict]:
+        import pickle
+
+        if not (self.folder / self.key).is_dir():
+            self.clear()
+            return {}
+        out = {}
+        for f in (self.folder / self.key).glob("*.pkl"):
+            with open(f, "rb") as fh:
+                item = pickle.load(fh)
+            out[item["image_id"]] = item
+        return out
+
+    def save(self, item: dict) -> None:
+        import hashlib
+        import pickle
+
+        folder = self.folder / self.key
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(item["image_id"].encode()).hexdigest()[:24]
+        tmp = folder / f".{name}.partial"
+        with open(tmp, "wb") as fh:
+            pickle.dump(item, fh)
+        tmp.replace(folder / f"{name}.pkl")
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
