@@ -59,6 +59,15 @@ def test_metrics_match_sklearn(k, seed):
     assert m["undefined"] == [] and m["notes"] == []
 
 
+def test_auroc_with_tied_scores_matches_sklearn():
+    y, p = _softmax_predictions(500, 4, seed=9)
+    p = np.round(p, 1)  # coarse scores: many ties
+    p /= p.sum(axis=1, keepdims=True)
+    m = ev.classification_metrics(y, p, classes=list("abcd"))
+    for i, c in enumerate("abcd"):
+        assert m["auroc"][c] == pytest.approx(roc_auc_score(y == i, p[:, i]), abs=1e-12)
+
+
 def test_binary_auroc_uses_positive_class_probability():
     y = np.array([0, 0, 1, 1, 0, 1])
     p1 = np.array([0.1, 0.6, 0.4, 0.9, 0.3, 0.8])
@@ -392,3 +401,27 @@ def test_plot_training_curves(tmp_path):
     assert "fold 2" in svg and "validation" in svg
     with pytest.raises(InputError, match=r"histories\[0\] lacks columns \['val_loss'\]"):
         ev.plot_training_curves({0: histories[0].drop(columns="val_loss")}, tmp_path / "bad")
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def test_evaluate_run_pooled_ci_resamples_groups():
+    table = _cv_table(n_folds=2)
+    result = ev.evaluate_run(table, classes=CLASSES3, n_boot=200)
+    ci = result["image"]["pooled_ci"]
+    pred = table[ev.prob_columns(CLASSES3)].to_numpy().argmax(axis=1)
+    assert result["patch"]["pooled_ci"]["estimate"] == pytest.approx(balanced_accuracy_score(table["y_true"], pred))
+    assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["resampled"] == "group"
+    json.dumps(result, allow_nan=False)
+
+
+def test_write_evaluation(tmp_path):
+    table = _cv_table(n_folds=2, images_per_class=3, patches=4)
+    paths = ev.write_evaluation(table, classes=CLASSES3, out_dir=tmp_path / "eval", n_boot=50)
+    assert json.loads(paths["metrics"].read_text())["image"]["n_folds"] == 2
+    folds = pd.read_csv(paths["folds_image"])
+    assert folds["fold"].tolist() == [0, 1] and folds["n"].tolist() == [9, 9]
+    for name in ("confusion_patch_counts", "confusion_image_normalised", "pr_image", "roc_patch"):
+        assert paths[name].suffix == ".png" and paths[name].with_suffix(".svg").exists()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")) == []

@@ -18,6 +18,7 @@ Conventions, chosen so the numbers can go into a paper as they are:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -145,13 +146,19 @@ def _accuracy(cm: np.ndarray) -> float:
 
 def _auroc_per_class(y: np.ndarray, proba: np.ndarray) -> list[float | None]:
     """One-vs-rest AUROC per class; None where the class has no positives or no negatives."""
-    from sklearn.metrics import roc_auc_score
+    return [_auroc_binary(y == k, proba[:, k]) for k in range(proba.shape[1])]
 
-    out: list[float | None] = []
-    for k in range(proba.shape[1]):
-        pos = y == k
-        out.append(float(roc_auc_score(pos, proba[:, k])) if 0 < pos.sum() < y.size else None)
-    return out
+
+def _auroc_binary(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """AUROC as the Mann-Whitney statistic with mid-ranks for ties (equals the ROC trapezoid area)."""
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = rankdata(score)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _auroc_macro(y: np.ndarray, proba: np.ndarray) -> float | None:
@@ -310,14 +317,42 @@ def summarize(
     }
 
 
-def evaluate_run(predictions: pd.DataFrame, *, classes: Sequence[str], method: str = "mean") -> dict:
-    """Patch- and image-level summaries of one run, ready for ``json.dump`` (no NaN, plain types)."""
+def evaluate_run(
+    predictions: pd.DataFrame, *, classes: Sequence[str], method: str = "mean", n_boot: int = 0, seed: int = 0
+) -> dict:
+    """Patch- and image-level summaries of one run, ready for ``json.dump`` (no NaN, plain types).
+
+    With ``n_boot > 0`` each level also gets ``pooled_ci``: the balanced accuracy of all folds'
+    predictions pooled, with a 95% bootstrap interval that resamples whole groups.
+    """
+    classes = _check_classes(classes)
     result = {
-        "classes": _check_classes(classes),
+        "classes": classes,
         "patch": summarize(predictions, classes=classes, level="patch"),
         "image": summarize(predictions, classes=classes, level="image", method=method),
     }
+    if n_boot > 0:
+        image_table = aggregate_by_image(predictions, classes=classes, method=method)
+        for level, table in (("patch", predictions), ("image", image_table)):
+            result[level]["pooled_ci"] = _pooled_ci(table, classes, n_boot=n_boot, seed=seed)
     return _plain(result)
+
+
+def _pooled_ci(table: pd.DataFrame, classes: list[str], *, n_boot: int, seed: int) -> dict:
+    group_column = "group" if "group" in table.columns else "image_id"
+    y = table["y_true"].to_numpy()
+    pred = table[prob_columns(classes)].to_numpy().argmax(axis=1)
+    cm = confusion_counts(y, pred, n_classes=len(classes))
+    low, high = bootstrap_ci(y, pred, groups=table[group_column].to_numpy(), n_boot=n_boot, seed=seed)
+    return {
+        "metric": "balanced_accuracy",
+        "estimate": _balanced_accuracy(cm),
+        "low": low,
+        "high": high,
+        "level": 0.95,
+        "n_boot": int(n_boot),
+        "resampled": group_column,
+    }
 
 
 def _plain(obj: Any) -> Any:
@@ -634,3 +669,55 @@ def plot_training_curves(histories: Mapping[Any, pd.DataFrame], out: str | Path)
             ax.grid(True, lw=0.4, alpha=0.5)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         return _save_figure(fig, out)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def folds_table(summary: dict) -> pd.DataFrame:
+    """One row per fold of a :func:`summarize` result: fold, n and the scalar metrics (NaN = undefined)."""
+    rows = [{"fold": f["fold"], "n": f["n"], **{m: f[m] for m in SCALAR_METRICS}} for f in summary["folds"]]
+    return pd.DataFrame(rows, columns=["fold", "n", *SCALAR_METRICS]).astype({m: float for m in SCALAR_METRICS})
+
+
+def write_evaluation(
+    predictions: pd.DataFrame,
+    *,
+    classes: Sequence[str],
+    out_dir: str | Path,
+    method: str = "mean",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write metrics.json, per-fold CSVs and all figures of one run into ``out_dir``.
+
+    Curves and confusion matrices pool the test predictions of all folds. Returns name -> path.
+    """
+    classes = _check_classes(classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate_run(predictions, classes=classes, method=method, n_boot=n_boot, seed=seed)
+    paths = {"metrics": _write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False))}
+    tables = {"patch": predictions, "image": aggregate_by_image(predictions, classes=classes, method=method)}
+    for level, table in tables.items():
+        csv = folds_table(result[level]).to_csv(index=False, na_rep="")
+        paths[f"folds_{level}"] = _write_text_atomic(out_dir / f"folds_{level}.csv", csv)
+        cm = result[level]["confusion_matrix"]
+        for normalize, suffix in ((False, "counts"), (True, "normalised")):
+            name = f"confusion_{level}_{suffix}"
+            paths[name] = plot_confusion(cm, classes, normalize=normalize, out=out_dir / name)[0]
+        y, proba = table["y_true"].to_numpy(), table[prob_columns(classes)].to_numpy()
+        paths[f"pr_{level}"] = plot_pr_curves(y, proba, classes, out_dir / f"pr_{level}")[0]
+        paths[f"roc_{level}"] = plot_roc_curves(y, proba, classes, out_dir / f"roc_{level}")[0]
+    return paths
