@@ -61,6 +61,22 @@ def test_czi_written_by_pylibczirw_round_trips_bit_exactly(tmp_path, stack):
     assert (info.shape, info.channel_names) == ((2, 3, 20, 30), ("DNA", "Mito"))
 
 
+def test_rgb_czi_becomes_red_green_blue_and_first_scene_is_read(tmp_path):
+    from pylibCZIrw import czi as pyczi
+
+    bgr = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    path = tmp_path / "rgb.czi"
+    with pyczi.create_czi(str(path)) as writer:
+        writer.write(bgr, plane={"C": 0, "Z": 0, "T": 0}, scene=0)  # CZI colour planes are BGR
+        writer.write(bgr[::-1].copy(), location=(100, 0), plane={"C": 0, "Z": 0, "T": 0}, scene=1)
+        writer.write_metadata()
+    with pytest.warns(UserWarning, match=r"rgb\.czi has 2 scenes; reading the first"):
+        image = read_image(path)
+    assert image.shape == (3, 1, 12, 16)
+    assert image.channel_names == ("red", "green", "blue")
+    np.testing.assert_array_equal(image.data[:, 0], bgr[..., ::-1].transpose(2, 0, 1))
+
+
 def test_imagej_hyperstack_reads_in_czyx_order(tmp_path, stack):
     path = tmp_path / "hyper.tif"
     labels = ["DNA", "Mito"] * 3  # ImageJ slice labels, channel fastest

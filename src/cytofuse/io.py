@@ -2,6 +2,11 @@
 
 Every reader returns an :class:`Image`: an array of shape (C, Z, Y, X) plus channel
 names and the physical pixel size in micrometres (z, y, x) when the file has them.
+
+- :func:`read_image` / :func:`probe_image`: TIFF (plain, ImageJ, OME), CZI, ND2, PNG/JPEG, .npy.
+- :func:`group_channel_files` / :func:`read_channel_files`: one file per channel.
+- :func:`montage_tiles` / :func:`split_montage`: montages of single-cell tiles.
+- :func:`write_ome_tiff`.
 """
 
 from __future__ import annotations
@@ -336,24 +341,62 @@ def _resolution_um(page, unit: str | None) -> tuple[float | None, float | None]:
 # --------------------------------------------------------------------------- CZI, ND2
 
 
-def _czi(path: Path, axes: str | None, load: bool) -> _Parsed:
-    _no_axes(axes, path)
-    from bioio_czi import Reader
+_CZI_DTYPES = {"Gray8": np.uint8, "Gray16": np.uint16, "Gray32Float": np.float32, "Bgr24": np.uint8, "Bgr48": np.uint16}
 
-    with _reading(path, "CZI"):
-        reader = Reader(path)  # its pylibCZIrw mode is deprecated
-        scenes = tuple(reader.scenes)
-        order = reader.dims.order
-        _, shape, z_axis = _axes_plan(tuple(reader.shape), order, path)
-        names = [str(n) for n in reader.channel_names]
-        pps = reader.physical_pixel_sizes
-        pixel = tuple(_length_um(v) for v in (pps.Z, pps.Y, pps.X))
-        data = _to_czyx(np.asarray(reader.data), order, path) if load else None
-        dtype = reader.dtype
+
+def _czi(path: Path, axes: str | None, load: bool) -> _Parsed:
+    """CZI through pylibCZIrw (Zeiss's library): the first scene, mosaics composed, BGR -> RGB."""
+    _no_axes(axes, path)
+    from pylibCZIrw import czi as pyczi
+
+    with _reading(path, "CZI"), pyczi.open_czi(str(path)) as czi:
+        box, scenes = czi.total_bounding_box, czi.scenes_bounding_rectangle
+        scene = min(scenes) if scenes else None
+        roi = scenes[scene] if scenes else czi.total_bounding_rectangle
+        (t0, nt), (c0, nc), (z0, nz) = (_start_length(box.get(d, (0, 1))) for d in "TCZ")
+        types = [czi.pixel_types.get(c, czi.pixel_types.get(0)) for c in range(c0, c0 + nc)]
+        if any(t not in _CZI_DTYPES for t in types):
+            raise InputError(f"{path} has CZI pixel types {sorted(set(types))}; supported: {', '.join(_CZI_DTYPES)}")
+        ns = 3 if types[0].startswith("Bgr") else 1
+        file_shape, order = (nt, nc, nz, roi.h, roi.w, ns), "TCZYXS"
+        _, shape, z_axis = _axes_plan(file_shape, order, path)
+        dtype = np.result_type(*(_CZI_DTYPES[t] for t in types))
+        data = None
+        if load:
+            data = np.empty(file_shape, dtype)
+            for t, c, z in np.ndindex(nt, nc, nz):
+                plane = czi.read(roi=roi, plane={"T": t0 + t, "C": c0 + c, "Z": z0 + z}, scene=scene)
+                data[t, c, z] = plane[..., ::-1] if ns == 3 else plane
+            data = _to_czyx(data, order, path)
+        names, pixel = _czi_metadata(czi.metadata)
+    if ns == 3 and nc == 1:
+        names = list(RGB_NAMES)
     if len(scenes) > 1:
-        warnings.warn(f"{path} has {len(scenes)} scenes; reading the first, {scenes[0]!r}", stacklevel=3)
-    meta = {"format": "czi", "axes": order, "z_axis": z_axis, "n_scenes": len(scenes)}
+        warnings.warn(f"{path} has {len(scenes)} scenes; reading the first, scene {scene}", stacklevel=3)
+    meta = {"format": "czi", "axes": order, "z_axis": z_axis, "n_scenes": max(len(scenes), 1)}
     return _Parsed(shape, dtype, data, names, pixel, meta)
+
+
+def _start_length(span: tuple[int, int]) -> tuple[int, int]:
+    return int(span[0]), int(span[1] - span[0])
+
+
+def _czi_metadata(meta: dict) -> tuple[list[str] | None, tuple]:
+    """Channel names and (z, y, x) pixel size (CZI stores metres) from the parsed CZI XML."""
+    doc = (meta or {}).get("ImageDocument", {}).get("Metadata", {})
+    try:
+        channels = doc["Information"]["Image"]["Dimensions"]["Channels"]["Channel"]
+        channels = [channels] if isinstance(channels, dict) else channels
+        names = [ch.get("@Name") or ch.get("@Id", "") for ch in channels]
+    except (KeyError, TypeError):
+        names = None
+    try:
+        items = doc["Scaling"]["Items"]["Distance"]
+        items = [items] if isinstance(items, dict) else items
+        scale = {item["@Id"]: _length_um(item.get("Value"), "m") for item in items}
+    except (KeyError, TypeError):
+        scale = {}
+    return names, (scale.get("Z"), scale.get("Y"), scale.get("X"))
 
 
 def _nd2(path: Path, axes: str | None, load: bool) -> _Parsed:
