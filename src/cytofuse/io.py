@@ -117,6 +117,7 @@ def read_image(
     required for .npy and overrides the order stored in a TIFF. Channels are ``C`` and
     ``S`` (RGB samples); one other axis longer than 1 (Z, T, I, Q, ...) becomes Z.
     ``channel_names`` replaces the names in the file (default "ch0", "ch1", ...).
+    A .npy file is memory-mapped read-only: copy the data before changing it.
     """
     path = _check_file(path)
     parsed = _FORMATS[path.suffix.lower()](path, axes, True)
