@@ -1,0 +1,236 @@
+"""Fusion strategies over per-channel encoders: early, intermediate, late and single-channel.
+
+Every model takes the whole patch batch (B, C, H, W) and has
+``forward(x) -> (B, K)`` logits whose softmax is the class probability,
+``forward_features(x) -> (B, D)`` (the pre-logit embedding) and ``head`` with
+``head(forward_features(x)) == forward(x)``. ``gradcam_layers()`` maps the channel an
+encoder sees ("all" for early, "ch0", "ch1", ... otherwise) to its last conv block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cytofuse.errors import InputError
+
+EncoderFactory = Callable[[int], nn.Module]
+
+
+def make_head(in_features: int, num_classes: int, *, dropout: float, hidden: int | None) -> nn.Sequential:
+    """Dropout + linear classifier, or dropout-linear-ReLU-dropout-linear when ``hidden``."""
+    if not hidden:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class CytofuseModel(nn.Module):
+    """Base class: input checks and the shared attributes of every fusion model."""
+
+    fusion: str = ""
+
+    def __init__(self, *, encoder_name: str, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.encoder_name = encoder_name
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.config: dict = {}
+
+    def _check(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise InputError(
+                f"{self.fusion} model expects x of shape (B, {self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K): softmax gives probabilities; train with nn.CrossEntropyLoss."""
+        return self.head(self.forward_features(x))
+
+    def gradcam_layers(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+
+class EarlyFusion(CytofuseModel):
+    """All channels concatenated at the input of one encoder."""
+
+    fusion = "early"
+
+    def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
+                 num_classes: int, dropout: float, hidden: int | None = None) -> None:
+        super().__init__(encoder_name=encoder_name, in_channels=in_channels, num_classes=num_classes)
+        self.encoder = make_encoder(in_channels)
+        self.head = make_head(self.encoder.out_features, num_classes, dropout=dropout, hidden=hidden)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of the one encoder (B, D)."""
+        self._check(x)
+        return self.encoder(x)
+
+    def gradcam_layers(self) -> dict[str, nn.Module]:
+        return {"all": self.encoder.last_block()}
+
+
+class SingleChannel(CytofuseModel):
+    """Receives every channel of the patch and classifies from channel ``channel`` alone."""
+
+    fusion = "single"
+
+    def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
+                 num_classes: int, channel: int, dropout: float, hidden: int | None = None) -> None:
+        super().__init__(encoder_name=encoder_name, in_channels=in_channels, num_classes=num_classes)
+        self.channel = channel
+        self.encoder = make_encoder(1)
+        self.head = make_head(self.encoder.out_features, num_classes, dropout=dropout, hidden=hidden)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of the selected channel (B, D)."""
+        self._check(x)
+        return self.encoder(x[:, self.channel : self.channel + 1])
+
+    def gradcam_layers(self) -> dict[str, nn.Module]:
+        return {f"ch{self.channel}": self.encoder.last_block()}
+
+
+class _PerChannel(CytofuseModel):
+    """One single-channel encoder per input channel."""
+
+    def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
+                 num_classes: int) -> None:
+        super().__init__(encoder_name=encoder_name, in_channels=in_channels, num_classes=num_classes)
+        self.encoders = nn.ModuleList(make_encoder(1) for _ in range(in_channels))
+
+    def branch_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Pooled features of each channel's encoder, a list of C tensors (B, D)."""
+        self._check(x)
+        return [enc(x[:, i : i + 1]) for i, enc in enumerate(self.encoders)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel pooled features concatenated in channel order (B, C * D)."""
+        return torch.cat(self.branch_features(x), dim=1)
+
+    def gradcam_layers(self) -> dict[str, nn.Module]:
+        return {f"ch{i}": enc.last_block() for i, enc in enumerate(self.encoders)}
+
+
+class IntermediateFusion(_PerChannel):
+    """Per-channel encoders; pooled features concatenated into one shared dense head."""
+
+    fusion = "intermediate"
+
+    def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
+                 num_classes: int, dropout: float, hidden: int | None = None) -> None:
+        super().__init__(make_encoder, encoder_name=encoder_name, in_channels=in_channels,
+                         num_classes=num_classes)
+        width = in_channels * self.encoders[0].out_features
+        self.head = make_head(width, num_classes, dropout=dropout, hidden=hidden)
+
+
+def _normalise_weights(weights: Sequence[float] | torch.Tensor, n: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float32).detach().flatten().cpu()
+    if w.numel() != n or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise InputError(
+            f"branch weights must be {n} finite non-negative numbers with a positive sum, "
+            f"got {w.tolist()}"
+        )
+    return w / w.sum()
+
+
+class LateFusionHead(nn.Module):
+    """Per-branch classifiers on the split embedding; fused by a weighted mean of probabilities.
+
+    Returns ``log(sum_i w_i softmax(z_i))``: log-probabilities, so softmax of the output is the
+    fused probability and nn.CrossEntropyLoss on it is the NLL of the fused prediction.
+    """
+
+    def __init__(self, branch_features: int, num_branches: int, num_classes: int, *,
+                 dropout: float, hidden: int | None, weights: str | Sequence[float]) -> None:
+        super().__init__()
+        self.branch_features = branch_features
+        self.classifiers = nn.ModuleList(
+            make_head(branch_features, num_classes, dropout=dropout, hidden=hidden)
+            for _ in range(num_branches)
+        )
+        self.learned = isinstance(weights, str) and weights == "learned"
+        if isinstance(weights, str) and weights not in ("learned", "equal"):
+            raise InputError(f"late_weights must be 'learned', 'equal' or {num_branches} numbers, got {weights!r}")
+        init = torch.zeros(num_branches)
+        if not isinstance(weights, str):
+            init = _normalise_weights(weights, num_branches).clamp_min(1e-12).log()
+        if self.learned:
+            self.weight_logits = nn.Parameter(init)
+        else:
+            self.register_buffer("weight_logits", init)
+
+    @property
+    def branch_weights(self) -> torch.Tensor:
+        """The fusion weights (sum to 1), one per branch."""
+        return torch.softmax(self.weight_logits, dim=0)
+
+    def set_branch_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Set the weights (e.g. from per-branch validation accuracy); normalised to sum 1."""
+        w = _normalise_weights(weights, len(self.classifiers))
+        with torch.no_grad():
+            self.weight_logits.copy_(w.clamp_min(1e-12).log())
+
+    def branch_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of each branch classifier, (B, C, K)."""
+        chunks = features.split(self.branch_features, dim=1)
+        return torch.stack([clf(f) for clf, f in zip(self.classifiers, chunks)], dim=1)
+
+    def fuse(self, branch_logits: torch.Tensor) -> torch.Tensor:
+        """Log of the weighted mean of branch probabilities, (B, K)."""
+        log_w = torch.log_softmax(self.weight_logits, dim=0).view(1, -1, 1)
+        return torch.logsumexp(torch.log_softmax(branch_logits, dim=2) + log_w, dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.branch_logits(features))
+
+
+class LateFusion(_PerChannel):
+    """Per-channel encoder and classifier; class probabilities combined with branch weights.
+
+    ``forward`` returns log fused probabilities (see ``LateFusionHead``);
+    ``forward_branches`` returns per-branch logits (B, C, K) for per-branch losses.
+    """
+
+    fusion = "late"
+
+    def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
+                 num_classes: int, dropout: float, hidden: int | None = None,
+                 weights: str | Sequence[float] = "learned") -> None:
+        super().__init__(make_encoder, encoder_name=encoder_name, in_channels=in_channels,
+                         num_classes=num_classes)
+        self.head = LateFusionHead(self.encoders[0].out_features, in_channels, num_classes,
+                                   dropout=dropout, hidden=hidden, weights=weights)
+
+    def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-branch logits (B, C, K)."""
+        return self.head.branch_logits(self.forward_features(x))
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused output (B, K) and per-branch logits (B, C, K) from one encoder pass."""
+        branches = self.forward_branches(x)
+        return self.head.fuse(branches), branches
+
+    @property
+    def branch_weights(self) -> torch.Tensor:
+        return self.head.branch_weights
+
+    def set_branch_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Set fusion weights, one per channel; normalised to sum 1."""
+        self.head.set_branch_weights(weights)
+

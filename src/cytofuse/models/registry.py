@@ -1,0 +1,143 @@
+"""One factory for every fusion strategy: ``create_model(name, ...)``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from cytofuse.errors import InputError
+from cytofuse.models.encoders import create_encoder, list_encoders
+from cytofuse.models.fusion import (
+    CytofuseModel,
+    EarlyFusion,
+    IntermediateFusion,
+    LateFusion,
+    SingleChannel,
+)
+from cytofuse.models.weights import LoadReport, load_encoder_weights, load_weights, read_model_config
+
+MODELS: dict[str, type[CytofuseModel]] = {
+    "early": EarlyFusion,
+    "intermediate": IntermediateFusion,
+    "late": LateFusion,
+    "single": SingleChannel,
+}
+
+
+def list_models() -> list[str]:
+    """Fusion strategies accepted by ``create_model``."""
+    return list(MODELS)
+
+
+def _positive_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_args(name: str, encoder: str, in_channels: int, num_classes: int,
+                channel: int | None, dropout: float, hidden: int | None) -> None:
+    if name not in MODELS:
+        raise InputError(f"model name must be one of {list_models()}, got {name!r}")
+    if encoder not in list_encoders():
+        raise InputError(f"encoder must be one of {list_encoders()}, got {encoder!r}")
+    _positive_int(in_channels, "in_channels", 1)
+    _positive_int(num_classes, "num_classes", 2)
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
+    if hidden is not None:
+        _positive_int(hidden, "hidden", 1)
+    if name == "single":
+        if channel is None:
+            raise InputError("channel is required for model 'single' (index of the channel to use)")
+        if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < in_channels:
+            raise InputError(f"channel must be an index in [0, {in_channels - 1}], got {channel!r}")
+    elif channel is not None:
+        raise InputError(f"channel is only used by model 'single', got channel={channel!r} for {name!r}")
+
+
+def _late_weights_config(late_weights: str | Sequence[float]) -> str | list[float]:
+    if isinstance(late_weights, str):
+        return late_weights
+    try:
+        return [float(w) for w in late_weights]
+    except (TypeError, ValueError) as err:
+        raise InputError(f"late_weights must be 'learned', 'equal' or numbers, got {late_weights!r}") from err
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    encoder: str = "resnet18",
+    channel: int | None = None,
+    dropout: float = 0.4,
+    pretrained: str | Path | None = None,
+    late_weights: str | Sequence[float] = "learned",
+    hidden: int | None = None,
+) -> CytofuseModel:
+    """Build a fusion model for patches of ``in_channels`` channels.
+
+    name: "early" | "intermediate" | "late" | "single" (``list_models()``).
+    encoder: "smallcnn" | "resnet18" | "resnet34" | "resnet50" (``list_encoders()``).
+    channel: the channel index "single" uses (required there, refused elsewhere).
+    pretrained: local weight file applied to every encoder (``load_encoder_weights``);
+        the reports are kept in ``model.pretrained_reports``.
+    late_weights: "learned" (softmax of learnable logits), "equal", or one weight per channel.
+    hidden: width of a hidden dense layer in each head (None: dropout + linear).
+    """
+    _check_args(name, encoder, in_channels, num_classes, channel, dropout, hidden)
+    kwargs: dict = {"dropout": dropout, "hidden": hidden}
+    if name == "single":
+        kwargs["channel"] = channel
+    if name == "late":
+        kwargs["weights"] = _late_weights_config(late_weights)
+    model = MODELS[name](
+        lambda c: create_encoder(encoder, in_channels=c),
+        encoder_name=encoder, in_channels=in_channels, num_classes=num_classes, **kwargs,
+    )
+    model.config = {
+        "name": name, "in_channels": in_channels, "num_classes": num_classes, "encoder": encoder,
+        "channel": channel, "dropout": dropout, "hidden": hidden,
+        "late_weights": _late_weights_config(late_weights),
+    }
+    model.pretrained_reports = {} if pretrained is None else apply_pretrained(model, pretrained)
+    return model
+
+
+def apply_pretrained(model: CytofuseModel, path: str | Path) -> dict[str, LoadReport]:
+    """Load ``path`` into every encoder of ``model``; warn once when encoder tensors are missing."""
+    reports = {key: load_encoder_weights(enc, path) for key, enc in _encoders(model).items()}
+    missing = sorted({k for report in reports.values() for k in report.missing})
+    if missing:
+        warnings.warn(
+            f"{path}: {len(missing)} encoder tensors are not in the file and keep their "
+            f"random values: {missing[:5]}",
+            stacklevel=3,
+        )
+    return reports
+
+
+def _encoders(model: CytofuseModel) -> dict[str, nn.Module]:
+    if hasattr(model, "encoders"):
+        return {f"ch{i}": enc for i, enc in enumerate(model.encoders)}
+    return {next(iter(model.gradcam_layers())): model.encoder}
+
+
+def load_model(path: str | Path) -> CytofuseModel:
+    """Rebuild a model from a ``save_weights`` file (its stored config) in eval mode."""
+    config = read_model_config(path)
+    if not config:
+        raise InputError(f"{path} has no stored model config; use create_model + load_weights")
+    model = create_model(**config)
+    load_weights(model, path)
+    return model.eval()
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of parameters (only those with requires_grad when ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
