@@ -1,0 +1,236 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from cytofuse.data import Augment, PatchDataset, build_patch_cache
+from cytofuse.errors import InputError
+from cytofuse.train import FitResult, TrainSettings, fit, load_weights, predict_proba
+
+P = 16
+NO_AUG = Augment(enabled=False)
+
+
+class TinyNet(nn.Module):
+    """The cytofuse model interface on a two-layer CNN."""
+
+    fusion = "early"
+
+    def __init__(self, in_channels: int = 2, num_classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward_features(self, x):
+        return self.encoder(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+class TinyLate(TinyNet):
+    fusion = "late"
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(32, 3 * 2)
+
+    def forward_branches(self, x):
+        return self.branch(self.forward_features(x)).view(-1, 2, 3)
+
+
+def _toy_patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0: bright top half of channel 0; 1: bright bottom half; 2: bright channel 1."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    x = rng.normal(0.0, 0.3, size=(n, 2, P, P)).astype(np.float32)
+    x[labels == 0, 0, : P // 2] += 1.0
+    x[labels == 1, 0, P // 2 :] += 1.0
+    x[labels == 2, 1] += 1.0
+    return x, labels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A patch cache of 96 toy patches (one image each); the first 64 train, the rest validate."""
+    x, labels = _toy_patches(96, seed=0)
+    ids = [f"img{i}" for i in range(len(x))]
+    index = pd.DataFrame({"patch_id": np.arange(len(x), dtype=np.int64), "image_id": ids, "z": 0, "y": 0, "x": 0,
+                          "size": P, "label": labels.astype(str), "group": ids})
+    stats = pd.DataFrame({"image_id": ids, "lo_a": 0.0, "hi_a": 1.0, "lo_b": 0.0, "hi_b": 1.0})
+    cache = build_patch_cache(index, stats, load_image=lambda i: x[int(i[3:])][:, None], channels=["a", "b"],
+                              out=tmp_path_factory.mktemp("toy") / "cache", progress=False, dtype=np.float32)
+    rows = np.arange(len(x))
+    return PatchDataset(cache, rows[:64], labels[:64]), PatchDataset(cache, rows[64:], labels[64:])
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(max_epochs=6, batch_size=16, lr=1e-2, accelerator="cpu", progress=False, augment=NO_AUG, patience=50)
+    return TrainSettings(**{**base, **kw})
+
+
+def _model(seed: int = 0, cls=TinyNet) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls()
+
+
+class StopAfter(Callback):
+    """Stops training at the end of epoch ``n - 1`` (as an interruption would)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+class EpochRecorder(Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+
+class Scripted(Callback):
+    """Overwrites the monitored metric with a scripted sequence (to test early stopping)."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.callback_metrics["val_balanced_accuracy"] = torch.tensor(self.scores[trainer.current_epoch])
+
+
+def test_settings_defaults_follow_the_paper_and_reject_unknown_fields():
+    s = TrainSettings()
+    assert (s.max_epochs, s.batch_size, s.optimizer, s.decay_rate, s.decay_steps, s.patience) == (100, 32, "adam", 0.95, 175, 15)
+    assert s.monitor == "val_balanced_accuracy" and s.class_weighting == "inverse"
+    assert all(f.description for f in TrainSettings.model_fields.values())
+    with pytest.raises(ValueError, match="extra"):
+        TrainSettings(epochs=3)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainSettings(optimizer="sgd")
+
+
+def test_fit_learns_separable_toy_problem(toy, tmp_path):
+    train_ds, val_ds = toy
+    model = _model()
+    # flips would swap classes 0 and 1 (top / bottom half): crop, small rotation and jitter only
+    aug = Augment(flip=False, rot90=False, crop_scale=0.9, rotate_deg=10)
+    result = fit(model, train_ds, val_ds, settings=_settings(max_epochs=8, augment=aug), out_dir=tmp_path)
+    assert isinstance(result, FitResult)
+    assert result.best_score >= 0.9
+    assert list(result.history.columns) == ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr"]
+    assert result.history["epoch"].tolist() == list(range(8))
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), result.history, check_dtype=False)
+    proba, feats = predict_proba(model, val_ds, batch_size=10, return_features=True)
+    assert proba.shape == (32, 3) and proba.dtype == np.float32 and feats.shape == (32, 32)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    bacc = np.mean([(proba.argmax(1)[val_ds.labels == k] == k).mean() for k in range(3)])
+    assert bacc == pytest.approx(result.best_score)  # the model holds the best epoch's weights
+    assert model.training  # predict_proba restores the mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "best.safetensors", "fit.json", "history.csv", "last.ckpt"]
+
+
+def test_early_stopping_restores_best_epoch(toy, tmp_path):
+    train_ds, val_ds = toy
+    scores = [0.2, 0.5, 0.9, 0.4, 0.6, 0.8, 0.85, 0.3, 0.3, 0.3]
+    model = _model()
+    result = fit(model, train_ds, val_ds, settings=_settings(max_epochs=10, patience=3), out_dir=tmp_path,
+                 callbacks=[Scripted(scores)])
+    assert result.stopped_early and result.best_epoch == 2 and result.best_score == pytest.approx(0.9)
+    assert result.history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]  # 3 epochs without improvement after epoch 2
+    best = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    assert best["epoch"] == 2
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, best["state_dict"][f"model.{name}"])
+    reloaded = load_weights(_model(seed=5), result.weights_path)
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name])
+
+
+def test_interrupted_fit_resumes_from_last_epoch(toy, tmp_path):
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=5)
+    first = fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[StopAfter(2)])
+    assert first.history["epoch"].tolist() == [0, 1]
+    recorder = EpochRecorder()
+    second = fit(_model(seed=1), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [2, 3, 4]
+    assert second.history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    assert second.history.iloc[:2].equals(first.history)
+    recorder = EpochRecorder()  # a completed fit with the same settings is loaded, not re-run
+    third = fit(_model(seed=2), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [] and third.best_epoch == second.best_epoch
+    recorder = EpochRecorder()
+    fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, resume=False, callbacks=[recorder])
+    assert recorder.epochs == [0, 1, 2, 3, 4]
+
+
+def test_identical_fits_give_identical_weights(toy, tmp_path):
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=2, augment=Augment())
+    a, b = _model(), _model()
+    fit(a, train_ds, val_ds, settings=settings, out_dir=tmp_path / "a")
+    fit(b, train_ds, val_ds, settings=settings, out_dir=tmp_path / "b")
+    for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), name
+    c = _model()
+    fit(c, train_ds, val_ds, settings=settings.model_copy(update={"seed": 1}), out_dir=tmp_path / "c")
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_learning_rate_step_decay(toy, tmp_path):
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=4, lr=0.1, decay_rate=0.5, decay_steps=3, monitor="val_loss")
+    result = fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path)
+    steps = (result.history["epoch"] + 1) * 4  # 64 patches / batch 16
+    np.testing.assert_allclose(result.history["lr"], 0.1 * 0.5 ** (steps // 3), rtol=1e-12)
+
+
+def test_class_weights_and_late_branch_loss(toy, tmp_path):
+    train_ds, val_ds = toy
+    with pytest.raises(InputError, match=r"class \[2\] has no training sample"):
+        sub = PatchDataset(train_ds.cache, train_ds.rows[train_ds.labels < 2], train_ds.labels[train_ds.labels < 2])
+        fit(_model(), sub, val_ds, settings=_settings(), out_dir=tmp_path / "x")
+    result = fit(_model(cls=TinyLate), train_ds, val_ds, settings=_settings(max_epochs=2, late_branch_loss=0.5),
+                 out_dir=tmp_path / "late")
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+def test_weighted_sampler_trains(toy, tmp_path):
+    train_ds, val_ds = toy
+    result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=2, sampler="weighted", class_weighting="none"),
+                 out_dir=tmp_path)
+    assert len(result.history) == 2
+
+
+@pytest.mark.slow
+def test_ddp_spawn_two_cpu_processes(toy, tmp_path):
+    """DDP on CPU (gloo) from a plain call: strategy='ddp_spawn', devices=2."""
+    train_ds, val_ds = toy
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = _settings(max_epochs=4, strategy="ddp_spawn", devices=2)
+    result = fit(model, train_ds, val_ds, settings=settings, out_dir=tmp_path)
+    assert result.history["epoch"].tolist() == [0, 1, 2, 3]
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
