@@ -1,0 +1,245 @@
+import csv
+import itertools
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage, stats
+from skimage.feature import hessian_matrix, hessian_matrix_eigvals
+from skimage.filters import threshold_otsu
+
+from cytofuse.errors import InputError
+from cytofuse.synthetic import (
+    CHANNELS,
+    CLASS_NAMES,
+    CLASS_SPECS,
+    image_seed,
+    informative_channels,
+    make_phantom,
+    requires_fusion,
+    separating_channels,
+    write_synthetic_dataset,
+)
+
+SMALL = (8, 96, 96)
+N_SEEDS = 5  # images per class for the statistical tests (distinct seeds for every image)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    """Phantoms at difficulty 0 (the designed class parameters), five per class."""
+    return {
+        k: [make_phantom(k, shape=(8, 160, 160), difficulty=0.0, seed=image_seed(1, k, i)) for i in range(N_SEEDS)]
+        for k in range(len(CLASS_SPECS))
+    }
+
+
+def _fg(a: np.ndarray) -> np.ndarray:
+    a = ndimage.gaussian_filter(a.astype(np.float32), 1.0)
+    return a > threshold_otsu(a)
+
+
+def _tubularity(image) -> float:
+    """Mean ridge anisotropy (1 line, 0 spot) of the brightest mitochondria pixels, middle slice."""
+    a = image.data[1, image.data.shape[1] // 2].astype(np.float32)
+    l1, l2 = hessian_matrix_eigvals(hessian_matrix(a, sigma=1.5, order="rc", use_gaussian_derivatives=False))
+    m = (a > np.percentile(a, 97)) & (l2 < 0)
+    return float(np.mean((np.abs(l2[m]) - np.abs(l1[m]) * (l1[m] < 0)) / np.abs(l2[m])))
+
+
+def _nucleus_distance(image, channel: int) -> float:
+    """Mean distance (px) of a channel's foreground to the nearest nucleus, on projections."""
+    dist = ndimage.distance_transform_edt(~_fg(image.data[0].max(0)))
+    return float(dist[_fg(image.data[channel].max(0))].mean())
+
+
+def _pearson(image, a: int = 1, b: int = 2) -> float:
+    """Pearson correlation of two channels inside the cells."""
+    x, y = (ndimage.gaussian_filter(image.data[c].astype(np.float32), (0, 1, 1)) for c in (a, b))
+    cells = np.broadcast_to(_fg(image.data[1:].max(1).sum(0)), x.shape)
+    return float(np.corrcoef(x[cells], y[cells])[0, 1])
+
+
+def _values(phantoms, k, statistic):
+    return [statistic(im) for im in phantoms[k]]
+
+
+def _separated(low, high) -> bool:
+    """Every value of ``high`` exceeds every value of ``low``."""
+    return max(low) < min(high)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_shape_dtype_channels_metadata():
+    im = make_phantom(2, shape=SMALL, seed=3, pixel_size_um=(0.4, 0.08, 0.08))
+    assert im.data.shape == (4, *SMALL) and im.data.dtype == np.uint16
+    assert im.channel_names == CHANNELS == ("nucleus", "mitochondria", "early_endosome", "recycling_endosome")
+    assert im.pixel_size_um == (0.4, 0.08, 0.08)
+    assert im.metadata["label"] == "ee_perinuclear" and im.metadata["n_cells"] >= 1
+    assert make_phantom("ee_perinuclear", shape=SMALL, seed=3).metadata["class_index"] == 2
+
+
+def test_same_seed_identical_other_seed_different():
+    a, b = make_phantom(1, shape=SMALL, seed=7), make_phantom(1, shape=SMALL, seed=7)
+    c = make_phantom(1, shape=SMALL, seed=8)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert (a.data != c.data).mean() > 0.5
+
+
+def test_fluorescence_like_dark_background_bright_structures():
+    im = make_phantom(0, shape=(8, 128, 128), seed=0)
+    for c in range(4):
+        a = im.data[c].astype(float)
+        background, peak = np.percentile(a, 10), np.percentile(a, 99.9)
+        assert 60 < background < 200  # camera offset plus a little autofluorescence
+        assert peak > background + 40  # organelles stand well above it
+    assert np.abs(np.diff(im.data[1].astype(float), axis=2)).mean() > 1  # noise is present
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"label": 6}, "label must be"),
+        ({"label": "golgi"}, "label must be one of"),
+        ({"difficulty": 1.5}, "difficulty must be in"),
+        ({"shape": (8, 16, 256)}, "shape must be"),
+        ({"cell_density": 0.0}, "cell_density must be"),
+        ({"pixel_size_um": (0.5, 0, 0.1)}, "pixel_size_um"),
+        ({"shortcut": {"contrast": {0: 2.0}}}, "shortcut must map"),
+        ({"shortcut": {"background": {0: -1.0}}}, "factor for class 0 must be > 0"),
+    ],
+)
+def test_bad_arguments_raise_input_error(kwargs, match):
+    args = {"label": 0, "shape": SMALL, "seed": 0} | kwargs
+    with pytest.raises(InputError, match=match):
+        make_phantom(**args)
+
+
+# --------------------------------------------------------------------------- ground truth table
+
+
+def test_class_table_ground_truth():
+    assert len(CLASS_SPECS) >= 6 and len(set(CLASS_NAMES)) == len(CLASS_NAMES)
+    assert informative_channels("control", "fragmented") == {"mitochondria"}
+    assert informative_channels(0, 2) == {"early_endosome"}
+    assert informative_channels(0, 3) == {"recycling_endosome"}
+    assert informative_channels(0, 4) == {"mitochondria", "early_endosome"}
+    assert separating_channels(0, 4) == set() and requires_fusion(0, 4)
+    assert not requires_fusion(0, 1) and informative_channels(3, 3) == set()
+    for a, b in itertools.combinations(range(len(CLASS_SPECS)), 2):
+        assert "nucleus" not in informative_channels(a, b)
+        assert informative_channels(a, b), f"classes {a} and {b} are identical"
+
+
+def test_uninformative_channels_are_bit_identical_for_one_seed():
+    """Streams are split per channel, so the table's ground truth shows in the arrays."""
+    images = [make_phantom(k, shape=SMALL, seed=11) for k in range(len(CLASS_SPECS))]
+    for a, b in itertools.combinations(range(len(CLASS_SPECS)), 2):
+        informative, separating = informative_channels(a, b), separating_channels(a, b)
+        for c, name in enumerate(CHANNELS):
+            same = np.array_equal(images[a].data[c], images[b].data[c])
+            assert same or name in informative, (CLASS_NAMES[a], CLASS_NAMES[b], name)
+            assert not same or name not in separating, (CLASS_NAMES[a], CLASS_NAMES[b], name)
+
+
+def test_difficulty_one_is_a_null_data_set():
+    ref = make_phantom(0, shape=SMALL, seed=5, difficulty=1.0)
+    for k in range(1, len(CLASS_SPECS)):
+        np.testing.assert_array_equal(make_phantom(k, shape=SMALL, seed=5, difficulty=1.0).data, ref.data)
+
+
+# --------------------------------------------------------------------------- designed differences
+
+
+def test_mitochondria_tubular_vs_fragmented(phantoms):
+    tubular, fragmented = _values(phantoms, 0, _tubularity), _values(phantoms, 1, _tubularity)
+    assert _separated(fragmented, tubular), (tubular, fragmented)
+    assert _separated(_values(phantoms, 5, _tubularity), _values(phantoms, 4, _tubularity))
+
+
+def test_early_endosomes_clustered_vs_dispersed(phantoms):
+    dispersed = _values(phantoms, 0, lambda im: _nucleus_distance(im, 2))
+    clustered = _values(phantoms, 2, lambda im: _nucleus_distance(im, 2))
+    assert _separated(clustered, dispersed), (clustered, dispersed)
+
+
+def test_recycling_endosomes_perinuclear_vs_peripheral(phantoms):
+    perinuclear = _values(phantoms, 0, lambda im: _nucleus_distance(im, 3))
+    peripheral = _values(phantoms, 3, lambda im: _nucleus_distance(im, 3))
+    assert _separated(perinuclear, peripheral), (perinuclear, peripheral)
+
+
+def test_colocalisation_pair_differs_only_in_the_relation(phantoms):
+    independent, on_mito = _values(phantoms, 0, _pearson), _values(phantoms, 4, _pearson)
+    assert _separated(independent, on_mito), (independent, on_mito)
+    for statistic in (_tubularity, lambda im: _nucleus_distance(im, 2), lambda im: im.data[2].mean()):
+        p = stats.mannwhitneyu(_values(phantoms, 0, statistic), _values(phantoms, 4, statistic)).pvalue
+        assert p > 0.05, "a single channel separates the co-localisation pair"
+
+
+def test_difficulty_brings_classes_closer():
+    seeds = [image_seed(2, 0, i) for i in range(3)]
+
+    def gap(d):
+        t = [[_tubularity(make_phantom(k, shape=(8, 160, 160), seed=s, difficulty=d)) for s in seeds] for k in (0, 1)]
+        return np.mean(t[0]) - np.mean(t[1])
+
+    easy, default = gap(0.0), gap(0.5)
+    assert easy > default > 0.3 * easy and default > 0.02
+
+
+# --------------------------------------------------------------------------- no shortcuts
+
+
+def test_nucleus_and_intensity_carry_no_class_signal(phantoms):
+    """Kruskal-Wallis across all classes: mean, background and nucleus area do not differ."""
+    statistics = {f"mean {n}": (lambda im, c=c: im.data[c].mean()) for c, n in enumerate(CHANNELS)}
+    statistics |= {f"background {n}": (lambda im, c=c: np.percentile(im.data[c], 5)) for c, n in enumerate(CHANNELS)}
+    statistics["nucleus area"] = lambda im: _fg(im.data[0].max(0)).mean()
+    for name, statistic in statistics.items():
+        groups = [_values(phantoms, k, statistic) for k in phantoms]
+        assert stats.kruskal(*groups).pvalue > 0.01, f"{name} separates the classes"
+
+
+def test_planted_background_shortcut_shifts_only_its_class():
+    shortcut = {"background": {"fragmented": 2.0}}
+    plain = make_phantom(1, shape=SMALL, seed=4)
+    planted = make_phantom(1, shape=SMALL, seed=4, shortcut=shortcut)
+    for c in range(4):
+        ratio = np.percentile(planted.data[c], 5) / np.percentile(plain.data[c], 5)
+        assert 1.8 < ratio < 2.2
+    other = make_phantom(0, shape=SMALL, seed=4, shortcut=shortcut)
+    np.testing.assert_array_equal(other.data, make_phantom(0, shape=SMALL, seed=4).data)
+
+
+# --------------------------------------------------------------------------- data set writer
+
+
+def test_write_dataset_files_and_manifest(tmp_path):
+    out = write_synthetic_dataset(tmp_path / "ds", classes=3, images_per_class=2, shape=(4, 64, 64), progress=False)
+    with open(out / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["label"] for r in rows] == ["control"] * 2 + ["fragmented"] * 2 + ["ee_perinuclear"] * 2
+    assert len({r["group"] for r in rows}) == 6
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(r["path"].split("/")[1] for r in rows)
+    with tifffile.TiffFile(out / rows[3]["path"]) as tif:
+        data, ome = tif.asarray(), tif.ome_metadata
+    assert data.shape == (4, 4, 64, 64) and data.dtype == np.uint16
+    assert all(f'Name="{n}"' in ome for n in CHANNELS) and 'PhysicalSizeZ="0.5"' in ome
+    seed = image_seed(0, 1, 1)
+    np.testing.assert_array_equal(data, make_phantom(1, shape=(4, 64, 64), seed=seed).data)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folder left behind
+
+
+def test_write_dataset_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    write_synthetic_dataset(out, classes=1, images_per_class=1, shape=(2, 32, 32), progress=False)  # empty: fine
+    with pytest.raises(FileExistsError, match="ds exists and is not empty"):
+        write_synthetic_dataset(out, classes=1, images_per_class=1, shape=(2, 32, 32), progress=False)
+    write_synthetic_dataset(out, classes=2, images_per_class=1, shape=(2, 32, 32), overwrite=True, progress=False)
+    assert len(list((out / "images").iterdir())) == 2
+    with pytest.raises(InputError, match="classes must be in"):
+        write_synthetic_dataset(tmp_path / "x", classes=9, progress=False)
