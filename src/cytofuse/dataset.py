@@ -229,7 +229,10 @@ def _is_image(path: Path) -> bool:
 
 def _rel_id(path: Path, root: Path) -> str:
     rel = path.relative_to(root).as_posix()
-    return rel[: -len(path.suffix)] if path.suffix else rel
+    for suffix in (".ome.tiff", ".ome.tif", path.suffix):
+        if suffix and rel.lower().endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
 
 
 def _grouped_records(label: str, paths: list[Path], root: Path, pattern: str) -> list[ImageRecord]:
@@ -266,13 +269,13 @@ def _manifest_record(row, i, csv, path_column, channel_cols, label_column, group
         return p if p.is_absolute() else csv.parent / p
 
     meta = {k: v for k, v in row.items() if k not in reserved}
-    if path_column in row and row[path_column].strip():
+    if path_column in row and (row[path_column].strip() or not channel_cols):
         path = resolve(path_column)
-        image_id = str(row.get("image_id") or (_rel_id(path, csv.parent) if path.is_relative_to(csv.parent) else path.stem))
+        image_id = str(row.get("image_id") or _rel_id(path, csv.parent if path.is_relative_to(csv.parent) else path.parent))
         rec = dict(path=path)
     else:
         chans = tuple((c[len(path_column) + 1 :], resolve(c)) for c in channel_cols)
-        image_id = str(row.get("image_id") or chans[0][1].stem)
+        image_id = str(row.get("image_id") or _rel_id(chans[0][1], chans[0][1].parent))
         rec = dict(channel_paths=chans)
     group = (row.get(group_column) or "").strip() if group_column else ""
     return ImageRecord(image_id=image_id, label=label, group=group or image_id, metadata=meta, **rec)

@@ -1,0 +1,67 @@
+"""Stages wired together: image set -> patch index (-> cross-validation), with run folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import DataSettings, RunConfig, dump_config
+from .dataset import ImageSet
+from .patches import PatchIndex, build_patch_index
+from .runs import mark_finished, prepare_run_dir
+
+
+def load_image_set(data: DataSettings) -> ImageSet:
+    """The image set a config's data section describes."""
+    if data.images is not None:
+        return ImageSet.from_folder(data.images, axes=data.axes)
+    return ImageSet.from_manifest(
+        data.manifest, label_column=data.label_column, group_column=data.group_column, axes=data.axes
+    )
+
+
+def run_patches(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PatchIndex:
+    """Validate the image set, then write the patch stage into the run folder ``out``."""
+    image_set = load_image_set(cfg.data)
+    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    out = prepare_run_dir(out, overwrite=overwrite)
+    dump_config(cfg, out / "config.yaml")
+    index = build_patch_index(image_set, cfg.patches, out, workers=cfg.workers, progress=progress)
+    mark_finished(out)
+    return index
+
+
+def print_patch_summary(index: PatchIndex, out: str | Path) -> None:
+    """Attrition per class and the images that kept too few patches."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Patches per class (channels: {', '.join(index.channel_names)})")
+    for col in ("class", "images", "candidates", "kept", "attrition %", "images below minimum"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in index.attrition.itertuples(index=False):
+        table.add_row(str(row.label), str(row.images), str(row.candidates), str(row.kept),
+                      f"{row.attrition_pct:.1f}", str(row.images_below_minimum))
+    console.print(table)
+    if index.sparse_images:
+        console.print(f"[yellow]{len(index.sparse_images)} image(s) kept fewer patches than min_patches:[/] "
+                      + ", ".join(index.sparse_images[:10]) + (" ..." if len(index.sparse_images) > 10 else ""))
+        console.print("  see images.parquet (notes column); patches.fallback=top_k keeps their best patches")
+    console.print(f"{len(index.patches)} patches from {len(index.images)} images written to {out}")
+
+
+def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PatchIndex:
+    """Synthesise the default data set and run the patch stage on it."""
+    from .config import validate_config
+    from .synthetic import write_synthetic_dataset
+
+    out = Path(out)
+    data_dir = out / "data"
+    if not (data_dir / "labels.csv").is_file() or overwrite:
+        write_synthetic_dataset(data_dir, classes=6, images_per_class=5, shape=(8, 256, 256), seed=0, overwrite=overwrite)
+    cfg = validate_config(
+        {"data": {"manifest": str((data_dir / "labels.csv").resolve())},
+         "patches": {"size": 64, "exclude_channels": ["nucleus"], "min_ratio": 0.05}},
+        source="demo",
+    )
+    return run_patches(cfg, out / "run", overwrite=overwrite, progress=progress)
