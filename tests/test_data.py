@@ -7,6 +7,7 @@ import torch
 
 from cytofuse.data import (
     Augment,
+    AugmentCollate,
     PatchCache,
     PatchDataset,
     build_patch_cache,
@@ -156,6 +157,19 @@ def test_flips_and_rot90_permute_pixels():
     assert changed >= 20  # 1 - P(identity) = 7/8 of the patches change
     off = Augment(enabled=False)
     assert off(x) is x
+
+
+def test_rot90_only_gives_quarter_turns_and_collate_augments_batches():
+    torch.manual_seed(4)
+    aug = Augment(flip=False, crop_scale=1.0, rotate_deg=0.0, gain=0.0, offset=0.0)
+    x = torch.rand(24, 2, 5, 5)
+    out = aug(x)
+    for a, b in zip(x, out):
+        assert any(torch.equal(torch.rot90(a, k, dims=(-2, -1)), b) for k in range(4))
+    items = [(x[i], i % 2) for i in range(4)]
+    xb, yb = AugmentCollate(aug)(items)
+    assert tuple(xb.shape) == (4, 2, 5, 5) and yb.tolist() == [0, 1, 0, 1]
+    assert any(not torch.equal(xb[i], x[i]) for i in range(4))
 
 
 def test_intensity_jitter_is_shared_across_channels_and_bounded():

@@ -198,6 +198,29 @@ def test_identical_fits_give_identical_weights(toy, tmp_path):
     assert not torch.equal(a.head.weight, c.head.weight)
 
 
+def test_loader_workers_are_seeded(toy, tmp_path):
+    """Augmentation runs in the worker processes; their seeds follow settings.seed."""
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=1, num_workers=1, augment=Augment())
+    a, b = _model(), _model()
+    fit(a, train_ds, val_ds, settings=settings, out_dir=tmp_path / "a")
+    fit(b, train_ds, val_ds, settings=settings, out_dir=tmp_path / "b")
+    assert torch.equal(a.head.weight, b.head.weight)
+
+
+def test_fit_with_registry_models(toy, tmp_path):
+    models = pytest.importorskip("cytofuse.models")
+    train_ds, val_ds = toy
+    for fusion in ("intermediate", "late"):
+        torch.manual_seed(0)
+        model = models.create_model(fusion, in_channels=2, num_classes=3, encoder="smallcnn", dropout=0.1)
+        result = fit(model, train_ds, val_ds, settings=_settings(max_epochs=3, late_branch_loss=0.3),
+                     out_dir=tmp_path / fusion)
+        assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+        proba, _ = predict_proba(model, val_ds)
+        np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+
+
 def test_learning_rate_step_decay(toy, tmp_path):
     train_ds, val_ds = toy
     settings = _settings(max_epochs=4, lr=0.1, decay_rate=0.5, decay_steps=3, monitor="val_loss")

@@ -275,11 +275,8 @@ class Augment(BaseModel):
             x = x.unsqueeze(0)
         if x.ndim != 4:
             raise InputError(f"Augment: expected a (C, H, W) patch or (B, C, H, W) batch, got shape {tuple(x.shape)}")
-        if self.flip:
-            x = _random_flip(x, -1)
-            x = _random_flip(x, -2)
-        if self.rot90 and x.shape[-1] == x.shape[-2]:
-            x = _random_rot90(x)
+        if self.flip or self.rot90:
+            x = _random_dihedral(x, flip=self.flip, rot90=self.rot90 and x.shape[-1] == x.shape[-2])
         if self.crop_scale < 1.0 or self.rotate_deg > 0:
             x = _random_affine(x, self.crop_scale, self.rotate_deg)
         if self.gain > 0 or self.offset > 0:
@@ -291,18 +288,30 @@ def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
-def _random_flip(x: torch.Tensor, dim: int) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(dim), x)
+def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Code bit 0: flip left-right; bit 1: flip up-down; bit 2: transpose (with both: the 8 symmetries)."""
+    if code & 1:
+        x = x.flip(-1)
+    if code & 2:
+        x = x.flip(-2)
+    if code & 4:
+        x = x.transpose(-2, -1)
+    return x
 
 
-def _random_rot90(x: torch.Tensor) -> torch.Tensor:
-    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
-    out = x.clone()
-    for turns in (1, 2, 3):
-        sel = k == turns
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
+def _random_dihedral(x: torch.Tensor, *, flip: bool, rot90: bool) -> torch.Tensor:
+    """Random flips and / or quarter turns: each pixel is copied once, whatever the draw."""
+    n = x.shape[0]
+    if rot90 and flip:
+        codes = torch.randint(0, 8, (n,))
+    elif rot90:  # the four rotations: identity, 90, 180, 270 degrees
+        codes = torch.tensor([0, 5, 3, 6])[torch.randint(0, 4, (n,))]
+    else:  # independent left-right and up-down flips
+        codes = torch.randint(0, 4, (n,))
+    out = torch.empty_like(x)
+    for code in codes.unique().tolist():
+        sel = (codes == code).nonzero().flatten().to(x.device)
+        out[sel] = _dihedral(x[sel], code)
     return out
 
 
@@ -326,6 +335,17 @@ def _random_intensity(x: torch.Tensor, gain: float, offset: float) -> torch.Tens
     g = _uniform(n, 1 - gain, 1 + gain, x.device).to(x.dtype)[:, None, None, None]
     o = _uniform(n, -offset, offset, x.device).to(x.dtype)[:, None, None, None]
     return x * g + o
+
+
+class AugmentCollate:
+    """DataLoader ``collate_fn`` that stacks items and augments the batch (inside the workers)."""
+
+    def __init__(self, augment: Augment) -> None:
+        self.augment = augment
+
+    def __call__(self, items):
+        x, y = torch.utils.data.default_collate(items)
+        return self.augment(x), y
 
 
 # --------------------------------------------------------------------------- dataset

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cytofuse.data import Augment, class_weights as inverse_class_weights, make_sampler
+from cytofuse.data import Augment, AugmentCollate, class_weights as inverse_class_weights, make_sampler
 from cytofuse.errors import InputError
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr"]
@@ -60,7 +60,9 @@ class TrainSettings(BaseModel):
     )
     patience: int = Field(15, ge=1, description="Epochs without improvement of the monitor before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitor that counts as improvement.")
-    augment: Augment = Field(default_factory=Augment, description="Augmentation of training batches.")
+    augment: Augment = Field(
+        default_factory=Augment, description="Augmentation of training batches (applied in the loader workers)."
+    )
     late_branch_loss: float = Field(
         0.0, ge=0, description="Weight of the mean per-branch cross-entropy added to the loss of late-fusion models."
     )
@@ -132,9 +134,6 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.settings.augment.enabled:
-            with torch.no_grad():
-                x = self.settings.augment(x)
         if self._late and hasattr(self.model, "forward_all"):
             logits, branches = self.model.forward_all(x)
         elif self._late:
@@ -266,10 +265,12 @@ def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tup
         "persistent_workers": settings.num_workers > 0,
         "pin_memory": settings.accelerator == "gpu",
     }
+    collate = AugmentCollate(settings.augment) if settings.augment.enabled else None
     if settings.sampler == "weighted":
-        train = DataLoader(train_ds, sampler=make_sampler(_labels_of(train_ds, "train_ds")), **common)
+        sampler = make_sampler(_labels_of(train_ds, "train_ds"))
+        train = DataLoader(train_ds, sampler=sampler, collate_fn=collate, **common)
     else:
-        train = DataLoader(train_ds, shuffle=True, **common)
+        train = DataLoader(train_ds, shuffle=True, collate_fn=collate, **common)
     return train, DataLoader(val_ds, shuffle=False, **common)
 
 
