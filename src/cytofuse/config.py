@@ -88,7 +88,7 @@ def _train_settings():
 class RunConfig(_Strict):
     """Everything a run needs; saved resolved in the run folder."""
 
-    data: DataSettings
+    data: DataSettings = Field(..., description="Where the images are and how they are labelled.")
     patches: PatchSettings = Field(default_factory=PatchSettings, description="Patch extraction and filtering.")
     models: list[ModelSettings] = Field(
         default_factory=lambda: [ModelSettings()], min_length=1, description="Classifiers compared in the run."
@@ -100,7 +100,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_train(self) -> "RunConfig":
-        self.train = _train_settings().model_validate(self.train).model_dump(mode="json")
+        try:
+            self.train = _train_settings().model_validate(self.train).model_dump(mode="json")
+        except ValidationError as exc:  # keep the section in each error's location: train.lr, not lr
+            details = [{k: e[k] for k in ("type", "input", "ctx") if k in e} | {"loc": ("train", *e["loc"])} for e in exc.errors()]
+            raise ValidationError.from_exception_data(type(self).__name__, details) from None
         return self
 
     @property
