@@ -89,6 +89,7 @@ CLASS_NAMES = tuple(spec.name for spec in CLASS_SPECS)
 
 _PSF_SIGMA = (0.8, 1.2, 1.2)  # z, y, x in voxels
 _MITO_STEP = 0.5
+_MITO_WEIGHT = 1.6  # per walk step: tubules peak near half a punctum
 _POINT_PEAK = float((2 * np.pi) ** 1.5 * np.prod(_PSF_SIGMA))  # weight of a point whose blur peaks at 1
 _REF_CYTOPLASM = np.pi * (46.0**2 - 18.0**2)  # cytoplasm area of a typical cell, px^2
 
@@ -230,7 +231,9 @@ def _cytoplasm_area(cells: _Cells) -> np.ndarray:
 # --------------------------------------------------------------------------- mitochondria
 
 
-def _walk(rng, cells, cell, start, angle, n_steps, turn_sd=0.12):
+def _walk(
+    rng: np.random.Generator, cells: _Cells, cell: np.ndarray, start: np.ndarray, angle: np.ndarray, n_steps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Persistent random walks kept inside the cytoplasm; returns points, angles, owner index."""
     inner, outer = 1.05 * cells.r_nuc[cell], 0.95 * cells.r_cell[cell]
     pos, ang = start.copy(), angle.copy()
@@ -238,7 +241,7 @@ def _walk(rng, cells, cell, start, angle, n_steps, turn_sd=0.12):
     pts, angs = np.empty((n_max, len(cell), 2)), np.empty((n_max, len(cell)))
     for t in range(n_max):
         pts[t], angs[t] = pos, ang
-        ang = ang + rng.normal(0, turn_sd, len(cell))
+        ang = ang + rng.normal(0, 0.12, len(cell))
         d = np.column_stack([np.cos(ang), np.sin(ang)])
         new = pos + _MITO_STEP * d
         rho = np.hypot(*new.T)
@@ -256,7 +259,11 @@ def _walk(rng, cells, cell, start, angle, n_steps, turn_sd=0.12):
 
 
 def _mito_network(rng: np.random.Generator, cells: _Cells, spec: ClassSpec) -> tuple[np.ndarray, np.ndarray]:
-    """3D points (n, 3) of every cell's mitochondria and the cell of each point."""
+    """3D points (n, 3) of every cell's mitochondria and the cell of each point, sorted by cell.
+
+    Segments are persistent random walks of mean length ``mito_length`` with side branches;
+    the total length per cell depends on its cytoplasm area only, not on the class.
+    """
     per_segment = spec.mito_length * (1 + 0.5 * spec.mito_branches)
     n_seg = rng.poisson(0.14 * _cytoplasm_area(cells) / per_segment)
     cell = np.repeat(np.arange(len(cells)), n_seg)
@@ -273,15 +280,21 @@ def _mito_network(rng: np.random.Generator, cells: _Cells, spec: ClassSpec) -> t
         b_steps = np.maximum(1, rng.gamma(4.0, spec.mito_length / 8.0, len(b_seg)) / _MITO_STEP).astype(int)
         b_pts, _, b_owner = _walk(rng, cells, cell[b_seg], pts[at], angs[at] + turn, b_steps)
         pts, owner = np.concatenate([pts, b_pts]), np.concatenate([owner, b_seg[b_owner]])
-    zoff = zoff_seg[owner]
-    return _to_image(cells, cell[owner], pts, zoff), cell[owner]
+    order = np.argsort(cell[owner], kind="stable")  # cell by cell, as _sample_network expects
+    return _to_image(cells, cell[owner], pts, zoff_seg[owner])[order], cell[owner][order]
 
 
 # --------------------------------------------------------------------------- endosomes
 
 
-def _early_endosomes(rng, cells, spec, mito, ghost):
-    """Points and per-point weights of early endosomes; ``mito`` / ``ghost`` are (points, cell)."""
+def _early_endosomes(
+    rng: np.random.Generator, cells: _Cells, spec: ClassSpec, mito: tuple, ghost: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points, weights and cells of early endosomes; ``mito`` / ``ghost`` are (points, cell).
+
+    Perinuclear ones gather on one side of the nucleus; the others sit on the real network
+    (fraction ``ee_on_mito``) or on the unrendered ``ghost`` network of the same statistics.
+    """
     n = rng.poisson(40 * _cytoplasm_area(cells) / _REF_CYTOPLASM)
     cell = np.repeat(np.arange(len(cells)), n)
     mode, pick, jitter = rng.uniform(0, 1, len(cell)), rng.uniform(0, 1, len(cell)), rng.normal(0, 1, (len(cell), 3))
@@ -292,7 +305,8 @@ def _early_endosomes(rng, cells, spec, mito, ghost):
     peri = mode < spec.ee_perinuclear
     on_mito = ~peri & (rng.uniform(0, 1, len(cell)) < spec.ee_on_mito)
     pts = np.empty((len(cell), 3))
-    pts[peri] = _to_image(cells, cell[peri], _radial_points(cells, cell[peri], np.minimum(peri_frac[peri], 0.9), peri_angle[peri]), peri_z[peri])
+    local = _radial_points(cells, cell[peri], np.minimum(peri_frac[peri], 0.9), peri_angle[peri])
+    pts[peri] = _to_image(cells, cell[peri], local, peri_z[peri])
     for sel, (net_pts, net_cell) in ((on_mito, mito), (~peri & ~on_mito, ghost)):
         pts[sel] = _sample_network(cell[sel], pick[sel], net_pts, net_cell)
     pts += jitter * (0.2, 0.7, 0.7)
@@ -300,18 +314,23 @@ def _early_endosomes(rng, cells, spec, mito, ghost):
 
 
 def _sample_network(cell: np.ndarray, pick: np.ndarray, net_pts: np.ndarray, net_cell: np.ndarray) -> np.ndarray:
-    """One network point of the given cell per entry, chosen by the uniform number ``pick``."""
-    order = np.argsort(net_cell, kind="stable")
-    first = np.searchsorted(net_cell[order], cell, side="left")
-    count = np.searchsorted(net_cell[order], cell, side="right") - first
-    empty = count == 0  # a cell without a network: fall back on its nucleus edge
-    idx = order[np.minimum(first + (pick * count).astype(int), len(order) - 1)] if len(order) else np.zeros(len(cell), int)
-    out = net_pts[idx] if len(order) else np.zeros((len(cell), 3))
-    out[empty] = np.nan
+    """One point of each entry's cell network, chosen by the uniform number ``pick``.
+
+    ``net_cell`` is sorted (points are generated cell by cell). Entries whose cell has no
+    network get NaN and are not drawn.
+    """
+    first = np.searchsorted(net_cell, cell, side="left")
+    count = np.searchsorted(net_cell, cell, side="right") - first
+    out = np.full((len(cell), 3), np.nan)
+    has = count > 0
+    out[has] = net_pts[first[has] + (pick[has] * count[has]).astype(int)]
     return out
 
 
-def _recycling_endosomes(rng, cells, spec):
+def _recycling_endosomes(
+    rng: np.random.Generator, cells: _Cells, spec: ClassSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points, weights and cells of recycling endosomes at radius ``re_radius``."""
     n = rng.poisson(30 * _cytoplasm_area(cells) / _REF_CYTOPLASM)
     cell = np.repeat(np.arange(len(cells)), n)
     frac = np.clip(rng.normal(spec.re_radius, 0.12, len(cell)), 0.02, 0.98)
@@ -368,10 +387,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-def _per_cell(cells: _Cells, cell: np.ndarray, channel: int) -> np.ndarray:
-    return cells.brightness[cell, channel]
-
-
 def _camera(rng: np.random.Generator, signal: np.ndarray, *, photons: float, offset: float, auto: float, gain: float, read_sd: float) -> np.ndarray:
     """Shot noise, gain, offset and read noise; returns uint16 counts."""
     signal *= photons
@@ -386,7 +401,7 @@ def _camera(rng: np.random.Generator, signal: np.ndarray, *, photons: float, off
 # --------------------------------------------------------------------------- public API
 
 
-def _check_args(shape, difficulty, cell_density, pixel_size_um) -> tuple[int, int, int]:
+def _check_args(shape, difficulty, cell_density=0.35, pixel_size_um=(1.0, 1.0, 1.0)) -> tuple[int, int, int]:
     if len(shape) != 3 or any(int(s) != s for s in shape) or shape[0] < 1 or min(shape[1:]) < 32:
         raise InputError(f"shape must be (Z, Y, X) integers with Z >= 1 and Y, X >= 32, got {shape}")
     if not 0.0 <= difficulty <= 1.0:
@@ -454,16 +469,18 @@ def make_phantom(
 
     volume = np.zeros((4, *shape), np.float32)
     volume[0] = 0.6 * nucleus + 0.03 * cytoplasm
-    _splat(volume[1], mito[0], 1.6 * _per_cell(cells, mito[1], 1))
-    _splat(volume[2], ee_pts, ee_w * _per_cell(cells, ee_cell, 2))
-    _splat(volume[3], re_pts, re_w * _per_cell(cells, re_cell, 3))
+    _splat(volume[1], mito[0], _MITO_WEIGHT * cells.brightness[mito[1], 1])
+    _splat(volume[2], ee_pts, ee_w * cells.brightness[ee_cell, 2])
+    _splat(volume[3], re_pts, re_w * cells.brightness[re_cell, 3])
     volume[1:] += 0.06 * cytoplasm
     photons, read_sd = 150.0 * (1 - 0.6 * difficulty), 2.0 + 6.0 * difficulty
     data = np.empty(volume.shape, np.uint16)
     for c in range(4):
         signal = ndimage.gaussian_filter(volume[c], _PSF_SIGMA, mode="constant", truncate=3.0)
         data[c] = _camera(streams[6 + c], signal * brightness[c], photons=photons, offset=offset[c], auto=auto[c], gain=gain, read_sd=read_sd)
-    metadata = {"label": spec.name, "class_index": index, "seed": seed, "difficulty": difficulty, "n_cells": len(cells), "synthetic": True}
+    metadata = {"label": spec.name, "class_index": index, "seed": seed, "difficulty": difficulty, "n_cells": len(cells)}
+    if shortcut:
+        metadata["shortcut"] = factors  # planted on purpose: not a realistic image
     return Image(data, CHANNELS, tuple(float(p) for p in pixel_size_um), f"synthetic:{spec.name}:seed={seed}", metadata)
 
 
@@ -495,7 +512,7 @@ def write_synthetic_dataset(
         raise InputError(f"classes must be in [1, {len(CLASS_SPECS)}], got {classes}")
     if images_per_class < 1:
         raise InputError(f"images_per_class must be >= 1, got {images_per_class}")
-    _check_args(shape, difficulty, 0.35, (1, 1, 1))
+    _check_args(shape, difficulty)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RunFolderError(f"write_synthetic_dataset: {out} exists and is not empty; pass overwrite=True to replace it")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
