@@ -95,6 +95,14 @@ def test_from_folder_one_file_per_channel_groups_by_key(tmp_path):
     assert report.shapes["B/z"] == (2, 3, 16, 16)
 
 
+def test_from_folder_orders_channel_files_naturally(tmp_path):
+    for seed, name in enumerate(("Ch10_x.tif", "Ch2_x.tif", "Ch3_x.tif")):
+        _write_channel(tmp_path / "A" / name, seed=seed)
+    image = ImageSet.from_folder(tmp_path).read("A/x")
+    assert image.channel_names == ("Ch2", "Ch3", "Ch10")
+    np.testing.assert_array_equal(image.data[2], _write_channel(tmp_path / "ref.tif", seed=0))
+
+
 def test_from_folder_missing_channel_file_names_image_and_channel(tmp_path):
     for name in ("Ch3_x.tif", "Ch4_x.tif", "Ch3_y.tif"):
         _write_channel(tmp_path / "A" / name)

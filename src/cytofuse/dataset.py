@@ -242,7 +242,8 @@ def _grouped_records(label: str, paths: list[Path], root: Path, pattern: str) ->
         if not m:
             raise DataSetError(f"file {p} does not match the channel file pattern {pattern!r}")
         by_key[(p.parent, m["key"])][m["channel"]] = p
-    channels = sorted({c for chans in by_key.values() for c in chans})
+    natural = lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)]  # noqa: E731  Ch2 before Ch10
+    channels = sorted({c for chans in by_key.values() for c in chans}, key=natural)
     records = []
     for (parent, key), chans in sorted(by_key.items()):
         missing = [c for c in channels if c not in chans]
