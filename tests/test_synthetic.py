@@ -194,9 +194,10 @@ def test_difficulty_brings_classes_closer():
 
 
 def test_nucleus_and_intensity_carry_no_class_signal(phantoms):
-    """Kruskal-Wallis across all classes: mean, background and nucleus area do not differ."""
+    """Kruskal-Wallis across all classes: mean, background, peak and nucleus area do not differ."""
     statistics = {f"mean {n}": (lambda im, c=c: im.data[c].mean()) for c, n in enumerate(CHANNELS)}
     statistics |= {f"background {n}": (lambda im, c=c: np.percentile(im.data[c], 5)) for c, n in enumerate(CHANNELS)}
+    statistics |= {f"peak {n}": (lambda im, c=c: np.percentile(im.data[c], 99.9)) for c, n in enumerate(CHANNELS)}
     statistics["nucleus area"] = lambda im: _fg(im.data[0].max(0)).mean()
     for name, statistic in statistics.items():
         groups = [_values(phantoms, k, statistic) for k in phantoms]

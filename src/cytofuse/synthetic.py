@@ -258,13 +258,18 @@ def _walk(
     return pts.transpose(1, 0, 2)[keep], angs.T[keep], owner[keep]
 
 
+def _swelling(spec: ClassSpec) -> float:
+    """Brightness per length of a mitochondrion: short fragments are swollen (fewer, brighter)."""
+    return float((CLASS_SPECS[0].mito_length / spec.mito_length) ** 0.4)
+
+
 def _mito_network(rng: np.random.Generator, cells: _Cells, spec: ClassSpec) -> tuple[np.ndarray, np.ndarray]:
     """3D points (n, 3) of every cell's mitochondria and the cell of each point, sorted by cell.
 
     Segments are persistent random walks of mean length ``mito_length`` with side branches;
-    the total length per cell depends on its cytoplasm area only, not on the class.
+    the total mass per cell (length times swelling) depends on its cytoplasm area only.
     """
-    per_segment = spec.mito_length * (1 + 0.5 * spec.mito_branches)
+    per_segment = spec.mito_length * (1 + 0.5 * spec.mito_branches) * _swelling(spec)
     n_seg = rng.poisson(0.14 * _cytoplasm_area(cells) / per_segment)
     cell = np.repeat(np.arange(len(cells)), n_seg)
     start = _uniform_in_cytoplasm(rng, cells, cell)
@@ -469,7 +474,7 @@ def make_phantom(
 
     volume = np.zeros((4, *shape), np.float32)
     volume[0] = 0.6 * nucleus + 0.03 * cytoplasm
-    _splat(volume[1], mito[0], _MITO_WEIGHT * cells.brightness[mito[1], 1])
+    _splat(volume[1], mito[0], _MITO_WEIGHT * _swelling(spec) * cells.brightness[mito[1], 1])
     _splat(volume[2], ee_pts, ee_w * cells.brightness[ee_cell, 2])
     _splat(volume[3], re_pts, re_w * cells.brightness[re_cell, 3])
     volume[1:] += 0.06 * cytoplasm
