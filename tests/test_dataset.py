@@ -407,3 +407,37 @@ def test_no_shortcut_warning_when_both_classes_mix_sizes_and_depths(tmp_path):
     assert report.warnings == []
     assert report.shapes["A/large"] == (2, 2, 24, 24)
     assert report.dtypes == {"A/large": "uint16", "A/small": "uint8", "B/large": "uint16", "B/small": "uint8"}
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_one_file_per_channel_montages(real_data):
+    root = real_data / "jurkat-cellcycle-ifc" / "Experiment_1"
+    image_set = ImageSet.from_folder(root)
+    report = image_set.validate()
+    assert report.classes == ["Anaphase", "G1", "G2", "Metaphase", "Prophase", "S_phase", "Telophase"]
+    assert report.channel_names == ("Ch3", "Ch4", "Ch6")
+    assert set(report.shapes.values()) == {(3, 1, 1200, 1200)}
+    assert set(report.dtypes.values()) == {"uint16"}
+    assert report.warnings == []
+    # one montage per class: image-grouped folds are impossible, and validation says so per class
+    with pytest.raises(DataSetError) as excinfo:
+        image_set.validate(n_folds=2)
+    assert "(7 problem(s))" in str(excinfo.value)
+    assert "class 'Anaphase' has 1 group(s) but n_folds=2" in str(excinfo.value)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_manifest_with_custom_columns(real_data):
+    csv_path = real_data / "hepg2-huh7-nuclei" / "labels.csv"
+    image_set = ImageSet.from_manifest(csv_path, path_column="image", label_column="cell_line")
+    report = image_set.validate(n_folds=5)
+    assert report.images_per_class == {"HepG2": 25, "Huh7": 16}
+    assert report.groups_per_class == {"HepG2": 25, "Huh7": 16}
+    assert image_set.records[0].path == csv_path.parent / "images" / "1.jpg"
+    assert set(report.shapes.values()) == {(3, 1, 768, 1024)}
+    assert set(report.dtypes.values()) == {"uint8"}
