@@ -239,6 +239,19 @@ def test_class_weights_and_late_branch_loss(toy, tmp_path):
     assert np.isfinite(result.history["train_loss"]).all()
 
 
+def test_bf16_mixed_precision_on_cpu(toy, tmp_path):
+    train_ds, val_ds = toy
+    result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=2, precision="bf16-mixed"), out_dir=tmp_path)
+    assert np.isfinite(result.history["val_loss"]).all()
+
+
+def test_double_augmentation_warns(toy, tmp_path):
+    train_ds, val_ds = toy
+    augmented = PatchDataset(train_ds.cache, train_ds.rows, train_ds.labels, augment=Augment())
+    with pytest.warns(UserWarning, match="augmented twice"):
+        fit(_model(), augmented, val_ds, settings=_settings(max_epochs=1, augment=Augment()), out_dir=tmp_path)
+
+
 def test_weighted_sampler_trains(toy, tmp_path):
     train_ds, val_ds = toy
     result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=2, sampler="weighted", class_weighting="none"),
@@ -257,3 +270,4 @@ def test_ddp_spawn_two_cpu_processes(toy, tmp_path):
     assert result.history["epoch"].tolist() == [0, 1, 2, 3]
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.weights_path.is_file() and (tmp_path / "fit.json").is_file()
