@@ -3,16 +3,17 @@ import itertools
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage, stats
 from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from skimage.filters import threshold_otsu
 
 from cytofuse.errors import InputError
+from cytofuse.io import read_image
 from cytofuse.synthetic import (
     CHANNELS,
     CLASS_NAMES,
     CLASS_SPECS,
+    class_table,
     image_seed,
     informative_channels,
     make_phantom,
@@ -77,7 +78,7 @@ def test_shape_dtype_channels_metadata():
     assert im.data.shape == (4, *SMALL) and im.data.dtype == np.uint16
     assert im.channel_names == CHANNELS == ("nucleus", "mitochondria", "early_endosome", "recycling_endosome")
     assert im.pixel_size_um == (0.4, 0.08, 0.08)
-    assert im.metadata["label"] == "ee_perinuclear" and im.metadata["n_cells"] >= 1
+    assert im.metadata["label"] == "ee_perinuclear" and im.metadata["n_cells"] == len(im.metadata["cell_centers_yx"]) >= 1
     assert make_phantom("ee_perinuclear", shape=SMALL, seed=3).metadata["class_index"] == 2
 
 
@@ -131,6 +132,14 @@ def test_class_table_ground_truth():
     for a, b in itertools.combinations(range(len(CLASS_SPECS)), 2):
         assert "nucleus" not in informative_channels(a, b)
         assert informative_channels(a, b), f"classes {a} and {b} are identical"
+
+
+def test_class_table_rows():
+    rows = class_table()
+    assert [r["name"] for r in rows] == list(CLASS_NAMES)
+    assert rows[0]["vs_control"] == [] and rows[1]["vs_control"] == ["mitochondria"]
+    assert rows[4]["vs_control"] == ["mitochondria", "early_endosome"] and rows[4]["requires_fusion"]
+    assert rows[5]["vs_control"] == ["mitochondria", "early_endosome", "recycling_endosome"]
 
 
 def test_uninformative_channels_are_bit_identical_for_one_seed():
@@ -223,18 +232,16 @@ def test_planted_background_shortcut_shifts_only_its_class():
 
 
 def test_write_dataset_files_and_manifest(tmp_path):
-    out = write_synthetic_dataset(tmp_path / "ds", classes=3, images_per_class=2, shape=(4, 64, 64), progress=False)
+    out = write_synthetic_dataset(tmp_path / "ds", classes=3, images_per_class=2, shape=(4, 64, 64), progress=True)
     with open(out / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["label"] for r in rows] == ["control"] * 2 + ["fragmented"] * 2 + ["ee_perinuclear"] * 2
     assert len({r["group"] for r in rows}) == 6
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(r["path"].split("/")[1] for r in rows)
-    with tifffile.TiffFile(out / rows[3]["path"]) as tif:
-        data, ome = tif.asarray(), tif.ome_metadata
-    assert data.shape == (4, 4, 64, 64) and data.dtype == np.uint16
-    assert all(f'Name="{n}"' in ome for n in CHANNELS) and 'PhysicalSizeZ="0.5"' in ome
-    seed = image_seed(0, 1, 1)
-    np.testing.assert_array_equal(data, make_phantom(1, shape=(4, 64, 64), seed=seed).data)
+    image = read_image(out / rows[3]["path"])
+    assert image.data.shape == (4, 4, 64, 64) and image.data.dtype == np.uint16
+    assert image.channel_names == CHANNELS and image.pixel_size_um == pytest.approx((0.5, 0.1, 0.1))
+    np.testing.assert_array_equal(image.data, make_phantom(1, shape=(4, 64, 64), seed=image_seed(0, 1, 1)).data)
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folder left behind
 
 

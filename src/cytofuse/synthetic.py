@@ -130,6 +130,17 @@ def requires_fusion(class_a: int | str, class_b: int | str) -> bool:
     return bool(informative_channels(class_a, class_b)) and not separating_channels(class_a, class_b)
 
 
+def class_table() -> list[dict]:
+    """One row per class: index, name, description, parameters and the channels that tell it
+    from the control (for reports and the demo)."""
+    rows = []
+    for k, spec in enumerate(CLASS_SPECS):
+        params = {f.name: getattr(spec, f.name) for f in fields(spec)}
+        vs_control = sorted(informative_channels(0, k), key=CHANNELS.index)
+        rows.append({"index": k, **params, "vs_control": vs_control, "requires_fusion": requires_fusion(0, k)})
+    return rows
+
+
 def _at_difficulty(spec: ClassSpec, difficulty: float) -> ClassSpec:
     """Move a class toward the control class: a fraction difficulty**2 of the way.
 
@@ -483,7 +494,14 @@ def make_phantom(
     for c in range(4):
         signal = ndimage.gaussian_filter(volume[c], _PSF_SIGMA, mode="constant", truncate=3.0)
         data[c] = _camera(streams[6 + c], signal * brightness[c], photons=photons, offset=offset[c], auto=auto[c], gain=gain, read_sd=read_sd)
-    metadata = {"label": spec.name, "class_index": index, "seed": seed, "difficulty": difficulty, "n_cells": len(cells)}
+    metadata = {
+        "label": spec.name,
+        "class_index": index,
+        "seed": seed,
+        "difficulty": difficulty,
+        "n_cells": len(cells),
+        "cell_centers_yx": np.round(cells.center, 1).tolist(),
+    }
     if shortcut:
         metadata["shortcut"] = factors  # planted on purpose: not a realistic image
     return Image(data, CHANNELS, tuple(float(p) for p in pixel_size_um), f"synthetic:{spec.name}:seed={seed}", metadata)
