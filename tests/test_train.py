@@ -183,6 +183,10 @@ def test_interrupted_fit_resumes_from_last_epoch(toy, tmp_path):
     recorder = EpochRecorder()
     fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, resume=False, callbacks=[recorder])
     assert recorder.epochs == [0, 1, 2, 3, 4]
+    recorder, other = EpochRecorder(), PatchDataset(train_ds.cache, train_ds.rows[:48], train_ds.labels[:48])
+    with pytest.warns(UserWarning, match="other settings, model or data; starting over"):
+        fit(_model(), other, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [0, 1, 2, 3, 4]
 
 
 def test_identical_fits_give_identical_weights(toy, tmp_path):

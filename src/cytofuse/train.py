@@ -12,6 +12,7 @@ started) use ``strategy="ddp"``. On CPU, DDP uses the gloo backend.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from cytofuse.data import Augment, AugmentCollate, class_weights as inverse_class_weights, make_sampler
@@ -303,22 +305,44 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
     )
 
 
-def _settings_key(settings: TrainSettings) -> str:
-    return settings.model_dump_json(exclude={"progress", "num_workers"})
+def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> str:
+    """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
+    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "num_workers"}).encode())
+    h.update(type(model).__qualname__.encode())
+    for name, value in model.state_dict().items():
+        h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+    for ds in (train_ds, val_ds):
+        h.update(f"{type(ds).__qualname__}:{len(ds)}".encode())
+        for attr in ("rows", "labels"):
+            if getattr(ds, attr, None) is not None:
+                h.update(np.ascontiguousarray(getattr(ds, attr)).tobytes())
+        h.update(str(getattr(getattr(ds, "cache", None), "fingerprint", "")).encode())
+    return h.hexdigest()[:32]
 
 
-def _finished(out_dir: Path, settings: TrainSettings) -> dict | None:
-    """The stored result of a completed fit with the same settings, if any."""
+def _read_state(out_dir: Path) -> dict:
     path = out_dir / "fit.json"
-    if not path.is_file() or not (out_dir / "best.safetensors").is_file():
-        return None
-    done = json.loads(path.read_text())
-    return done if done.get("settings") == _settings_key(settings) else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _clear_outputs(out_dir: Path) -> None:
-    for name in ("last.ckpt", "best.ckpt", "best.safetensors", "history.csv", "fit.json"):
-        (out_dir / name).unlink(missing_ok=True)
+def _write_state(out_dir: Path, state: dict) -> None:
+    tmp = out_dir / ".fit.json.partial"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out_dir / "fit.json")
+
+
+def _prepare(out_dir: Path, key: str, resume: bool) -> dict:
+    """Decide how to start: the stored state of the same fit when resuming, else clear old outputs."""
+    state = _read_state(out_dir)
+    if resume and state.get("key") == key:
+        return state
+    if state.get("key") not in (None, key) and resume:
+        warnings.warn(f"fit: {out_dir} holds a fit with other settings, model or data; starting over", stacklevel=3)
+    if rank_zero_only.rank == 0:
+        for name in ("last.ckpt", "best.ckpt", "best.safetensors", "history.csv", "fit.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        _write_state(out_dir, {"key": key, "completed": False})
+    return {}
 
 
 _NOISE = [
@@ -337,7 +361,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     Datasets yield ``(x (C, H, W) float tensor, int label)`` and, for class weights or the
     weighted sampler, have a ``labels`` array. ``class_weights`` overrides the weights computed
     from the training labels. With ``resume``, a fit interrupted in ``out_dir`` continues from
-    ``last.ckpt`` and a completed one with the same settings is loaded instead of re-run.
+    ``last.ckpt`` and a completed one is loaded instead of re-run, when settings, model layout
+    and data (see :func:`fit_key`) are the same; otherwise the old outputs are replaced.
     """
     settings = settings or TrainSettings()
     out_dir = Path(out_dir)
@@ -346,10 +371,10 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         raise InputError(f"fit: train_ds and val_ds must be non-empty, got {len(train_ds)} and {len(val_ds)} patches")
     if getattr(train_ds, "augment", None) is not None and settings.augment.enabled:
         warnings.warn("fit: train_ds augments its items and settings.augment is enabled too; patches are augmented twice", stacklevel=2)
-    if resume and (done := _finished(out_dir, settings)) is not None:
-        return _stored_result(model, out_dir, done)
-    if not resume:
-        _clear_outputs(out_dir)
+    key = fit_key(model, train_ds, val_ds, settings)
+    state = _prepare(out_dir, key, resume)
+    if state.get("completed") and (out_dir / "best.safetensors").is_file():
+        return _stored_result(model, out_dir, state)
     weight = _resolve_class_weights(model, train_ds, settings, class_weights)
     if weight is not None and settings.sampler == "weighted" and class_weights is None:
         warnings.warn("fit: class_weighting='inverse' with sampler='weighted' corrects the imbalance twice", stacklevel=2)
@@ -361,8 +386,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         trainer = _trainer(settings, out_dir, _callbacks(settings, out_dir, callbacks))
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume and last.is_file() else None)
-    return _finish(model, module, trainer, out_dir, settings)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=last if state and last.is_file() else None)
+    return _finish(model, module, trainer, out_dir, settings, key)
 
 
 @contextmanager
@@ -380,7 +405,8 @@ def _quiet(enabled: bool):
             log.setLevel(level)
 
 
-def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_dir: Path, settings: TrainSettings) -> FitResult:
+def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_dir: Path, settings: TrainSettings,
+            key: str) -> FitResult:
     """Restore the best epoch's weights, save them and the history, and describe the fit."""
     if trainer.interrupted:
         raise RuntimeError(f"fit: training in {out_dir} was interrupted; call fit again to resume from last.ckpt")
@@ -393,7 +419,7 @@ def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_
     result = FitResult(best_epoch, best_score, history, out_dir / "best.safetensors", stopped_early)
     completed = stopped_early or int(history["epoch"].max()) + 1 >= settings.max_epochs
     if trainer.is_global_zero:
-        _save_result(model, result, out_dir, settings, completed=completed)
+        _save_result(model, result, out_dir, settings, key=key, completed=completed)
     return result
 
 
@@ -404,17 +430,14 @@ def _early_stopped(last: Path) -> bool:
     return bool(states) and int(states[0].get("stopped_epoch", 0)) > 0
 
 
-def _save_result(model: nn.Module, result: FitResult, out_dir: Path, settings: TrainSettings, *, completed: bool) -> None:
-    """Best weights and history; ``fit.json`` only for a completed fit (so a stopped one resumes)."""
-    meta = {"best_epoch": result.best_epoch, "best_score": result.best_score, "monitor": settings.monitor,
-            "stopped_early": result.stopped_early, "settings": _settings_key(settings)}
+def _save_result(model: nn.Module, result: FitResult, out_dir: Path, settings: TrainSettings, *, key: str,
+                 completed: bool) -> None:
+    """Best weights, history and ``fit.json`` (a fit not marked completed resumes on the next call)."""
+    meta = {"key": key, "completed": completed, "best_epoch": result.best_epoch, "best_score": result.best_score,
+            "monitor": settings.monitor, "stopped_early": result.stopped_early}
     save_weights(model, result.weights_path, metadata={k: str(v) for k, v in meta.items()})
     _write_csv(result.history, out_dir / "history.csv")
-    if not completed:
-        return
-    tmp = out_dir / ".fit.json.partial"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / "fit.json")
+    _write_state(out_dir, meta)
 
 
 def _stored_result(model: nn.Module, out_dir: Path, done: dict) -> FitResult:
