@@ -110,6 +110,14 @@ def test_cache_errors_name_the_problem(tmp_path):
         PatchCache.open(tmp_path / "nowhere")
 
 
+def test_flat_channel_warns_and_stays_finite(tmp_path):
+    stats = _stats()
+    stats.loc[1, ["lo_endo", "hi_endo"]] = 150.0
+    with pytest.warns(UserWarning, match=r"image 'b' has hi <= lo in channels \['endo'\]"):
+        cache, _ = _build(tmp_path, stats=stats)
+    assert np.isfinite(cache.array).all()
+
+
 def test_dataset_items_and_pickle_drops_memmap(tmp_path):
     cache, _ = _build(tmp_path)
     ds = PatchDataset(cache, np.array([4, 1]), np.array([1, 0]))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -161,15 +162,35 @@ def _write_cache(index, stats, *, load_image, channels, tmp: Path, size: int, dt
             )
         lo = stats.loc[image_id, [f"lo_{c}" for c in channels]].to_numpy(np.float64)
         hi = stats.loc[image_id, [f"hi_{c}" for c in channels]].to_numpy(np.float64)
+        _warn_flat(image_id, channels, lo, hi)
         rows = index.loc[labels]
         for start in range(0, len(rows), chunk):
             part = rows.iloc[start : start + chunk]
-            arr[positions[part.index].to_numpy()] = _cut_patches(image, part, lo, hi, size=size, image_id=image_id).astype(dtype)
+            patches = _cut_patches(image, part, lo, hi, size=size, image_id=image_id)
+            arr[positions[part.index].to_numpy()] = _to_dtype(patches, dtype)
         del image
         bar.update(1)
     bar.close()
     arr.flush()
     del arr
+
+
+def _warn_flat(image_id: str, channels: Sequence[str], lo: np.ndarray, hi: np.ndarray) -> None:
+    flat = [c for c, a, b in zip(channels, lo, hi) if b - a <= _EPS]
+    if flat:
+        warnings.warn(
+            f"build_patch_cache: image {image_id!r} has hi <= lo in channels {flat}; "
+            f"their values are divided by {_EPS} and clipped to the cache dtype's range",
+            stacklevel=4,
+        )
+
+
+def _to_dtype(patches: np.ndarray, dtype) -> np.ndarray:
+    """Cast, clipping to the finite range of a float ``dtype`` (float16 overflows at 65504)."""
+    if np.issubdtype(dtype, np.floating):
+        big = np.finfo(dtype).max
+        patches = np.clip(patches, -big, big)
+    return patches.astype(dtype)
 
 
 def _progress(total: int, enabled: bool, desc: str):
