@@ -78,7 +78,8 @@ def test_shape_dtype_channels_metadata():
     assert im.data.shape == (4, *SMALL) and im.data.dtype == np.uint16
     assert im.channel_names == CHANNELS == ("nucleus", "mitochondria", "early_endosome", "recycling_endosome")
     assert im.pixel_size_um == (0.4, 0.08, 0.08)
-    assert im.metadata["label"] == "ee_perinuclear" and im.metadata["n_cells"] == len(im.metadata["cell_centers_yx"]) >= 1
+    assert im.metadata["label"] == "ee_perinuclear"
+    assert im.metadata["n_cells"] == len(im.metadata["cell_centers_yx"]) >= 1
     assert make_phantom("ee_perinuclear", shape=SMALL, seed=3).metadata["class_index"] == 2
 
 
@@ -110,6 +111,7 @@ def test_fluorescence_like_dark_background_bright_structures():
         ({"pixel_size_um": (0.5, 0, 0.1)}, "pixel_size_um"),
         ({"shortcut": {"contrast": {0: 2.0}}}, "shortcut must map"),
         ({"shortcut": {"background": {0: -1.0}}}, "factor for class 0 must be > 0"),
+        ({"seed": -1}, "seed must be a non-negative int"),
     ],
 )
 def test_bad_arguments_raise_input_error(kwargs, match):
@@ -212,7 +214,11 @@ def test_nucleus_and_intensity_carry_no_class_signal(phantoms):
         groups = [_values(phantoms, k, statistic) for k in phantoms]
         assert stats.kruskal(*groups).pvalue > 0.01, f"{name} separates the classes"
     # the same check finds a planted shortcut of modest size, so the passes above mean something
-    planted = [make_phantom(1, shape=(8, 160, 160), difficulty=0.0, seed=image_seed(1, 1, i), shortcut={"background": {1: 1.5}}) for i in range(N_SEEDS)]
+    shortcut = {"background": {1: 1.5}}
+    planted = [
+        make_phantom(1, shape=(8, 160, 160), difficulty=0.0, seed=image_seed(1, 1, i), shortcut=shortcut)
+        for i in range(N_SEEDS)
+    ]
     others = [v for k in phantoms if k != 1 for v in _values(phantoms, k, statistics["background mitochondria"])]
     assert stats.mannwhitneyu([np.percentile(im.data[1], 5) for im in planted], others).pvalue < 0.001
 

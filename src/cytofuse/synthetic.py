@@ -386,13 +386,15 @@ def _cell_bodies(rng: np.random.Generator, cells: _Cells, shape: tuple[int, int,
         if (hi <= lo).any():
             continue
         yy, xx = np.mgrid[lo[0] : hi[0], lo[1] : hi[1]].astype(np.float32)
-        local = np.linalg.solve(cells.frame[i], np.stack([yy.ravel() - cells.center[i][0], xx.ravel() - cells.center[i][1]]))
+        offsets = np.stack([yy.ravel() - cells.center[i][0], xx.ravel() - cells.center[i][1]])
+        local = np.linalg.solve(cells.frame[i], offsets)
         rho = np.hypot(*local).reshape(yy.shape)[None]
         dz = np.abs(zz - cells.z_center[i])
         q = np.sqrt((rho / cells.r_nuc[i]) ** 2 + (dz / cells.nuc_half_z[i]) ** 2)
         nuc = _sigmoid((1 - q) / 0.07) * texture[lo[0] : hi[0], lo[1] : hi[1]]
         frac = np.clip((rho - cells.r_nuc[i]) / (cells.r_cell[i] - cells.r_nuc[i]), 0, 1)
-        body = _sigmoid((cells.r_cell[i] - rho) / 1.5) * _sigmoid((cells.half_thick[i] * (1 - 0.65 * frac) - dz) / 0.4)
+        thickness = cells.half_thick[i] * (1 - 0.65 * frac)
+        body = _sigmoid((cells.r_cell[i] - rho) / 1.5) * _sigmoid((thickness - dz) / 0.4)
         box = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]))
         nucleus[box] += cells.brightness[i, 0] * nuc
         cytoplasm[box] = np.maximum(cytoplasm[box], body)
@@ -403,8 +405,17 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-def _camera(rng: np.random.Generator, signal: np.ndarray, *, photons: float, offset: float, auto: float, gain: float, read_sd: float) -> np.ndarray:
-    """Shot noise, gain, offset and read noise; returns uint16 counts."""
+def _camera(
+    rng: np.random.Generator,
+    signal: np.ndarray,
+    *,
+    photons: float,
+    offset: float,
+    auto: float,
+    gain: float,
+    read_sd: float,
+) -> np.ndarray:
+    """Shot noise, gain, offset and read noise; returns uint16 counts (``signal`` is overwritten)."""
     signal *= photons
     signal += auto
     adu = rng.poisson(np.maximum(signal, 0, out=signal)).astype(np.float32)
@@ -415,6 +426,23 @@ def _camera(rng: np.random.Generator, signal: np.ndarray, *, photons: float, off
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def _organelles(streams: list, cells: _Cells, spec: ClassSpec, control: ClassSpec, shape: tuple) -> np.ndarray:
+    """Unblurred (C, Z, Y, X) fluorophore density; one random stream per structure."""
+    nuc_rng, mito_rng, ghost_rng, ee_rng, re_rng = streams
+    nucleus, cytoplasm = _cell_bodies(nuc_rng, cells, shape)
+    mito = _mito_network(mito_rng, cells, spec)
+    ghost = _mito_network(ghost_rng, cells, control)
+    ee_pts, ee_w, ee_cell = _early_endosomes(ee_rng, cells, spec, mito, ghost)
+    re_pts, re_w, re_cell = _recycling_endosomes(re_rng, cells, spec)
+    volume = np.zeros((4, *shape), np.float32)
+    volume[0] = 0.6 * nucleus + 0.03 * cytoplasm
+    _splat(volume[1], mito[0], _MITO_WEIGHT * _swelling(spec) * cells.brightness[mito[1], 1])
+    _splat(volume[2], ee_pts, ee_w * cells.brightness[ee_cell, 2])
+    _splat(volume[3], re_pts, re_w * cells.brightness[re_cell, 3])
+    volume[1:] += 0.06 * cytoplasm  # faint diffuse stain outlines the cells
+    return volume
 
 
 def _check_args(shape, difficulty, cell_density=0.35, pixel_size_um=(1.0, 1.0, 1.0)) -> tuple[int, int, int]:
@@ -465,35 +493,26 @@ def make_phantom(
     """
     index = class_index(label)
     shape = _check_args(shape, difficulty, cell_density, pixel_size_um)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative int, got {seed!r}")
     factors = _shortcut_factors(shortcut, index)
     spec = _at_difficulty(CLASS_SPECS[index], difficulty)
-    control = _at_difficulty(CLASS_SPECS[0], difficulty)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(10)]
-    layout, nuc_rng, mito_rng, ghost_rng, ee_rng, re_rng = streams[:6]
+    layout, noise = streams[0], streams[6:]  # one noise stream per channel
 
     cells = _place_cells(layout, shape, cell_density)
     brightness = layout.lognormal(0.0, 0.3, 4) * factors["brightness"]
     offset = layout.uniform(90, 130, 4) * factors["background"]
     auto = layout.uniform(2, 6, 4) * factors["background"]
     gain = layout.uniform(0.8, 1.2)
+    volume = _organelles(streams[1:6], cells, spec, _at_difficulty(CLASS_SPECS[0], difficulty), shape)
 
-    nucleus, cytoplasm = _cell_bodies(nuc_rng, cells, shape)
-    mito = _mito_network(mito_rng, cells, spec)
-    ghost = _mito_network(ghost_rng, cells, control)
-    ee_pts, ee_w, ee_cell = _early_endosomes(ee_rng, cells, spec, mito, ghost)
-    re_pts, re_w, re_cell = _recycling_endosomes(re_rng, cells, spec)
-
-    volume = np.zeros((4, *shape), np.float32)
-    volume[0] = 0.6 * nucleus + 0.03 * cytoplasm
-    _splat(volume[1], mito[0], _MITO_WEIGHT * _swelling(spec) * cells.brightness[mito[1], 1])
-    _splat(volume[2], ee_pts, ee_w * cells.brightness[ee_cell, 2])
-    _splat(volume[3], re_pts, re_w * cells.brightness[re_cell, 3])
-    volume[1:] += 0.06 * cytoplasm
     photons, read_sd = 150.0 * (1 - 0.6 * difficulty), 2.0 + 6.0 * difficulty
     data = np.empty(volume.shape, np.uint16)
     for c in range(4):
-        signal = ndimage.gaussian_filter(volume[c], _PSF_SIGMA, mode="constant", truncate=3.0)
-        data[c] = _camera(streams[6 + c], signal * brightness[c], photons=photons, offset=offset[c], auto=auto[c], gain=gain, read_sd=read_sd)
+        signal = ndimage.gaussian_filter(volume[c], _PSF_SIGMA, mode="constant", truncate=3.0) * brightness[c]
+        camera = {"photons": photons, "offset": offset[c], "auto": auto[c], "gain": gain, "read_sd": read_sd}
+        data[c] = _camera(noise[c], signal, **camera)
     metadata = {
         "label": spec.name,
         "class_index": index,
@@ -504,7 +523,8 @@ def make_phantom(
     }
     if shortcut:
         metadata["shortcut"] = factors  # planted on purpose: not a realistic image
-    return Image(data, CHANNELS, tuple(float(p) for p in pixel_size_um), f"synthetic:{spec.name}:seed={seed}", metadata)
+    pixel_size = tuple(float(p) for p in pixel_size_um)
+    return Image(data, CHANNELS, pixel_size, f"synthetic:{spec.name}:seed={seed}", metadata)
 
 
 def image_seed(seed: int, label: int, index: int) -> int:
@@ -537,7 +557,9 @@ def write_synthetic_dataset(
         raise InputError(f"images_per_class must be >= 1, got {images_per_class}")
     _check_args(shape, difficulty)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunFolderError(f"write_synthetic_dataset: {out} exists and is not empty; pass overwrite=True to replace it")
+        raise RunFolderError(
+            f"write_synthetic_dataset: {out} exists and is not empty; pass overwrite=True to replace it"
+        )
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
