@@ -9,6 +9,8 @@ from torch import nn
 from cytofuse.errors import InputError
 from cytofuse.models import (
     ResNetEncoder,
+    branch_validation_weights,
+    channel_slice,
     SmallCNN,
     adapt_first_conv,
     count_parameters,
@@ -158,6 +160,28 @@ def test_cross_entropy_on_late_output_is_nll_of_fused_probability():
         p = (_branch_probs(model, x) * torch.tensor([0.3, 0.7]).view(1, 2, 1)).sum(1)
         expected = -p[torch.arange(5), y].log().mean()
         torch.testing.assert_close(nn.CrossEntropyLoss()(model(x), y), expected)
+
+
+def test_branch_validation_weights_favour_accurate_branches():
+    y = torch.tensor([0, 0, 1, 1])
+    logits = torch.zeros(4, 3, 2)
+    logits[:, 0, :] = nn.functional.one_hot(y, 2) * 5.0  # branch 0: always right
+    logits[:, 1, :] = nn.functional.one_hot(torch.tensor([0, 1, 1, 1]), 2) * 5.0  # balanced acc 0.75
+    logits[:, 2, :] = nn.functional.one_hot(1 - y, 2) * 5.0  # always wrong
+    torch.testing.assert_close(branch_validation_weights(logits, y), torch.tensor([2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(branch_validation_weights(logits[:, 2:], y), torch.tensor([1.0]))
+    model = _model("late", c=3, late_weights="validation")
+    torch.testing.assert_close(model.branch_weights, torch.full((3,), 1 / 3))
+    model.set_branch_weights(branch_validation_weights(logits, y))
+    torch.testing.assert_close(model.branch_weights[:2], torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_channel_slice_is_dense_in_the_batch_memory_format():
+    x = torch.randn(2, 3, 8, 8)
+    assert channel_slice(x, 1).is_contiguous()
+    xl = x.to(memory_format=torch.channels_last)
+    assert channel_slice(xl, 1).stride() == (64, 1, 8, 1)
+    torch.testing.assert_close(channel_slice(xl, 2), x[:, 2:3])
 
 
 @pytest.mark.parametrize("name", ["early", "intermediate", "late", "single"])

@@ -14,6 +14,8 @@ from cytofuse.models.fusion import (
     LateFusion,
     LateFusionHead,
     SingleChannel,
+    branch_validation_weights,
+    channel_slice,
 )
 from cytofuse.models.registry import (
     apply_pretrained,
@@ -44,6 +46,8 @@ __all__ = [
     "SmallCNN",
     "adapt_first_conv",
     "apply_pretrained",
+    "branch_validation_weights",
+    "channel_slice",
     "count_parameters",
     "create_encoder",
     "create_model",

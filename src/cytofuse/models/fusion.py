@@ -32,6 +32,15 @@ def make_head(in_features: int, num_classes: int, *, dropout: float, hidden: int
     )
 
 
+def channel_slice(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Channel ``i`` of a batch as a dense (B, 1, H, W) tensor in the batch's memory format.
+
+    A plain slice of a multi-channel batch is strided; convolutions on it take a slow path.
+    """
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return x[:, i : i + 1].contiguous(memory_format=fmt)
+
+
 class CytofuseModel(nn.Module):
     """Base class: input checks and the shared attributes of every fusion model."""
 
@@ -99,7 +108,7 @@ class SingleChannel(CytofuseModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of the selected channel (B, D)."""
         self._check(x)
-        return self.encoder(x[:, self.channel : self.channel + 1])
+        return self.encoder(channel_slice(x, self.channel))
 
     def gradcam_layers(self) -> dict[str, nn.Module]:
         return {f"ch{self.channel}": self.encoder.last_block()}
@@ -116,7 +125,7 @@ class _PerChannel(CytofuseModel):
     def branch_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pooled features of each channel's encoder, a list of C tensors (B, D)."""
         self._check(x)
-        return [enc(x[:, i : i + 1]) for i, enc in enumerate(self.encoders)]
+        return [enc(channel_slice(x, i)) for i, enc in enumerate(self.encoders)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-channel pooled features concatenated in channel order (B, C * D)."""
@@ -149,8 +158,29 @@ def _normalise_weights(weights: Sequence[float] | torch.Tensor, n: int) -> torch
     return w / w.sum()
 
 
+LATE_WEIGHTS = ("learned", "equal", "validation")
+
+
+def branch_validation_weights(branch_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fusion weights from validation predictions: each branch's balanced accuracy above chance.
+
+    branch_logits: (N, C, K) from ``forward_branches``; targets: (N,) class indices.
+    Returns (C,) weights summing to 1 (equal when no branch beats chance).
+    """
+    n, c, k = branch_logits.shape
+    pred = branch_logits.argmax(dim=2)
+    present = [cls for cls in range(k) if (targets == cls).any()]
+    recall = torch.stack([(pred[targets == cls] == cls).float().mean(dim=0) for cls in present])
+    above = (recall.mean(dim=0) - 1.0 / k).clamp_min(0.0).detach().cpu()
+    return above / above.sum() if above.sum() > 0 else torch.full((c,), 1.0 / c)
+
+
 class LateFusionHead(nn.Module):
     """Per-branch classifiers on the split embedding; fused by a weighted mean of probabilities.
+
+    weights: "learned" (softmax of learnable logits, start equal), "equal" (fixed),
+    "validation" (fixed, equal until the trainer calls ``set_branch_weights``, e.g. with
+    ``branch_validation_weights``), or one fixed weight per branch.
 
     Returns ``log(sum_i w_i softmax(z_i))``: log-probabilities, so softmax of the output is the
     fused probability and nn.CrossEntropyLoss on it is the NLL of the fused prediction.
@@ -165,8 +195,10 @@ class LateFusionHead(nn.Module):
             for _ in range(num_branches)
         )
         self.learned = isinstance(weights, str) and weights == "learned"
-        if isinstance(weights, str) and weights not in ("learned", "equal"):
-            raise InputError(f"late_weights must be 'learned', 'equal' or {num_branches} numbers, got {weights!r}")
+        if isinstance(weights, str) and weights not in LATE_WEIGHTS:
+            raise InputError(
+                f"late_weights must be one of {list(LATE_WEIGHTS)} or {num_branches} numbers, got {weights!r}"
+            )
         init = torch.zeros(num_branches)
         if not isinstance(weights, str):
             init = _normalise_weights(weights, num_branches).clamp_min(1e-12).log()

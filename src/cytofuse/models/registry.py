@@ -11,6 +11,7 @@ from torch import nn
 from cytofuse.errors import InputError
 from cytofuse.models.encoders import create_encoder, list_encoders
 from cytofuse.models.fusion import (
+    LATE_WEIGHTS,
     CytofuseModel,
     EarlyFusion,
     IntermediateFusion,
@@ -65,7 +66,7 @@ def _late_weights_config(late_weights: str | Sequence[float]) -> str | list[floa
     try:
         return [float(w) for w in late_weights]
     except (TypeError, ValueError) as err:
-        raise InputError(f"late_weights must be 'learned', 'equal' or numbers, got {late_weights!r}") from err
+        raise InputError(f"late_weights must be one of {list(LATE_WEIGHTS)} or numbers, got {late_weights!r}") from err
 
 
 def create_model(
@@ -87,7 +88,8 @@ def create_model(
     channel: the channel index "single" uses (required there, refused elsewhere).
     pretrained: local weight file applied to every encoder (``load_encoder_weights``);
         the reports are kept in ``model.pretrained_reports``.
-    late_weights: "learned" (softmax of learnable logits), "equal", or one weight per channel.
+    late_weights: "learned" (softmax of learnable logits), "equal", "validation" (equal until
+        set from validation with ``model.set_branch_weights``), or one weight per channel.
     hidden: width of a hidden dense layer in each head (None: dropout + linear).
     """
     _check_args(name, encoder, in_channels, num_classes, channel, dropout, hidden)
