@@ -37,7 +37,8 @@ def channel_slice(x: torch.Tensor, i: int) -> torch.Tensor:
 
     A plain slice of a multi-channel batch is strided; convolutions on it take a slow path.
     """
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    last = x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if last else torch.contiguous_format
     return x[:, i : i + 1].contiguous(memory_format=fmt)
 
 
@@ -71,6 +72,11 @@ class CytofuseModel(nn.Module):
 
     def gradcam_layers(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def gradcam_layer_names(self) -> dict[str, str]:
+        """Dotted module names of ``gradcam_layers()`` (as ``monai.visualize.GradCAM`` takes them)."""
+        names = {module: name for name, module in self.named_modules()}
+        return {key: names[module] for key, module in self.gradcam_layers().items()}
 
 
 class EarlyFusion(CytofuseModel):

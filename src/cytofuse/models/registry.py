@@ -66,7 +66,9 @@ def _late_weights_config(late_weights: str | Sequence[float]) -> str | list[floa
     try:
         return [float(w) for w in late_weights]
     except (TypeError, ValueError) as err:
-        raise InputError(f"late_weights must be one of {list(LATE_WEIGHTS)} or numbers, got {late_weights!r}") from err
+        raise InputError(
+            f"late_weights must be one of {list(LATE_WEIGHTS)} or numbers, got {late_weights!r}"
+        ) from err
 
 
 def create_model(
