@@ -89,6 +89,28 @@ def patches(
 
 
 @app.command()
+def cv(
+    config: Path = typer.Argument(..., help="YAML run config."),
+    out: Path = typer.Option(..., help="Run folder to write (resumed when unfinished)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Patches -> image-grouped stratified k-fold CV of every configured model -> metrics."""
+    from .errors import CytofuseError
+
+    try:
+        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        from .crossval import run_cv
+
+        result = run_cv(cfg, out, overwrite=overwrite)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    from .pipeline import print_cv_summary
+
+    print_cv_summary(result)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("cytofuse-demo"), help="Folder for the synthetic data and the run."),
     overwrite: bool = OverwriteOpt,
@@ -117,8 +139,8 @@ def _yaml(value) -> str:
 def _config(path: Path | None, *, images: Path | None, manifest: Path | None, overrides: list[str]):
     from .config import load_config, validate_config
 
-    data = [f"data.images={_yaml(str(images))}"] if images else []
-    data += [f"data.manifest={_yaml(str(manifest))}"] if manifest else []
+    data = [f"data.images={_yaml(str(images.resolve()))}"] if images else []
+    data += [f"data.manifest={_yaml(str(manifest.resolve()))}"] if manifest else []
     if path is not None:
         return load_config(path, overrides=data + overrides)
     from .config import _apply_override

@@ -65,3 +65,18 @@ def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True)
         source="demo",
     )
     return run_patches(cfg, out / "run", overwrite=overwrite, progress=progress)
+
+
+def print_cv_summary(result) -> None:
+    """The models side by side (mean ± sd over folds), at patch and image level."""
+    from rich.console import Console
+
+    from .evaluate import format_summary_table, to_rich_table
+
+    console = Console()
+    first = next(iter(result.metrics.values()))
+    for level in ("patch", "image"):
+        table = format_summary_table({k: v["cv"] for k, v in result.metrics.items()}, level=level)
+        console.print(to_rich_table(table, title=f"{level}-level metrics, mean ± sd over folds"))
+    console.print(f"measured on: {first['measured_on']}")
+    console.print(f"run folder: {result.run_dir}")

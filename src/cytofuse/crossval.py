@@ -1,0 +1,282 @@
+"""Image-grouped stratified cross-validation of one or more classifiers, and sweeps.
+
+Folds come from scikit-learn's ``StratifiedGroupKFold`` (or ``LeaveOneGroupOut``): all
+patches of a group (image, field, well, patient) sit in one fold. The validation split used
+for early stopping inside each training fold is grouped the same way, and an optional
+held-out test set is split off first, also by group.
+
+Run folder::
+
+    config.yaml  patches.parquet  images.parquet  attrition.csv  folds.csv  cache/
+    models/<name>/fold_<k>/{best.safetensors, history.csv, fit.json}
+    models/<name>/{predictions.parquet, metrics.json}
+    summary.csv
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import ModelSettings, RunConfig, dump_config
+from .errors import InputError
+from .patches import PatchIndex
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def outer_folds(labels: np.ndarray, groups: np.ndarray, *, n_folds: int | str, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) position arrays, grouped and stratified; ``"loo"`` leaves one group out."""
+    from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+
+    if n_folds == "loo":
+        splitter = LeaveOneGroupOut()
+    else:
+        _check_groups_per_class(labels, groups, int(n_folds), what="n_folds")
+        splitter = StratifiedGroupKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
+    return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
+
+
+def inner_split(labels: np.ndarray, groups: np.ndarray, *, fraction: float, seed: int = 0, what: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """Split positions into (rest, held) with about ``fraction`` of the groups held, grouped and stratified."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, int(round(1 / fraction)))
+    per_class = _groups_by_class(labels, groups)
+    thin = {c: n for c, n in per_class.items() if n < 2}
+    if thin:
+        raise InputError(
+            f"cannot hold out a grouped {what} split: class(es) {sorted(thin)} have only "
+            f"{list(thin.values())} group(s) in this training split; add images or lower n_folds"
+        )
+    n_splits = min(n_splits, min(per_class.values()))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return np.asarray(rest), np.asarray(held)
+
+
+def _groups_by_class(labels: np.ndarray, groups: np.ndarray) -> dict:
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    return frame.groupby("label")["group"].nunique().to_dict()
+
+
+def _check_groups_per_class(labels: np.ndarray, groups: np.ndarray, n_folds: int, *, what: str) -> None:
+    if n_folds < 2:
+        raise InputError(f"{what} must be >= 2 or 'loo', got {n_folds}")
+    few = {c: n for c, n in _groups_by_class(labels, groups).items() if n < n_folds}
+    if few:
+        detail = ", ".join(f"{c!r}: {n}" for c, n in few.items())
+        raise InputError(f"{what}={n_folds} but some classes have fewer groups than folds ({detail}); lower {what} or add images")
+
+
+def check_fold_classes(labels: np.ndarray, fit_idx: np.ndarray, classes: list[str], *, fold: int) -> None:
+    """A training split must contain every class, or its model cannot learn one."""
+    missing = sorted(set(range(len(classes))) - set(np.unique(labels[fit_idx]).tolist()))
+    if missing:
+        names = [classes[i] for i in missing]
+        raise InputError(f"fold {fold}: the training split lacks class(es) {names}; use fewer folds or add groups of these classes")
+
+
+# --------------------------------------------------------------------------- the CV run
+
+
+@dataclass
+class CVResult:
+    """Per model: its predictions table and the metrics of ``cytofuse.evaluate.evaluate_run``."""
+
+    run_dir: Path
+    classes: list[str]
+    predictions: dict[str, pd.DataFrame]
+    metrics: dict[str, dict]
+    summary: pd.DataFrame
+
+
+def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.DataFrame:
+    """Per patch: fold (-1 for the held-out test set) and role inside its training fold per fold."""
+    patches = index.patches
+    labels = patches["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    groups = patches["group"].to_numpy()
+    fold = np.full(len(patches), -1, dtype=np.int64)
+    pool = np.arange(len(patches))
+    if cfg.cv.test_fraction > 0:
+        rest, _ = inner_split(labels, groups, fraction=cfg.cv.test_fraction, seed=cfg.cv.seed, what="test")
+        pool = rest
+    for k, (_, test) in enumerate(outer_folds(labels[pool], groups[pool], n_folds=cfg.cv.n_folds, seed=cfg.cv.seed)):
+        fold[pool[test]] = k
+    return pd.DataFrame({"patch_id": patches["patch_id"], "image_id": patches["image_id"], "group": groups,
+                         "y_true": labels, "fold": fold})
+
+
+def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> CVResult:
+    """Patches -> cache -> per model and fold: fit, predict the test fold -> metrics; resumable."""
+    from .pipeline import load_image_set
+    from .runs import mark_finished, prepare_run_dir
+
+    image_set = load_image_set(cfg.data)
+    n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
+    image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
+    dump_config(cfg, run_dir / "config.yaml")
+    from .patches import build_patch_index
+
+    index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
+    if index.sparse_images and len(index.sparse_images) == len(index.images):
+        raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
+    classes = sorted(index.patches["label"].unique().tolist())
+    folds = assign_folds(index, cfg, classes)
+    folds.to_csv(run_dir / "folds.csv", index=False)
+    cache = _cache(image_set, index, run_dir, progress=progress)
+    predictions, metrics = {}, {}
+    for model_cfg in cfg.models:
+        name = model_cfg.display_name
+        predictions[name], metrics[name] = _cv_model(model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name), progress=progress)
+    summary = summary_table(metrics)
+    summary.to_csv(run_dir / "summary.csv", index=False)
+    mark_finished(run_dir)
+    return CVResult(run_dir, classes, predictions, metrics, summary)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
+    from .data import build_patch_cache
+    from .patches import select_channels
+
+    names = list(index.channel_names)
+
+    def load(image_id: str) -> np.ndarray:
+        image = image_set.read(image_id)
+        return np.asarray(image.data[select_channels(image.channel_names, channels=names)])
+
+    return build_patch_cache(index.patches, index.images, load_image=load, channels=names, out=run_dir / "cache", progress=progress)
+
+
+def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
+              classes: list[str], out: Path, *, progress: bool) -> tuple[pd.DataFrame, dict]:
+    from .evaluate import evaluate_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = cfg.train_settings.model_copy(update={"progress": progress})
+    rows = cache.positions(folds["patch_id"].to_numpy())
+    labels, groups = folds["y_true"].to_numpy(), folds["group"].to_numpy()
+    parts = []
+    n_folds = int(folds["fold"].max()) + 1
+    test_pool = np.flatnonzero(folds["fold"].to_numpy() == -1)
+    test_probs = []
+    for k in range(n_folds):
+        train = np.flatnonzero((folds["fold"].to_numpy() != k) & (folds["fold"].to_numpy() >= 0))
+        test = np.flatnonzero(folds["fold"].to_numpy() == k)
+        fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
+        fit_idx, val_idx = train[fit_rel], train[val_rel]
+        check_fold_classes(labels, fit_idx, classes, fold=k)
+        model = _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
+        parts.append(_predict(model, cache, rows, folds, test, classes, fold=k))
+        if len(test_pool):
+            test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1))
+    predictions = pd.concat(parts, ignore_index=True)
+    predictions.to_parquet(out / "predictions.parquet", index=False)
+    metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
+    if test_probs:
+        held = _ensemble(test_probs, classes)
+        held.to_parquet(out / "test_predictions.parquet", index=False)
+        metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
+    metrics["model"] = model_cfg.model_dump(mode="json")
+    metrics["measured_on"] = _measured_on(folds, n_folds, cfg)
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(out / "metrics.json")
+    return predictions, metrics
+
+
+def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
+    cv = folds[folds["fold"] >= 0]
+    text = (f"{n_folds}-fold CV grouped by {cfg.patches.group_by if cfg.patches.group_by == 'patch' else 'group'}: "
+            f"{len(cv)} test patches from {cv['image_id'].nunique()} images in {cv['group'].nunique()} groups")
+    held = folds[folds["fold"] < 0]
+    if len(held):
+        text += f"; held-out test set: {len(held)} patches from {held['group'].nunique()} groups, fold-model ensemble"
+    return text
+
+
+def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path):
+    from .data import PatchDataset
+    from .models import create_model
+    from .train import fit
+
+    channel = None
+    if model_cfg.fusion == "single":
+        from .patches import select_channels
+
+        if model_cfg.channel is None:
+            raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {list(index.channel_names)})")
+        channel = select_channels(index.channel_names, channels=[model_cfg.channel])[0]
+    model = create_model(
+        model_cfg.fusion, in_channels=len(index.channel_names), num_classes=len(classes), encoder=model_cfg.encoder,
+        channel=channel, dropout=model_cfg.dropout, pretrained=model_cfg.pretrained,
+        late_weights="equal" if model_cfg.late_weights == "validation" else model_cfg.late_weights,
+    )
+    train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx])
+    val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx])
+    fit(model, train_ds, val_ds, settings=settings, out_dir=out)
+    if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
+        _validation_weights(model, val_ds, settings)
+    return model
+
+
+def _validation_weights(model, val_ds, settings) -> None:
+    """Late fusion: weight each branch by its balanced accuracy on the validation split."""
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+
+    loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
+    model.eval()
+    preds, ys = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            preds.append(model.forward_branches(x).argmax(-1))
+            ys.append(y)
+    preds_all, y_all = torch.cat(preds), torch.cat(ys).numpy()
+    scores = [balanced_accuracy_score(y_all, preds_all[:, b].numpy()) if preds_all.ndim == 2 else 0.0
+              for b in range(preds_all.shape[1])]
+    model.set_branch_weights(scores)
+
+
+def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int) -> pd.DataFrame:
+    from .data import PatchDataset
+    from .train import predict_proba
+
+    ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx])
+    proba, _ = predict_proba(model, ds, batch_size=128)
+    frame = folds.iloc[idx][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
+    frame.insert(3, "fold", fold)
+    for c, name in enumerate(classes):
+        frame[f"prob_{name}"] = proba[:, c]
+    return frame
+
+
+def _ensemble(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
+    cols = [f"prob_{c}" for c in classes]
+    out = parts[0].copy()
+    out[cols] = np.mean([p[cols].to_numpy() for p in parts], axis=0)
+    return out
+
+
+def summary_table(metrics: dict[str, dict], *, split: str = "cv") -> pd.DataFrame:
+    """One row per model and level: mean and sd over folds of the headline metrics."""
+    rows = []
+    for name, m in metrics.items():
+        for level in ("patch", "image"):
+            summary = m[split][level]["summary"]
+            row = {"model": name, "level": level}
+            for metric in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1"):
+                stat = summary.get(metric) or {}
+                row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.get("mean"), stat.get("sd")
+            rows.append(row)
+    return pd.DataFrame(rows)
