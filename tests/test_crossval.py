@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytofuse.config import validate_config
+from cytofuse.crossval import check_fold_classes, inner_split, outer_folds, run_cv
+from cytofuse.errors import InputError
+
+
+def _design(n_groups_per_class=(6, 6, 5), patches_per_group=7):
+    labels, groups = [], []
+    for c, n in enumerate(n_groups_per_class):
+        for g in range(n):
+            labels += [c] * patches_per_group
+            groups += [f"c{c}g{g}"] * patches_per_group
+    return np.array(labels), np.array(groups)
+
+
+def test_outer_folds_never_split_a_group_and_cover_every_patch_once():
+    labels, groups = _design()
+    folds = outer_folds(labels, groups, n_folds=5, seed=3)
+    assert len(folds) == 5
+    tests = np.concatenate([test for _, test in folds])
+    assert sorted(tests.tolist()) == list(range(len(labels)))
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        assert set(labels[test]) == {0, 1, 2}  # stratified: every class in every test fold
+
+
+def test_leave_one_group_out():
+    labels, groups = _design((2, 2), 3)
+    folds = outer_folds(labels, groups, n_folds="loo")
+    assert len(folds) == 4
+    assert all(len(set(groups[test])) == 1 for _, test in folds)
+
+
+def test_more_folds_than_groups_in_a_class_is_an_error():
+    labels, groups = _design((6, 3))
+    with pytest.raises(InputError, match=r"n_folds=5 but some classes have fewer groups than folds \(1: 3\)"):
+        outer_folds(labels, groups, n_folds=5)
+
+
+def test_inner_split_is_grouped_and_holds_about_the_fraction():
+    labels, groups = _design((10, 10), 4)
+    rest, held = inner_split(labels, groups, fraction=0.2, seed=0)
+    assert not set(groups[rest]) & set(groups[held])
+    assert len(set(groups[held])) == 4  # 2 of 10 groups per class
+    assert set(labels[held]) == {0, 1}
+
+
+def test_inner_split_needs_two_groups_per_class():
+    labels, groups = _design((3, 1))
+    with pytest.raises(InputError, match=r"class\(es\) \[1\] have only \[1\] group"):
+        inner_split(labels, groups, fraction=0.2)
+
+
+def test_a_training_split_without_a_class_is_an_error():
+    with pytest.raises(InputError, match=r"fold 2: the training split lacks class\(es\) \['b'\]"):
+        check_fold_classes(np.array([0, 0, 1, 2]), np.array([0, 1, 3]), ["a", "b", "c"], fold=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_synthetic_dataset(out, classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
+    return out / "labels.csv"
+
+
+def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(tiny_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}, {"fusion": "single", "channel": "mitochondria", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 4},
+    })
+    result = run_cv(cfg, tmp_path / "run", progress=False)
+    patches = pd.read_parquet(tmp_path / "run" / "patches.parquet")
+    for name in ("early", "single:mitochondria"):
+        pred = result.predictions[name]
+        # every patch predicted exactly once, by the fold that held its image out
+        assert sorted(pred["patch_id"]) == sorted(patches["patch_id"])
+        assert pred.groupby("image_id")["fold"].nunique().max() == 1
+        probs = pred[[f"prob_{c}" for c in result.classes]].to_numpy()
+        assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    folder = tmp_path / "run" / "models" / "single_mitochondria"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["cv"]["patch"]["n_folds"] == 4
+    assert 0.0 <= metrics["cv"]["image"]["summary"]["balanced_accuracy"]["mean"] <= 1.0
+    assert "4-fold CV" in metrics["measured_on"]
+    assert (folder / "fold_3" / "best.safetensors").is_file()
+    assert set(result.summary["model"]) == {"early", "single:mitochondria"}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_cv(cfg, tmp_path / "run", progress=False)
