@@ -100,6 +100,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_train(self) -> "RunConfig":
+        if not self.train:  # defaults: nothing to check, and the patch stage need not import torch
+            return self
         try:
             self.train = _train_settings().model_validate(self.train).model_dump(mode="json")
         except ValidationError as exc:  # keep the section in each error's location: train.lr, not lr
@@ -110,6 +112,10 @@ class RunConfig(_Strict):
     @property
     def train_settings(self):
         return _train_settings().model_validate(self.train)
+
+    def resolved(self) -> "RunConfig":
+        """This config with every training default written out (for the run folder)."""
+        return self.model_copy(update={"train": self.train_settings.model_dump(mode="json")})
 
 
 def load_config(path: str | Path, *, overrides: list[str] = ()) -> RunConfig:

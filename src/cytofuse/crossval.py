@@ -121,7 +121,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
     image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg.resolved(), run_dir / "config.yaml")
     from .patches import build_patch_index
 
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
