@@ -58,10 +58,12 @@ def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True)
     out = Path(out)
     data_dir = out / "data"
     if not (data_dir / "labels.csv").is_file() or overwrite:
-        write_synthetic_dataset(data_dir, classes=6, images_per_class=5, shape=(8, 256, 256), seed=0, overwrite=overwrite)
+        write_synthetic_dataset(
+            data_dir, classes=6, images_per_class=5, shape=(8, 256, 256), seed=0, overwrite=overwrite, progress=progress
+        )
     cfg = validate_config(
         {"data": {"manifest": str((data_dir / "labels.csv").resolve())},
-         "patches": {"size": 64, "exclude_channels": ["nucleus"], "min_ratio": 0.05}},
+         "patches": {"size": 64, "exclude_channels": ["nucleus"], "min_ratio": 0.15}},
         source="demo",
     )
     return run_patches(cfg, out / "run", overwrite=overwrite, progress=progress)
