@@ -99,3 +99,26 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     assert set(result.summary["model"]) == {"early", "single:mitochondria"}
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_cv(cfg, tmp_path / "run", progress=False)
+
+
+def test_sweep_over_patch_size_runs_one_cv_per_value(tiny_set, tmp_path):
+    import torch
+
+    from cytofuse.crossval import run_sweep, sweep_configs
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(tiny_set)},
+        "patches": {"exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2},
+        "sweep": {"parameter": "patches.size", "values": [32, 48]},
+    })
+    configs = sweep_configs(cfg)
+    assert [label for label, _ in configs] == ["size=32", "size=48"]
+    assert [c.patches.size for _, c in configs] == [32, 48] and all(c.sweep is None for _, c in configs)
+    table = run_sweep(cfg, tmp_path / "run", progress=False)
+    assert table["patches.size"].tolist() == ["32", "32", "48", "48"]  # patch and image level per value
+    sizes = [pd.read_parquet(tmp_path / "run" / "sweep" / f"size_{s}" / "patches.parquet")["size"].unique().tolist() for s in (32, 48)]
+    assert sizes == [[32], [48]]

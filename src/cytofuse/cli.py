@@ -100,14 +100,22 @@ def cv(
 
     try:
         cfg = _config(config, images=None, manifest=None, overrides=list(set_))
-        from .crossval import run_cv
+        from .crossval import run_cv, run_sweep
 
-        result = run_cv(cfg, out, overwrite=overwrite)
+        if cfg.sweep is not None:
+            table = run_sweep(cfg, out, overwrite=overwrite)
+        else:
+            result = run_cv(cfg, out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
     from .pipeline import print_cv_summary
 
-    print_cv_summary(result)
+    if cfg.sweep is not None:
+        from rich.console import Console
+
+        Console().print(table.to_string(index=False), f"\nwritten to {out / 'sweep.csv'}")
+    else:
+        print_cv_summary(result)
 
 
 @app.command()

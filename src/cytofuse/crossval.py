@@ -280,3 +280,41 @@ def summary_table(metrics: dict[str, dict], *, split: str = "cv") -> pd.DataFram
                 row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.get("mean"), stat.get("sd")
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """One (label, config) per value of ``cfg.sweep``; each config has no sweep of its own."""
+    from .config import validate_config
+
+    section, field = cfg.sweep.parameter.split(".")
+    out = []
+    for value in cfg.sweep.values:
+        raw = cfg.model_dump(mode="json", exclude={"sweep"})
+        if cfg.sweep.parameter == "model.fusion":
+            raw["models"] = [{**m, "fusion": value} for m in raw["models"]]
+        else:
+            raw[section][field] = value
+        label = f"{field}={','.join(map(str, value)) if isinstance(value, list) else value}"
+        out.append((label, validate_config(raw, source=f"sweep {label}")))
+    return out
+
+
+def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
+    """A full CV per swept value in ``run_dir/sweep/<label>``; returns and writes ``sweep.csv``."""
+    from .runs import mark_finished, prepare_run_dir
+
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
+    dump_config(cfg.resolved(), run_dir / "config.yaml")
+    tables = []
+    for label, sub in sweep_configs(cfg):
+        result = run_cv(sub, run_dir / "sweep" / _safe(label), progress=progress)
+        table = result.summary.copy()
+        table.insert(0, cfg.sweep.parameter, label.split("=", 1)[1])
+        tables.append(table)
+    summary = pd.concat(tables, ignore_index=True)
+    summary.to_csv(run_dir / "sweep.csv", index=False)
+    mark_finished(run_dir)
+    return summary
