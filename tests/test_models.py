@@ -1,3 +1,4 @@
+import json
 import re
 import warnings
 
@@ -244,12 +245,22 @@ def test_unknown_names_list_the_valid_ones():
         ({"name": "early", "num_classes": 1}, "num_classes must be an int >= 2, got 1"),
         ({"name": "early", "dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"name": "late", "late_weights": "best"}, "late_weights must be.*got 'best'"),
+        ({"name": "late", "late_weights": 3}, "late_weights must be.*got 3"),
+        ({"name": "early", "dropout": "0.4"}, "dropout must be in.*got '0.4'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
     args = {"in_channels": 3, "num_classes": 2, "encoder": "smallcnn", **kwargs}
     with pytest.raises(InputError, match=message):
         create_model(args.pop("name"), **args)
+
+
+def test_numpy_integers_are_accepted_and_config_is_json():
+    np = pytest.importorskip("numpy")
+    model = create_model("single", in_channels=np.int64(3), num_classes=np.int64(2), encoder="smallcnn",
+                         channel=np.int64(2), dropout=np.float32(0.5))
+    assert model.channel == 2 and model.in_channels == 3
+    assert json.loads(json.dumps(model.config))["dropout"] == 0.5
 
 
 def test_dropout_and_hidden_head():

@@ -163,7 +163,8 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     from .evaluate import evaluate_run
 
     out.mkdir(parents=True, exist_ok=True)
-    settings = cfg.train_settings.model_copy(update={"progress": progress})
+    settings = cfg.train_settings
+    settings = settings.model_copy(update={"progress": progress and settings.progress})
     rows = cache.positions(folds["patch_id"].to_numpy())
     labels, groups = folds["y_true"].to_numpy(), folds["group"].to_numpy()
     parts = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from numbers import Integral, Real
 from pathlib import Path
 
 from torch import nn
@@ -33,10 +34,14 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def _positive_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_args(name: str, encoder: str, in_channels: int, num_classes: int,
@@ -47,14 +52,14 @@ def _check_args(name: str, encoder: str, in_channels: int, num_classes: int,
         raise InputError(f"encoder must be one of {list_encoders()}, got {encoder!r}")
     _positive_int(in_channels, "in_channels", 1)
     _positive_int(num_classes, "num_classes", 2)
-    if not 0.0 <= dropout < 1.0:
+    if not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
         raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
     if hidden is not None:
         _positive_int(hidden, "hidden", 1)
     if name == "single":
         if channel is None:
             raise InputError("channel is required for model 'single' (index of the channel to use)")
-        if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < in_channels:
+        if not _is_int(channel) or not 0 <= channel < in_channels:
             raise InputError(f"channel must be an index in [0, {in_channels - 1}], got {channel!r}")
     elif channel is not None:
         raise InputError(f"channel is only used by model 'single', got channel={channel!r} for {name!r}")
@@ -95,6 +100,9 @@ def create_model(
     hidden: width of a hidden dense layer in each head (None: dropout + linear).
     """
     _check_args(name, encoder, in_channels, num_classes, channel, dropout, hidden)
+    in_channels, num_classes = int(in_channels), int(num_classes)
+    channel = None if channel is None else int(channel)
+    dropout, hidden = float(dropout), None if hidden is None else int(hidden)
     kwargs: dict = {"dropout": dropout, "hidden": hidden}
     if name == "single":
         kwargs["channel"] = channel
