@@ -77,13 +77,14 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     cfg = validate_config({
         "data": {"manifest": str(tiny_set)},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
-        "models": [{"fusion": "early", "encoder": "smallcnn"}, {"fusion": "single", "channel": "mitochondria", "encoder": "smallcnn"}],
+        "models": [{"fusion": "early", "encoder": "smallcnn"}, {"fusion": "single", "channel": "mitochondria", "encoder": "smallcnn"},
+                   {"fusion": "late", "encoder": "smallcnn", "late_weights": "validation"}],
         "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
         "cv": {"n_folds": 4},
     })
     result = run_cv(cfg, tmp_path / "run", progress=False)
     patches = pd.read_parquet(tmp_path / "run" / "patches.parquet")
-    for name in ("early", "single:mitochondria"):
+    for name in ("early", "single:mitochondria", "late"):
         pred = result.predictions[name]
         # every patch predicted exactly once, by the fold that held its image out
         assert sorted(pred["patch_id"]) == sorted(patches["patch_id"])
@@ -96,7 +97,14 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     assert 0.0 <= metrics["cv"]["image"]["summary"]["balanced_accuracy"]["mean"] <= 1.0
     assert "4-fold CV" in metrics["measured_on"]
     assert (folder / "fold_3" / "best.safetensors").is_file()
-    assert set(result.summary["model"]) == {"early", "single:mitochondria"}
+    assert set(result.summary["model"]) == {"early", "single:mitochondria", "late"}
+    params = result.summary.drop_duplicates("model").set_index("model")["parameters"]
+    assert params["late"] > 2.5 * params["single:mitochondria"]  # three encoders and classifiers vs one
+    from safetensors.numpy import load_file
+
+    late = load_file(tmp_path / "run" / "models" / "late" / "fold_0" / "best.safetensors")
+    weights = np.exp(late["head.weight_logits"])
+    assert weights.shape == (3,) and weights.sum() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_cv(cfg, tmp_path / "run", progress=False)
 

@@ -188,7 +188,9 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         held = _ensemble(test_probs, classes)
         held.to_parquet(out / "test_predictions.parquet", index=False)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
-    metrics["model"] = model_cfg.model_dump(mode="json")
+    from .models import count_parameters
+
+    metrics["model"] = model_cfg.model_dump(mode="json") | {"parameters": count_parameters(model)}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)
     tmp = out / ".metrics.json.partial"
     tmp.write_text(json.dumps(metrics, indent=1))
@@ -221,32 +223,33 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     model = create_model(
         model_cfg.fusion, in_channels=len(index.channel_names), num_classes=len(classes), encoder=model_cfg.encoder,
         channel=channel, dropout=model_cfg.dropout, pretrained=model_cfg.pretrained,
-        late_weights="equal" if model_cfg.late_weights == "validation" else model_cfg.late_weights,
+        late_weights=model_cfg.late_weights,
     )
     train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx])
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx])
     fit(model, train_ds, val_ds, settings=settings, out_dir=out)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
+        from .train import save_weights
+
         _validation_weights(model, val_ds, settings)
+        save_weights(model, out / "best.safetensors")
     return model
 
 
 def _validation_weights(model, val_ds, settings) -> None:
-    """Late fusion: weight each branch by its balanced accuracy on the validation split."""
+    """Late fusion: weight each branch by its balanced accuracy above chance on the validation split."""
     import torch
-    from sklearn.metrics import balanced_accuracy_score
+
+    from .models.fusion import branch_validation_weights
 
     loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
     model.eval()
-    preds, ys = [], []
+    logits, ys = [], []
     with torch.no_grad():
         for x, y in loader:
-            preds.append(model.forward_branches(x).argmax(-1))
+            logits.append(model.forward_branches(x))
             ys.append(y)
-    preds_all, y_all = torch.cat(preds), torch.cat(ys).numpy()
-    scores = [balanced_accuracy_score(y_all, preds_all[:, b].numpy()) if preds_all.ndim == 2 else 0.0
-              for b in range(preds_all.shape[1])]
-    model.set_branch_weights(scores)
+    model.set_branch_weights(branch_validation_weights(torch.cat(logits), torch.cat(ys)))
 
 
 def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int) -> pd.DataFrame:
@@ -275,7 +278,7 @@ def summary_table(metrics: dict[str, dict], *, split: str = "cv") -> pd.DataFram
     for name, m in metrics.items():
         for level in ("patch", "image"):
             summary = m[split][level]["summary"]
-            row = {"model": name, "level": level}
+            row = {"model": name, "level": level, "parameters": m.get("model", {}).get("parameters")}
             for metric in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1"):
                 stat = summary.get(metric) or {}
                 row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.get("mean"), stat.get("sd")
