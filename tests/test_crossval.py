@@ -130,3 +130,35 @@ def test_sweep_over_patch_size_runs_one_cv_per_value(tiny_set, tmp_path):
     assert table["patches.size"].tolist() == ["32", "32", "48", "48"]  # patch and image level per value
     sizes = [pd.read_parquet(tmp_path / "run" / "sweep" / f"size_{s}" / "patches.parquet")["size"].unique().tolist() for s in (32, 48)]
     assert sizes == [[32], [48]]
+
+
+def test_an_interrupted_cv_resumes_without_refitting_finished_folds(tiny_set, tmp_path, monkeypatch):
+    import torch
+
+    import cytofuse.train as train_mod
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(tiny_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2},
+    })
+    real_fit, trained = train_mod.fit, []
+
+    def fit_then_stop(model, train_ds, val_ds, **kw):
+        if trained:
+            raise KeyboardInterrupt  # the user stops the run during the second fold
+        trained.append(kw["out_dir"])
+        return real_fit(model, train_ds, val_ds, **kw)
+
+    monkeypatch.setattr(train_mod, "fit", fit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(cfg, tmp_path / "run", progress=False)
+    first = (tmp_path / "run" / "models" / "early" / "fold_0" / "best.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(train_mod, "fit", real_fit)
+    result = run_cv(cfg, tmp_path / "run", progress=False)  # resumes: the folder is unfinished
+    assert (tmp_path / "run" / "models" / "early" / "fold_0" / "best.safetensors").stat().st_mtime_ns == first
+    assert result.predictions["early"]["fold"].nunique() == 2
