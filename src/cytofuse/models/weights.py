@@ -62,12 +62,8 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+    while key.startswith(_PREFIXES):
+        key = key.split(".", 1)[1]
     return key
 
 
@@ -81,9 +77,7 @@ def read_state_dict(path: str | Path, *, strip_prefixes: bool = True) -> dict[st
             raw = load_file(str(path), device="cpu")
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as err:
-        raise InputError(f"cannot read weights file {path}: {err}") from err
-    except Exception as err:  # pickle errors of torch.load come in many types
+    except Exception as err:  # safetensors, I/O and the many pickle errors of torch.load
         raise InputError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
     state = _unwrap(raw, path)
     return {_strip_prefixes(k): v for k, v in state.items()} if strip_prefixes else state
