@@ -123,15 +123,18 @@ def demo(
     out: Path = typer.Option(Path("cytofuse-demo"), help="Folder for the synthetic data and the run."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Synthesise a small organelle data set, patch it and print the summary."""
+    """Synthesise organelle phantoms and compare early, intermediate, late and single-channel classifiers (5-fold CV)."""
     from .errors import CytofuseError
-    from .pipeline import print_patch_summary, run_demo
+    from .pipeline import print_cv_summary, print_patch_summary, run_demo
 
     try:
-        index = run_demo(out, overwrite=overwrite)
+        result = run_demo(out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    print_patch_summary(index, out / "run")
+    from .patches import read_patch_index
+
+    print_patch_summary(read_patch_index(result.run_dir), result.run_dir)
+    print_cv_summary(result)
 
 
 def _csv(value: str | None) -> list[str] | None:

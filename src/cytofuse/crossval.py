@@ -200,7 +200,8 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
 
 def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
     cv = folds[folds["fold"] >= 0]
-    text = (f"{n_folds}-fold CV grouped by {cfg.patches.group_by if cfg.patches.group_by == 'patch' else 'group'}: "
+    unit = "patch (each patch its own group)" if cfg.patches.group_by == "patch" else "the image set's group column"
+    text = (f"{n_folds}-fold CV grouped by {unit}: "
             f"{len(cv)} test patches from {cv['image_id'].nunique()} images in {cv['group'].nunique()} groups")
     held = folds[folds["fold"] < 0]
     if len(held):
