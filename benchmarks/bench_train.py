@@ -1,0 +1,217 @@
+"""Training throughput of ``cytofuse.train.fit`` against a plain PyTorch loop, and loader throughput.
+
+1. ``fit`` (Lightning) against a hand-written ``for x, y in loader: loss.backward(); opt.step()``
+   loop on the same model class and initial weights, data, batch size, Adam with the same
+   staircase decay, class-weighted cross-entropy and batch augmentation. Throughput is
+   patches/s over whole epochs after the first (warm-up); each side also validates every
+   epoch, and ``fit`` also writes its checkpoints and history as it always does. The two
+   sides alternate, best of ``--repeats``. Target: fit / plain >= 0.9.
+2. The training DataLoader that ``fit`` builds (augmenting collate, no model) for 0, 1 and
+   2 worker processes, against the training throughput of (1). Target: loader / training >= 3.
+
+The data are ``--patches`` random patches (3 channels, ``--size`` px) in a float16 patch
+cache built by ``build_patch_cache``, as ``run_cv`` builds it. torch uses ``--threads``
+intra-op threads (2 by default, the cores of the reference machine). ``OMP_WAIT_POLICY``
+defaults to PASSIVE here: on a machine whose cores are busy with other work, OpenMP threads
+that spin while waiting made a 2-thread training step ~9x slower than 1 thread (measured on
+the 2-core reference machine), which would drown what is measured. Set it to ACTIVE to see.
+
+    python benchmarks/bench_train.py [--patches 1024] [--size 64] [--epochs 3] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: see the docstring
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cytofuse.data import Augment, AugmentCollate, PatchDataset, build_patch_cache, class_weights
+from cytofuse.models import create_model
+from cytofuse.train import TrainSettings, _loaders, fit
+
+CHANNELS = ["mito", "early_endosome", "recycling_endosome"]
+NUM_CLASSES = 4
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_cache(folder: Path, *, n_patches: int, size: int, seed: int = 0):
+    """A patch cache of about ``n_patches`` random patches from (3, 4, 4*size, 4*size) images."""
+    per_image = 4 * 16
+    n_images = max(1, -(-n_patches // per_image))
+    rows, stats = [], []
+    for i in range(n_images):
+        for z in range(4):
+            for y in range(4):
+                for x in range(4):
+                    rows.append({"patch_id": len(rows), "image_id": f"img{i}", "z": z, "y": y * size, "x": x * size,
+                                 "size": size, "label": i % NUM_CLASSES})
+        stats.append({"image_id": f"img{i}"} | {f"{p}_{c}": v for c in CHANNELS for p, v in (("lo", 0.0), ("hi", 1.0))})
+    index = pd.DataFrame(rows).iloc[:n_patches]
+
+    def load(image_id: str) -> np.ndarray:
+        rng = np.random.default_rng([seed, int(image_id[3:])])
+        return rng.random((len(CHANNELS), 4, 4 * size, 4 * size), dtype=np.float32)
+
+    cache = build_patch_cache(index, pd.DataFrame(stats), load_image=load, channels=CHANNELS, out=folder,
+                              progress=False)
+    return cache, index["label"].to_numpy()
+
+
+def datasets(cache, labels: np.ndarray, n_val: int) -> tuple[PatchDataset, PatchDataset]:
+    rows = np.arange(len(cache))
+    train = PatchDataset(cache, rows, labels)
+    val = PatchDataset(cache, rows[:n_val], labels[:n_val])
+    return train, val
+
+
+def new_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("intermediate", in_channels=len(CHANNELS), num_classes=NUM_CLASSES, encoder="smallcnn")
+
+
+# --------------------------------------------------------------------------- the two training paths
+
+
+class EpochClock(L.Callback):
+    """Wall time of each whole epoch (training, validation, checkpoints) and of its training part."""
+
+    def __init__(self) -> None:
+        self.epochs: list[float] = []
+        self.train_parts: list[float] = []
+        self.threads = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.threads = torch.get_num_threads()
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.train_parts.append(time.perf_counter() - self._start)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append(time.perf_counter() - self._start)
+
+
+def run_fit(train_ds, val_ds, settings: TrainSettings, out_dir: Path) -> EpochClock:
+    clock = EpochClock()
+    fit(new_model(), train_ds, val_ds, settings=settings, out_dir=out_dir, resume=False, callbacks=[clock])
+    return clock
+
+
+def run_plain(train_ds, val_ds, settings: TrainSettings) -> EpochClock:
+    """The same training by hand: loader, weighted loss, Adam, step decay, a validation pass per epoch."""
+    L.seed_everything(settings.seed, verbose=False)
+    model = new_model()
+    weight = torch.as_tensor(class_weights(train_ds.labels, NUM_CLASSES))
+    collate = AugmentCollate(settings.augment)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, collate_fn=collate)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    rate, every = settings.decay_rate, settings.decay_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: rate ** (step // every))
+    clock = EpochClock()
+    for _ in range(settings.max_epochs):
+        start = time.perf_counter()
+        model.train()
+        for x, y in train_loader:
+            loss = F.cross_entropy(model(x), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        clock.train_parts.append(time.perf_counter() - start)
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val_loader)
+        assert 0 <= correct <= len(val_ds)
+        clock.epochs.append(time.perf_counter() - start)
+    return clock
+
+
+def throughput(n: int, times: list[float]) -> float:
+    """Patches per second over the epochs after the first."""
+    measured = times[1:]
+    return n * len(measured) / sum(measured)
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def loader_throughput(train_ds, val_ds, settings: TrainSettings, *, epochs: int) -> float:
+    """Patches/s of iterating the training loader ``fit`` builds, best epoch after the first."""
+    loader, _ = _loaders(train_ds, val_ds, settings)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        n = sum(len(y) for _, y in loader)
+        times.append(time.perf_counter() - start)
+    del loader  # shuts down persistent workers
+    return n / min(times[1:])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=int, default=1024)
+    parser.add_argument("--val", type=int, default=128, help="validation patches (a subset of the training ones)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is warm-up")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
+
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(max_epochs=args.epochs, batch_size=args.batch, accelerator="cpu", progress=False,
+                             augment=Augment())
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        tmp = Path(tmp)
+        cache, labels = random_cache(tmp / "cache", n_patches=args.patches, size=args.size)
+        train_ds, val_ds = datasets(cache, labels, args.val)
+        n = len(train_ds)
+        print(f"{n} training + {len(val_ds)} validation patches {(len(CHANNELS), args.size, args.size)} float16 cache, "
+              f"smallcnn intermediate fusion, batch {args.batch}, {args.epochs} epochs (first is warm-up), "
+              f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+              f"best of {args.repeats}")
+        fits, plains = [], []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers=0 on purpose
+            for r in range(args.repeats):
+                plains.append(run_plain(train_ds, val_ds, settings))
+                fits.append(run_fit(train_ds, val_ds, settings, tmp / f"fit{r}"))
+        threads = {c.threads for c in fits}
+        best = lambda clocks, part: max(throughput(n, getattr(c, part)) for c in clocks)  # noqa: E731
+        for part, label in (("epochs", "whole epochs"), ("train_parts", "training steps only")):
+            f, p = best(fits, part), best(plains, part)
+            print(f"fit (lightning), {label:20s}: {f:7.1f} patches/s   plain loop {p:7.1f} patches/s   "
+                  f"ratio {f / p:5.2f} (target >= 0.9)")
+        print(f"  torch threads inside fit: {sorted(threads)}")
+
+        model_rate = best(fits, "train_parts")
+        for workers in args.workers:
+            s = settings.model_copy(update={"num_workers": workers})
+            rate = max(loader_throughput(train_ds, val_ds, s, epochs=args.epochs) for _ in range(args.repeats))
+            print(f"train loader with augmentation, num_workers={workers}: {rate:7.1f} patches/s   "
+                  f"training {model_rate:7.1f} patches/s   ratio {rate / model_rate:5.2f} (target >= 3)")
+
+
+if __name__ == "__main__":
+    main()
