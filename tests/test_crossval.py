@@ -38,8 +38,10 @@ def test_leave_one_group_out():
 
 def test_more_folds_than_groups_in_a_class_is_an_error():
     labels, groups = _design((6, 3))
-    with pytest.raises(InputError, match=r"n_folds=5 but some classes have fewer groups than folds \(1: 3\)"):
+    with pytest.raises(InputError, match=r"n_folds=5 but some classes have fewer groups with patches than folds \(1: 3\)"):
         outer_folds(labels, groups, n_folds=5)
+    with pytest.raises(InputError, match=r"\('T47D': 3\)"):
+        outer_folds(labels, groups, n_folds=5, classes=["MCF7", "T47D"])
 
 
 def test_inner_split_is_grouped_and_holds_about_the_fraction():

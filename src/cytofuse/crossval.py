@@ -30,14 +30,15 @@ from .patches import PatchIndex
 # --------------------------------------------------------------------------- splits
 
 
-def outer_folds(labels: np.ndarray, groups: np.ndarray, *, n_folds: int | str, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def outer_folds(labels: np.ndarray, groups: np.ndarray, *, n_folds: int | str, seed: int = 0,
+                classes: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) position arrays, grouped and stratified; ``"loo"`` leaves one group out."""
     from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
     if n_folds == "loo":
         splitter = LeaveOneGroupOut()
     else:
-        _check_groups_per_class(labels, groups, int(n_folds), what="n_folds")
+        _check_groups_per_class(labels, groups, int(n_folds), what="n_folds", classes=classes)
         splitter = StratifiedGroupKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
     return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
 
@@ -65,13 +66,17 @@ def _groups_by_class(labels: np.ndarray, groups: np.ndarray) -> dict:
     return frame.groupby("label")["group"].nunique().to_dict()
 
 
-def _check_groups_per_class(labels: np.ndarray, groups: np.ndarray, n_folds: int, *, what: str) -> None:
+def _check_groups_per_class(labels: np.ndarray, groups: np.ndarray, n_folds: int, *, what: str,
+                            classes: list[str] | None = None) -> None:
     if n_folds < 2:
         raise InputError(f"{what} must be >= 2 or 'loo', got {n_folds}")
     few = {c: n for c, n in _groups_by_class(labels, groups).items() if n < n_folds}
     if few:
-        detail = ", ".join(f"{c!r}: {n}" for c, n in few.items())
-        raise InputError(f"{what}={n_folds} but some classes have fewer groups than folds ({detail}); lower {what} or add images")
+        detail = ", ".join(f"{classes[c] if classes else c!r}: {n}" for c, n in few.items())
+        raise InputError(
+            f"{what}={n_folds} but some classes have fewer groups with patches than folds ({detail}); "
+            f"lower {what}, add images, or keep more patches (images that kept none are listed in images.parquet)"
+        )
 
 
 def check_fold_classes(labels: np.ndarray, fit_idx: np.ndarray, classes: list[str], *, fold: int) -> None:
@@ -106,7 +111,8 @@ def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.Da
     if cfg.cv.test_fraction > 0:
         rest, _ = inner_split(labels, groups, fraction=cfg.cv.test_fraction, seed=cfg.cv.seed, what="test")
         pool = rest
-    for k, (_, test) in enumerate(outer_folds(labels[pool], groups[pool], n_folds=cfg.cv.n_folds, seed=cfg.cv.seed)):
+    split = outer_folds(labels[pool], groups[pool], n_folds=cfg.cv.n_folds, seed=cfg.cv.seed, classes=classes)
+    for k, (_, test) in enumerate(split):
         fold[pool[test]] = k
     return pd.DataFrame({"patch_id": patches["patch_id"], "image_id": patches["image_id"], "group": groups,
                          "y_true": labels, "fold": fold})
