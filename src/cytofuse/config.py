@@ -49,6 +49,10 @@ class ModelSettings(_Strict):
     encoder: str = Field("smallcnn", description="Encoder: smallcnn, resnet18, resnet34 or resnet50.")
     channel: str | int | None = Field(None, description="The channel of a single-channel classifier (name or index).")
     dropout: float = Field(0.4, ge=0, lt=1, description="Dropout before the classification head.")
+    hidden: int | None = Field(
+        None, gt=0, description="Width of a hidden dense layer in each head (None: dropout + linear). With "
+        "resnet50, hidden=256 gives ~24 M (early) and ~72 M (intermediate/late) parameters, the paper's scale.",
+    )
     pretrained: Path | None = Field(None, description="Local weights file (torchvision ResNet .pth or safetensors).")
     late_weights: Literal["learned", "equal", "validation"] = Field(
         "learned", description="How late fusion combines branch probabilities."

@@ -229,7 +229,7 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
         channel = select_channels(index.channel_names, channels=[model_cfg.channel])[0]
     model = create_model(
         model_cfg.fusion, in_channels=len(index.channel_names), num_classes=len(classes), encoder=model_cfg.encoder,
-        channel=channel, dropout=model_cfg.dropout, pretrained=model_cfg.pretrained,
+        channel=channel, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
         late_weights=model_cfg.late_weights,
     )
     train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx])
