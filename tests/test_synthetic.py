@@ -41,17 +41,26 @@ def _fg(a: np.ndarray) -> np.ndarray:
 
 
 def _tubularity(image) -> float:
-    """Mean ridge anisotropy (1 line, 0 spot) of the brightest mitochondria pixels, middle slice."""
-    a = image.data[1, image.data.shape[1] // 2].astype(np.float32)
+    """Mean ridge anisotropy (1 line, 0 spot) of the brightest mitochondria pixels, in the slice
+    where the mitochondria are brightest (cells sit at different heights)."""
+    z = int(np.argmax(np.percentile(image.data[1], 99, axis=(1, 2))))
+    a = image.data[1, z].astype(np.float32)
     l1, l2 = hessian_matrix_eigvals(hessian_matrix(a, sigma=1.5, order="rc", use_gaussian_derivatives=False))
     m = (a > np.percentile(a, 97)) & (l2 < 0)
     return float(np.mean((np.abs(l2[m]) - np.abs(l1[m]) * (l1[m] < 0)) / np.abs(l2[m])))
 
 
+def _puncta(a: np.ndarray) -> np.ndarray:
+    """Bright spots of a 2D image above its local background (a top-hat removes the diffuse stain)."""
+    a = ndimage.gaussian_filter(a.astype(np.float32), 1.0)
+    spots = ndimage.white_tophat(a, size=9)
+    return spots > threshold_otsu(spots)
+
+
 def _nucleus_distance(image, channel: int) -> float:
-    """Mean distance (px) of a channel's foreground to the nearest nucleus, on projections."""
+    """Mean distance (px) of a channel's puncta to the nearest nucleus, on projections."""
     dist = ndimage.distance_transform_edt(~_fg(image.data[0].max(0)))
-    return float(dist[_fg(image.data[channel].max(0))].mean())
+    return float(dist[_puncta(image.data[channel].max(0))].mean())
 
 
 def _pearson(image, a: int = 1, b: int = 2) -> float:
@@ -261,3 +270,49 @@ def test_write_dataset_refuses_to_overwrite(tmp_path):
     assert len(list((out / "images").iterdir())) == 2
     with pytest.raises(InputError, match="classes must be in"):
         write_synthetic_dataset(tmp_path / "x", classes=9, progress=False)
+
+
+# --------------------------------------------------------------------------- sparsity filter and z extent
+
+
+@pytest.fixture(scope="module")
+def default_phantoms():
+    """One default-sized phantom per class at the default difficulty."""
+    return [make_phantom(k, seed=image_seed(3, k, 0)) for k in range(5)]
+
+
+def _patch_ratios(image, size: int = 64):
+    """Per-channel foreground ratios (organelle channels) of every patch, split into patches far
+    from every cell (empty field) and patches centred on a cell."""
+    from cytofuse.patches import PatchSettings, extract_patches
+
+    res = extract_patches(image.data[1:], channel_names=CHANNELS[1:], settings=PatchSettings(size=size, min_ratio=0))
+    centers = np.array(image.metadata["cell_centers_yx"])
+    mid = res.origins[:, 1:] + size / 2
+    gap = np.maximum(0, np.abs(centers[None] - mid[:, None]) - size / 2)  # patch edge to cell centre, per axis
+    empty = np.hypot(*gap.transpose(2, 0, 1)).min(1) > 72  # beyond the largest cell radius plus blur
+    centred = np.hypot(*(centers[None] - mid[:, None]).transpose(2, 0, 1)).min(1) < 16
+    return res.ratios[empty], res.ratios[centred]
+
+
+def test_otsu_filter_separates_empty_field_from_cells(default_phantoms):
+    """The global Otsu threshold of each organelle channel lies above the background noise:
+    empty patches have (almost) no foreground, patches on cells have plenty."""
+    empty, centred = zip(*(_patch_ratios(im) for im in default_phantoms))
+    empty, centred = np.concatenate(empty), np.concatenate(centred)
+    assert len(empty) > 50 and len(centred) > 20
+    assert empty.max() < 0.02, empty.max(0)
+    assert (np.median(centred, axis=0) > 0.2).all(), np.median(centred, axis=0)
+    assert np.mean(centred.mean(1) >= 0.05) > 0.6  # most cell patches pass a 5 % "mean" minimum
+
+
+def test_organelle_signal_spans_the_z_range(default_phantoms):
+    """Cells sit at different heights and organelles span several slices: over a few images
+    every slice has cell foreground, none is pure noise (a single cell spans about five)."""
+    profiles = []
+    for im in default_phantoms:
+        a = im.data[1:].astype(np.float32)
+        per_slice = np.mean([(c > threshold_otsu(c)).mean(axis=(1, 2)) for c in a], axis=0)
+        profiles.append(per_slice / per_slice.max())
+        assert (per_slice > 0.25 * per_slice.max()).sum() >= 5, np.round(profiles[-1], 2)
+    assert np.mean(profiles, axis=0).min() > 0.15, np.round(np.mean(profiles, axis=0), 2)

@@ -92,6 +92,14 @@ _MITO_STEP = 0.5
 _MITO_WEIGHT = 1.6  # per walk step: tubules peak near half a punctum
 _POINT_PEAK = float((2 * np.pi) ** 1.5 * np.prod(_PSF_SIGMA))  # weight of a point whose blur peaks at 1
 _REF_CYTOPLASM = np.pi * (46.0**2 - 18.0**2)  # cytoplasm area of a typical cell, px^2
+# Imaging is tuned like a confocal field: a dark, quiet background and a diffuse cytoplasmic stain
+# that stands several noise sd above it, so a global Otsu threshold falls between empty field and
+# cells in every channel (organelles alone are too sparse to pull it out of the noise).
+_DIFFUSE = 0.25  # diffuse cytoplasmic stain of the organelle channels, relative to an organelle peak
+_AUTO = (0.5, 1.5)  # autofluorescence range, photons per voxel
+_READ_SD = (1.0, 2.0)  # read noise sd at difficulty 0 and its increase at difficulty 1
+_Z_SPREAD = 0.8  # cell z-centres spread uniformly over this fraction of the stack
+_MITO_Z = 0.6  # mitochondria lie within this fraction of the local half thickness
 
 
 def class_index(label: int | str) -> int:
@@ -206,7 +214,7 @@ def _place_cells(rng: np.random.Generator, shape: tuple[int, int, int], density:
         frame=frame,
         r_nuc=rng.uniform(15, 21, n),
         r_cell=np.array(radii),
-        z_center=(z - 1) / 2 + rng.normal(0, 0.4, n),
+        z_center=(z - 1) / 2 + rng.normal(0, 0.4, n) + (z - 1) * _Z_SPREAD * rng.uniform(-0.5, 0.5, n),
         half_thick=rng.uniform(3.0, 4.0, n),
         nuc_half_z=rng.uniform(2.2, 2.8, n),
         cluster_angle=rng.uniform(-np.pi, np.pi, n),
@@ -288,7 +296,7 @@ def _mito_network(rng: np.random.Generator, cells: _Cells, spec: ClassSpec) -> t
     pts, angs, owner = _walk(rng, cells, cell, start, rng.uniform(-np.pi, np.pi, len(cell)), steps)
     n_branch = rng.poisson(spec.mito_branches, len(cell))
     b_seg = np.repeat(np.arange(len(cell)), n_branch)
-    zoff_seg = rng.uniform(-0.35, 0.35, len(cell))
+    zoff_seg = rng.uniform(-_MITO_Z, _MITO_Z, len(cell))
     if len(b_seg):
         seg_first = np.searchsorted(owner, b_seg)
         at = seg_first + (rng.uniform(0, 1, len(b_seg)) * steps[b_seg]).astype(int)
@@ -441,7 +449,7 @@ def _organelles(streams: list, cells: _Cells, spec: ClassSpec, control: ClassSpe
     _splat(volume[1], mito[0], _MITO_WEIGHT * _swelling(spec) * cells.brightness[mito[1], 1])
     _splat(volume[2], ee_pts, ee_w * cells.brightness[ee_cell, 2])
     _splat(volume[3], re_pts, re_w * cells.brightness[re_cell, 3])
-    volume[1:] += 0.06 * cytoplasm  # faint diffuse stain outlines the cells
+    volume[1:] += _DIFFUSE * cytoplasm  # faint diffuse stain outlines the cells
     return volume
 
 
@@ -503,11 +511,11 @@ def make_phantom(
     cells = _place_cells(layout, shape, cell_density)
     brightness = layout.lognormal(0.0, 0.3, 4) * factors["brightness"]
     offset = layout.uniform(90, 130, 4) * factors["background"]
-    auto = layout.uniform(2, 6, 4) * factors["background"]
+    auto = layout.uniform(*_AUTO, 4) * factors["background"]
     gain = layout.uniform(0.8, 1.2)
     volume = _organelles(streams[1:6], cells, spec, _at_difficulty(CLASS_SPECS[0], difficulty), shape)
 
-    photons, read_sd = 150.0 * (1 - 0.6 * difficulty), 2.0 + 6.0 * difficulty
+    photons, read_sd = 150.0 * (1 - 0.6 * difficulty), _READ_SD[0] + _READ_SD[1] * difficulty
     data = np.empty(volume.shape, np.uint16)
     for c in range(4):
         signal = ndimage.gaussian_filter(volume[c], _PSF_SIGMA, mode="constant", truncate=3.0) * brightness[c]
