@@ -4,4 +4,12 @@ Arrays follow one axis order everywhere: (C, Z, Y, X) for images and
 (C, Y, X) for 2D patches.
 """
 
+import os
+
+# OpenMP threads that spin while waiting made CPU training ~9x slower whenever another
+# process (a data loader, a second job) shared the cores; passive waiting costs little when
+# the cores are free. Takes effect only if cytofuse is imported before torch; a value set by
+# the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
