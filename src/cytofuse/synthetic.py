@@ -95,9 +95,11 @@ _REF_CYTOPLASM = np.pi * (46.0**2 - 18.0**2)  # cytoplasm area of a typical cell
 # Imaging is tuned like a confocal field: a dark, quiet background and a diffuse cytoplasmic stain
 # that stands several noise sd above it, so a global Otsu threshold falls between empty field and
 # cells in every channel (organelles alone are too sparse to pull it out of the noise).
-_DIFFUSE = 0.25  # diffuse cytoplasmic stain of the organelle channels, relative to an organelle peak
+_DIFFUSE = 0.15  # diffuse cytoplasmic stain of the organelle channels, relative to an organelle peak
 _AUTO = (0.5, 1.5)  # autofluorescence range, photons per voxel
 _READ_SD = (1.0, 2.0)  # read noise sd at difficulty 0 and its increase at difficulty 1
+_MITO_DENSITY = 0.25  # mitochondrial length per cytoplasm area, px / px^2
+_EE_PER_CELL, _RE_PER_CELL = 100, 80  # endosomes in a cell of typical size
 _Z_SPREAD = 0.8  # cell z-centres spread uniformly over this fraction of the stack
 _MITO_Z = 0.6  # mitochondria lie within this fraction of the local half thickness
 
@@ -289,7 +291,7 @@ def _mito_network(rng: np.random.Generator, cells: _Cells, spec: ClassSpec) -> t
     the total mass per cell (length times swelling) depends on its cytoplasm area only.
     """
     per_segment = spec.mito_length * (1 + 0.5 * spec.mito_branches) * _swelling(spec)
-    n_seg = rng.poisson(0.14 * _cytoplasm_area(cells) / per_segment)
+    n_seg = rng.poisson(_MITO_DENSITY * _cytoplasm_area(cells) / per_segment)
     cell = np.repeat(np.arange(len(cells)), n_seg)
     start = _uniform_in_cytoplasm(rng, cells, cell)
     steps = np.maximum(1, rng.gamma(4.0, spec.mito_length / 4.0, len(cell)) / _MITO_STEP).astype(int)
@@ -319,7 +321,7 @@ def _early_endosomes(
     Perinuclear ones gather on one side of the nucleus; the others sit on the real network
     (fraction ``ee_on_mito``) or on the unrendered ``ghost`` network of the same statistics.
     """
-    n = rng.poisson(40 * _cytoplasm_area(cells) / _REF_CYTOPLASM)
+    n = rng.poisson(_EE_PER_CELL * _cytoplasm_area(cells) / _REF_CYTOPLASM)
     cell = np.repeat(np.arange(len(cells)), n)
     mode, pick, jitter = rng.uniform(0, 1, len(cell)), rng.uniform(0, 1, len(cell)), rng.normal(0, 1, (len(cell), 3))
     peri_frac = np.abs(rng.normal(0, 0.15, len(cell)))
@@ -355,7 +357,7 @@ def _recycling_endosomes(
     rng: np.random.Generator, cells: _Cells, spec: ClassSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Points, weights and cells of recycling endosomes at radius ``re_radius``."""
-    n = rng.poisson(30 * _cytoplasm_area(cells) / _REF_CYTOPLASM)
+    n = rng.poisson(_RE_PER_CELL * _cytoplasm_area(cells) / _REF_CYTOPLASM)
     cell = np.repeat(np.arange(len(cells)), n)
     frac = np.clip(rng.normal(spec.re_radius, 0.12, len(cell)), 0.02, 0.98)
     local = _radial_points(cells, cell, frac, rng.uniform(-np.pi, np.pi, len(cell)))
