@@ -99,6 +99,7 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     assert 0.0 <= metrics["cv"]["image"]["summary"]["balanced_accuracy"]["mean"] <= 1.0
     assert "4-fold CV" in metrics["measured_on"]
     assert (folder / "fold_3" / "best.safetensors").is_file()
+    assert (folder / "training_curves.png").stat().st_size > 0 and (folder / "training_curves.svg").is_file()
     assert set(result.summary["model"]) == {"early", "single:mitochondria", "late"}
     params = result.summary.drop_duplicates("model").set_index("model")["parameters"]
     assert params["late"] > 2.5 * params["single:mitochondria"]  # three encoders and classifiers vs one
@@ -164,3 +165,28 @@ def test_an_interrupted_cv_resumes_without_refitting_finished_folds(tiny_set, tm
     result = run_cv(cfg, tmp_path / "run", progress=False)  # resumes: the folder is unfinished
     assert (tmp_path / "run" / "models" / "early" / "fold_0" / "best.safetensors").stat().st_mtime_ns == first
     assert result.predictions["early"]["fold"].nunique() == 2
+
+
+def test_held_out_test_set_is_grouped_and_predicted_by_the_fold_ensemble(tmp_path):
+    import torch
+
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=6, shape=(2, 96, 96), seed=1, progress=False)
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(data / "labels.csv")},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "test_fraction": 0.25},
+    })
+    result = run_cv(cfg, tmp_path / "run", progress=False)
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    held = folds[folds["fold"] == -1]
+    assert 2 <= held["group"].nunique() <= 4 and held["y_true"].nunique() == 2  # about a quarter, both classes
+    assert not set(held["group"]) & set(folds.loc[folds["fold"] >= 0, "group"])
+    test_pred = pd.read_parquet(tmp_path / "run" / "models" / "early" / "test_predictions.parquet")
+    assert sorted(test_pred["patch_id"]) == sorted(held["patch_id"])
+    assert "test" in result.metrics["early"] and "held-out test set" in result.metrics["early"]["measured_on"]

@@ -189,6 +189,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
             test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1))
     predictions = pd.concat(parts, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
+    _plot_curves(out, n_folds)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     if test_probs:
         held = _ensemble(test_probs, classes)
@@ -202,6 +203,15 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out / "metrics.json")
     return predictions, metrics
+
+
+def _plot_curves(out: Path, n_folds: int) -> None:
+    """Training curves of every fold in one figure (PNG and SVG)."""
+    from .evaluate import plot_training_curves
+
+    histories = {k: pd.read_csv(out / f"fold_{k}" / "history.csv") for k in range(n_folds) if (out / f"fold_{k}" / "history.csv").is_file()}
+    if histories:
+        plot_training_curves(histories, out / "training_curves")
 
 
 def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
