@@ -138,9 +138,18 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     folds.to_csv(run_dir / "folds.csv", index=False)
     cache = _cache(image_set, index, run_dir, progress=progress)
     predictions, metrics = {}, {}
-    for model_cfg in cfg.models:
-        name = model_cfg.display_name
-        predictions[name], metrics[name] = _cv_model(model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name), progress=progress)
+    from rich.progress import Progress
+
+    n_folds = int(folds["fold"].max()) + 1
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("cross-validation", total=len(cfg.models) * n_folds)
+        for model_cfg in cfg.models:
+            name = model_cfg.display_name
+            bar.update(task, description=f"cross-validation: {name}")
+            predictions[name], metrics[name] = _cv_model(
+                model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name),
+                progress=progress, on_fold=lambda: bar.advance(task),
+            )
     summary = summary_table(metrics)
     summary.to_csv(run_dir / "summary.csv", index=False)
     mark_finished(run_dir)
@@ -165,7 +174,7 @@ def _cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
 
 
 def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
-              classes: list[str], out: Path, *, progress: bool) -> tuple[pd.DataFrame, dict]:
+              classes: list[str], out: Path, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
     from .evaluate import evaluate_run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +196,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         parts.append(_predict(model, cache, rows, folds, test, classes, fold=k))
         if len(test_pool):
             test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1))
+        on_fold()
     predictions = pd.concat(parts, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     _plot_curves(out, n_folds)
