@@ -138,17 +138,28 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     folds.to_csv(run_dir / "folds.csv", index=False)
     cache = _cache(image_set, index, run_dir, progress=progress)
     predictions, metrics = {}, {}
+    n_folds = int(folds["fold"].max()) + 1
+    # Lightning draws its own rich progress bar while training; rich allows one live display at a
+    # time, so the overall bar is shown only when training bars are off, and lines otherwise.
+    bars = progress and cfg.train_settings.progress
+    from rich.console import Console
     from rich.progress import Progress
 
-    n_folds = int(folds["fold"].max()) + 1
-    with Progress(disable=not progress) as bar:
+    with Progress(disable=not progress or bars) as bar:
         task = bar.add_task("cross-validation", total=len(cfg.models) * n_folds)
         for model_cfg in cfg.models:
             name = model_cfg.display_name
             bar.update(task, description=f"cross-validation: {name}")
+            done = iter(range(1, n_folds + 1))
+
+            def on_fold(name=name, done=done) -> None:
+                bar.advance(task)
+                if bars:
+                    Console(stderr=True).print(f"[bold]{name}[/]: fold {next(done)}/{n_folds} done")
+
             predictions[name], metrics[name] = _cv_model(
                 model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name),
-                progress=progress, on_fold=lambda: bar.advance(task),
+                progress=progress, on_fold=on_fold,
             )
     summary = summary_table(metrics)
     summary.to_csv(run_dir / "summary.csv", index=False)

@@ -489,7 +489,8 @@ def to_rich_table(table: pd.DataFrame, *, title: str | None = None):
     from rich.table import Table
 
     out = Table(title=title)
-    out.add_column(table.index.name or "")
+    width = max([len(str(n)) for n in table.index] + [1])
+    out.add_column(table.index.name or "", no_wrap=True, min_width=width)  # names stay whole; numbers may wrap
     for column in table.columns:
         out.add_column(str(column), justify="right")
     for name, row in table.iterrows():

@@ -100,6 +100,7 @@ def print_cv_summary(result) -> None:
     first = next(iter(result.metrics.values()))
     for level in ("patch", "image"):
         table = format_summary_table({k: v["cv"] for k, v in result.metrics.items()}, level=level)
+        table = table.drop(columns=[c for c in table.columns if str(c) == "Accuracy"])  # the paper's four metrics
         console.print(to_rich_table(table, title=f"{level}-level metrics, mean ± sd over folds"))
     console.print(f"measured on: {first['measured_on']}")
     console.print(f"run folder: {result.run_dir}")
