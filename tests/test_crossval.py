@@ -190,3 +190,20 @@ def test_held_out_test_set_is_grouped_and_predicted_by_the_fold_ensemble(tmp_pat
     test_pred = pd.read_parquet(tmp_path / "run" / "models" / "early" / "test_predictions.parquet")
     assert sorted(test_pred["patch_id"]) == sorted(held["patch_id"])
     assert "test" in result.metrics["early"] and "held-out test set" in result.metrics["early"]["measured_on"]
+
+
+@pytest.mark.parametrize("train_bars", [True, False])
+def test_progress_display_works_with_and_without_training_bars(tiny_set, tmp_path, capsys, train_bars):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(tiny_set)},
+        "patches": {"size": 48, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": train_bars, "accelerator": "cpu"},
+        "cv": {"n_folds": 2},
+    })
+    run_cv(cfg, tmp_path / "run", progress=True)  # rich allows one live display: nesting used to crash
+    err = capsys.readouterr().err
+    assert ("early: fold 2/2 done" in err) == train_bars
