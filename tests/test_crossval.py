@@ -105,6 +105,10 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     assert params["late"] > 2.5 * params["single:mitochondria"]  # three encoders and classifiers vs one
     from safetensors.numpy import load_file
 
+    from cytofuse.models import load_model
+
+    rebuilt = load_model(tmp_path / "run" / "models" / "late" / "fold_0" / "best.safetensors")
+    assert rebuilt.fusion == "late" and rebuilt.num_classes == 2 and rebuilt.in_channels == 3
     late = load_file(tmp_path / "run" / "models" / "late" / "fold_0" / "best.safetensors")
     weights = np.exp(late["head.weight_logits"])
     assert weights.shape == (3,) and weights.sum() == pytest.approx(1.0, abs=1e-5)

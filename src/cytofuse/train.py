@@ -213,12 +213,23 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state dict as safetensors (temp name, then rename)."""
+    """Write the model's state dict as safetensors (temp name, then rename).
+
+    The model's ``config`` (its ``create_model`` arguments) is stored beside ``metadata`` so
+    that ``cytofuse.models.load_model`` can rebuild it from the file alone.
+    """
+    import json
+
     from safetensors.torch import save_file
 
+    from .models.weights import CONFIG_KEY
+
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = dict(metadata or {})
+    if getattr(model, "config", None):
+        meta[CONFIG_KEY] = json.dumps(model.config)
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(state, str(tmp), metadata=metadata)
+    save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
