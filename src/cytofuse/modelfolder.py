@@ -1,0 +1,284 @@
+"""The model folder: a trained classifier with everything prediction needs to redo its preprocessing.
+
+Layout::
+
+    MODEL_DIR/
+      model.yaml           the card (``ModelCard``)
+      weights.safetensors  one model, or fold_0.safetensors ... fold_{k-1}.safetensors (an ensemble:
+                           the mean of the fold models' class probabilities)
+
+Every weights file carries its ``create_model`` arguments (``cytofuse.models.save_weights``),
+so the folder rebuilds without the run that made it. A folder written by a newer format,
+or whose weights disagree with the card's channels or classes, is refused with an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError, RunFolderError
+from .patches import PatchSettings
+
+if TYPE_CHECKING:
+    from torch import nn
+
+FORMAT = "cytofuse-model"
+FORMAT_VERSION = 1
+CARD_FILE = "model.yaml"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of python and the libraries a model's numbers depend on (read without importing them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "monai"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _cytofuse_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class ModelCard(BaseModel):
+    """What a model folder holds: classes, input channels, patching and normalisation rules, provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["cytofuse-model"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    cytofuse_version: str = Field(default_factory=_cytofuse_version)
+    class_names: list[str] = Field(..., min_length=2, description="Classes in the order of the model's outputs.")
+    channel_names: list[str] = Field(..., min_length=1, description="The model's input channels, in order, by name.")
+    patches: dict = Field(default_factory=dict, description="The PatchSettings used in training.")
+    normalisation: dict = Field(
+        default_factory=lambda: {"method": "percentile", "percentiles": [1.0, 99.8]},
+        description="Per image and channel: (raw - low) / max(high - low, eps) with that image's percentiles.",
+    )
+    weights: list[str] = Field(default_factory=list, description="Weight files; more than one is an ensemble.")
+    model: dict = Field(default_factory=dict, description="The model's create_model arguments (for display).")
+    trained_on: dict = Field(default_factory=dict, description="Images, patches, epochs, source run.")
+    software: dict = Field(default_factory=software_versions)
+
+    @field_validator("normalisation")
+    @classmethod
+    def _check_normalisation(cls, value: dict) -> dict:
+        if value.get("method") != "percentile" or len(value.get("percentiles", ())) != 2:
+            raise ValueError(f"normalisation must be {{method: percentile, percentiles: [low, high]}}, got {value}")
+        return value
+
+    def patch_settings(self) -> PatchSettings:
+        """The training PatchSettings for prediction: the card's channels, every patch (no per-image cap)."""
+        raw = dict(self.patches) | {"channels": None, "exclude_channels": [], "max_per_image": None}
+        raw["percentiles"] = tuple(self.normalisation["percentiles"])
+        return PatchSettings.model_validate(raw)
+
+
+def card_for(models: list["nn.Module"], *, class_names: list[str], channel_names: list[str],
+             patches: PatchSettings, trained_on: dict | None = None) -> ModelCard:
+    """A card for ``models`` trained with ``patches`` (weights names are set when the folder is written)."""
+    return ModelCard(
+        class_names=list(class_names), channel_names=list(channel_names),
+        patches=patches.model_dump(mode="json"),
+        normalisation={"method": "percentile", "percentiles": list(patches.percentiles)},
+        model=dict(getattr(models[0], "config", None) or {}), trained_on=dict(trained_on or {}),
+    )
+
+
+def weight_names(n: int) -> list[str]:
+    """File names of ``n`` weight files: one model, or the folds of an ensemble."""
+    return ["weights.safetensors"] if n == 1 else [f"fold_{k}.safetensors" for k in range(n)]
+
+
+def _check_config(config: dict, card: ModelCard, where: str) -> None:
+    """A model's stored config must match the card's channels and classes."""
+    if not config:
+        raise InputError(f"{where} has no stored model config; it was not written by cytofuse")
+    want = (len(card.channel_names), len(card.class_names))
+    got = (config.get("in_channels"), config.get("num_classes"))
+    if got != want:
+        raise InputError(
+            f"{where} takes {got[0]} channels and predicts {got[1]} classes, but the card lists "
+            f"{want[0]} channels {card.channel_names} and {want[1]} classes {card.class_names}"
+        )
+
+
+def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCard, *, overwrite: bool = False) -> Path:
+    """Write ``models`` (one, or the folds of an ensemble) and ``card`` to the folder ``out``.
+
+    Written to a temporary folder beside ``out`` and renamed into place; an existing ``out``
+    is replaced only with ``overwrite`` and only when it is empty or a model folder.
+    """
+    from .models import save_weights
+
+    out = Path(out)
+    if not models:
+        raise InputError(f"write_model_folder: models must hold at least one model, got {models!r}")
+    _check_target(out, overwrite)
+    names = weight_names(len(models))
+    card = card.model_copy(update={"weights": names})
+    for k, model in enumerate(models):
+        _check_config(dict(getattr(model, "config", None) or {}), card, f"write_model_folder: models[{k}]")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for model, name in zip(models, names):
+            save_weights(model, tmp / name)
+        (tmp / CARD_FILE).write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunFolderError(f"model folder {out} exists and is not a folder")
+    if any(out.iterdir()) and not (out / CARD_FILE).is_file():
+        raise RunFolderError(f"{out} exists and is not a model folder; choose a new output folder")
+    if not overwrite and any(out.iterdir()):
+        raise RunFolderError(f"model folder {out} exists; pass --overwrite to replace it or choose a new output folder")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed afterwards."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The validated card of a model folder; clear errors for anything that is not a readable one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"model folder {path} does not exist or is not a folder")
+    card_file = path / CARD_FILE
+    if not card_file.is_file():
+        raise InputError(f"{path} is not a cytofuse model folder: it has no {CARD_FILE}")
+    try:
+        raw = yaml.safe_load(card_file.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{card_file} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise InputError(f"{card_file} is not a cytofuse model card: format must be {FORMAT!r}, got {found!r}")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{card_file}: format_version must be a positive int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{card_file} has format_version {version}, written by cytofuse {raw.get('cytofuse_version', '?')}; "
+            f"this cytofuse reads format_version <= {FORMAT_VERSION}: upgrade cytofuse to use this model"
+        )
+    try:
+        return ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise InputError(f"invalid model card {card_file}:\n  " + "\n  ".join(lines)) from None
+
+
+def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
+    """The models (eval mode) and card of a model folder written by ``write_model_folder``."""
+    from .models import load_model, read_model_config
+
+    path = Path(path)
+    card = read_card(path)
+    if not card.weights:
+        raise InputError(f"{path / CARD_FILE} lists no weight files")
+    models = []
+    for name in card.weights:
+        file = path / name
+        if not file.is_file():
+            raise InputError(f"model folder {path} lacks the weights file {name} listed in {CARD_FILE}")
+        _check_config(read_model_config(file), card, str(file))
+        models.append(load_model(file))
+    return models, card
+
+
+# --------------------------------------------------------------------------- from a CV run
+
+
+def cv_model_names(run_dir: str | Path) -> list[str]:
+    """Display names of the models of a CV run, from its config.yaml."""
+    return [m.display_name for m in _run_config(Path(run_dir)).models]
+
+
+def _run_config(run_dir: Path):
+    from .config import validate_config
+
+    file = run_dir / "config.yaml"
+    if not file.is_file():
+        raise InputError(f"{run_dir} is neither a model folder nor a CV run folder: it has no {CARD_FILE} or config.yaml")
+    return validate_config(yaml.safe_load(file.read_text()) or {}, source=str(file))
+
+
+def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[str, list[Path]]:
+    """The chosen model's display name and its fold folders (fold_0, fold_1, ...) in a CV run."""
+    from .crossval import _safe
+
+    run_dir = Path(run_dir)
+    names = [m.display_name for m in _run_config(run_dir).models]
+    if model_name is None:
+        if len(names) != 1:
+            raise InputError(f"CV run {run_dir} has models {names}; choose one with model_name")
+        model_name = names[0]
+    if model_name not in names:
+        raise InputError(f"model_name must be one of {names} (the models of CV run {run_dir}), got {model_name!r}")
+    base = run_dir / "models" / _safe(model_name)
+    folds = sorted(base.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    folds = [f for f in folds if (f / "best.safetensors").is_file()]
+    if not folds:
+        raise InputError(f"CV run {run_dir} has no trained fold of model {model_name!r} (no {base}/fold_*/best.safetensors)")
+    return model_name, folds
+
+
+def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:
+    """The fold models of a CV run as an ensemble, with a card built from the run's config and patch index."""
+    import pyarrow.parquet as pq
+
+    from .models import load_model
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    name, folds = cv_fold_dirs(run_dir, model_name)
+    patches_file = run_dir / "patches.parquet"
+    if not patches_file.is_file():
+        raise InputError(f"CV run {run_dir} lacks patches.parquet; the run did not finish its patch stage")
+    columns = pq.read_schema(patches_file).names
+    channels = [c[3:] for c in columns if c.startswith("fg_")]
+    table = pq.read_table(patches_file, columns=["label", "image_id"]).to_pandas()
+    classes = sorted(table["label"].astype(str).unique().tolist())
+    models = [load_model(f / "best.safetensors") for f in folds]
+    trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
+                  "images": int(table["image_id"].nunique()), "patches": int(len(table))}
+    card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on)
+    card = card.model_copy(update={"weights": weight_names(len(models))})
+    for k, model in enumerate(models):
+        _check_config(model.config, card, str(folds[k] / "best.safetensors"))
+    return models, card
+
+
+def load_models(path: str | Path, *, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:
+    """A model folder, or the fold ensemble of a CV run folder (told apart by model.yaml vs config.yaml)."""
+    path = Path(path)
+    if (path / CARD_FILE).is_file() or not (path / "config.yaml").is_file():
+        return read_model_folder(path)
+    return model_folder_from_cv(path, model_name)
