@@ -1,0 +1,107 @@
+"""The final model: one fit on every labelled image for a fixed number of epochs, saved as a model folder.
+
+With all images in training nothing is left to early-stop on, so the number of epochs is
+given, or taken from a CV run of the same model: the median over folds of the best epoch's
+count (``fit.json``'s 0-based ``best_epoch`` + 1, or the best row of ``history.csv``). The
+fit reuses ``cytofuse.train.fit``; its validation set is a few training patches that only
+satisfy the trainer (no held-out data exists), and the weights of the LAST epoch are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelSettings, RunConfig
+from .errors import InputError
+
+_DUMMY_VAL = 32  # training patches handed to the trainer as its (not held-out) validation set
+
+
+def _best_epoch(fold: Path) -> int:
+    """0-based best epoch of one CV fold, from fit.json or history.csv."""
+    state = fold / "fit.json"
+    if state.is_file():
+        best = json.loads(state.read_text()).get("best_epoch")
+        if best is not None:
+            return int(best)
+    history = fold / "history.csv"
+    if not history.is_file():
+        raise InputError(f"CV fold {fold} has neither fit.json with best_epoch nor history.csv")
+    import pandas as pd
+
+    table = pd.read_csv(history)
+    return int(table.loc[table["val_balanced_accuracy"].idxmax(), "epoch"])
+
+
+def epochs_from_cv(cv_run: str | Path, model_name: str | None = None) -> int:
+    """Epochs for the final fit: median over the run's folds of (best epoch + 1), rounded."""
+    from .modelfolder import cv_fold_dirs
+
+    _, folds = cv_fold_dirs(cv_run, model_name)
+    return int(round(float(np.median([_best_epoch(f) for f in folds])))) + 1
+
+
+def _model_settings(cfg: RunConfig, model_name: str | None) -> ModelSettings:
+    names = [m.display_name for m in cfg.models]
+    if model_name is None:
+        if len(cfg.models) != 1:
+            raise InputError(f"the config has models {names}; choose the one to train with model_name")
+        return cfg.models[0]
+    if model_name not in names:
+        raise InputError(f"model_name must be one of {names}, got {model_name!r}")
+    return cfg.models[names.index(model_name)]
+
+
+def _last_epoch_state(ckpt: Path) -> dict:
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, cv_run: str | Path | None = None,
+                model_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Fit ``model_name`` of ``cfg`` on all images for ``epochs`` (or the CV run's) and write the model folder ``out``."""
+    from .crossval import _cache, _fit_fold
+    from .modelfolder import _check_target, card_for, write_model_folder
+    from .patches import build_patch_index
+    from .pipeline import load_image_set
+
+    out = Path(out)
+    _check_target(out, overwrite)
+    model_cfg = _model_settings(cfg, model_name)
+    if epochs is None:
+        if cv_run is None:
+            raise InputError("train_final needs epochs or cv_run (a CV run of the same model to take epochs from)")
+        epochs = epochs_from_cv(cv_run, model_cfg.display_name)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"epochs must be an int >= 1, got {epochs!r}")
+    image_set = load_image_set(cfg.data)
+    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    work = out.with_name(f".{out.name}.work")
+    index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress)
+    classes = sorted(index.patches["label"].unique().tolist())
+    if len(classes) < 2:
+        raise InputError(f"train_final needs at least two classes with patches, got {classes}")
+    cache = _cache(image_set, index, work, progress=progress)
+    rows = cache.positions(index.patches["patch_id"].to_numpy())
+    labels = index.patches["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    all_idx = np.arange(len(labels))
+    val_idx = np.random.default_rng(0).choice(all_idx, min(_DUMMY_VAL, len(all_idx)), replace=False)
+    settings = cfg.train_settings
+    settings = settings.model_copy(update={"max_epochs": epochs, "patience": epochs + 1,
+                                           "progress": progress and settings.progress})
+    model = _fit_fold(model_cfg, cache, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
+    model.load_state_dict(_last_epoch_state(work / "fit" / "last.ckpt"))
+    trained_on = {"images": int(index.patches["image_id"].nunique()), "patches": int(len(labels)), "epochs": epochs,
+                  "epochs_from": Path(cv_run).name if cv_run is not None else "given", "model_name": model_cfg.display_name,
+                  "patches_per_class": {c: int((labels == i).sum()) for i, c in enumerate(classes)}}
+    card = card_for([model], class_names=classes, channel_names=list(index.channel_names), patches=cfg.patches,
+                    trained_on=trained_on)
+    write_model_folder(out, [model.eval()], card, overwrite=overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return out

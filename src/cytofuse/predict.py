@@ -1,0 +1,443 @@
+"""Whole-image prediction with a model folder (or a CV run's fold ensemble), and heat-map stitching.
+
+Every image gets exactly the training preprocessing, computed on that image: the card's
+channels selected by name, the global Otsu thresholds and the normalisation percentiles of
+that stack, the same patch grid and sparsity filter (``cytofuse.patches.extract_patches``;
+only the training cap ``max_per_image`` is lifted, so every kept position is predicted).
+Patches are cut, normalised and batched by a background thread while the model runs, so
+at most a few batches exist beside the stack. An ensemble averages class probabilities.
+
+Outputs (``out``)::
+
+    summary.csv, summary.parquet   one row per image: patches, prob_<class> (mean of the
+                                   patch probabilities), decision (the most probable class)
+    patches.parquet                one row per kept patch: image, z, y, x, prob_<class>
+    images/<name>/heatmap.tif      (classes, Z, Y, X) float32 OME-TIFF: each pixel the mean
+                                   probability of the patches covering it; NaN where no kept
+                                   patch covers it (filtered out, skipped slice, image border)
+    images/<name>/heatmap_max.tif  (classes, Y, X) maximum over z (NaN-aware)
+    images/<name>/overlay.png      the image (max projection) beside each class's heat map
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .errors import InputError, RunFolderError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from .io import Image
+    from .modelfolder import ModelCard
+    from .patches import ImagePatches
+
+_EPS = 1e-6  # as in cytofuse.data: (raw - lo) / max(hi - lo, eps)
+SUMMARY_FILE = "summary.csv"
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def select_model_channels(image: "Image", channel_names: Sequence[str]) -> np.ndarray:
+    """The (C, Z, Y, X) data of the model's channels, picked by name; error listing expected vs found."""
+    found, expected = list(image.channel_names), list(channel_names)
+    missing = [c for c in expected if c not in found]
+    if missing:
+        hint = (" (the file stores no channel names: name them with channel_names=...)"
+                if all(n == f"ch{i}" for i, n in enumerate(found)) else "")
+        raise InputError(
+            f"image {image.source or '<array>'}: the model expects channels {expected} but the image has "
+            f"{len(found)} channels {found}; missing {missing}{hint}"
+        )
+    idx = [found.index(c) for c in expected]
+    return image.data if idx == list(range(len(found))) else image.data[idx]
+
+
+def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
+    """Thresholds, percentiles and kept patch origins of one (C, Z, Y, X) stack of the card's channels."""
+    from .patches import extract_patches
+
+    return extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
+
+
+def cut_patches(stack: np.ndarray, origins: np.ndarray, low: np.ndarray, high: np.ndarray, *, size: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Normalised float32 patches (N, C, size, size) at ``origins`` (z, y, x): (raw - low) / max(high - low, eps)."""
+    n, c = len(origins), stack.shape[0]
+    out = np.empty((n, c, size, size), np.float32) if out is None else out[:n]
+    scale = (1.0 / np.maximum(high - low, _EPS)).astype(np.float32)[:, None, None]
+    offset = np.asarray(low, np.float32)[:, None, None]
+    for k, (z, y, x) in enumerate(origins):
+        np.subtract(stack[:, z, y : y + size, x : x + size], offset, out=out[k], dtype=np.float32)
+        out[k] *= scale
+    return out
+
+
+def _batches(stack: np.ndarray, res: "ImagePatches", *, size: int, batch_size: int, pin: bool,
+             prefetch: int) -> Iterator[tuple[int, "torch.Tensor"]]:
+    """(start, batch) pairs, cut by a background thread ``prefetch`` batches ahead (0: inline)."""
+    import torch
+
+    def make(start: int) -> "torch.Tensor":
+        origins = res.origins[start : start + batch_size]
+        x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size))
+        return x.pin_memory() if pin else x
+
+    starts = range(0, len(res.origins), batch_size)
+    if prefetch <= 0:
+        yield from ((s, make(s)) for s in starts)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for s in starts:
+                if stop.is_set():
+                    return
+                q.put((s, make(s)))
+        except BaseException as err:  # handed to the consumer, which raises it
+            q.put(err)
+        q.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # drain so the producer is never blocked on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast speeds it up."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _use_bf16(precision: str) -> bool:
+    if precision not in ("fp32", "bf16", "auto"):
+        raise InputError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and bf16_supported())
+
+
+def prepare_models(models: Sequence["torch.nn.Module"], *, device: str = "cpu") -> list["torch.nn.Module"]:
+    """Models in eval mode, channels_last, on ``device``."""
+    import torch
+
+    return [m.eval().to(device).to(memory_format=torch.channels_last) for m in models]
+
+
+def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf16: bool = False) -> np.ndarray:
+    """Mean class probabilities (B, K) of ``models`` on one batch (channels_last, optional bf16 autocast)."""
+    import torch
+
+    device = next(models[0].parameters()).device
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        probs = sum(torch.softmax(m(x).float(), dim=1) for m in models) / len(models)
+    return probs.cpu().numpy()
+
+
+def predict_patches(stack: np.ndarray, res: "ImagePatches", models: Sequence["torch.nn.Module"], *, size: int,
+                    batch_size: int = 64, bf16: bool = False, prefetch: int = 2) -> np.ndarray:
+    """Class probabilities (N, K) of the kept patches of one stack, streamed in batches."""
+    n_classes = int(models[0].num_classes)
+    out = np.empty((len(res.origins), n_classes), np.float32)
+    pin = next(models[0].parameters()).device.type == "cuda"
+    for start, x in _batches(stack, res, size=size, batch_size=batch_size, pin=pin, prefetch=prefetch):
+        out[start : start + len(x)] = ensemble_proba(models, x, bf16=bf16)
+    return out
+
+
+# --------------------------------------------------------------------------- stitching
+
+
+@dataclass
+class HeatMap:
+    """Per-class probability maps on a grid of ``block`` x ``block`` pixel cells (exact: patch
+    corners fall on cell corners). ``values`` is (K, Z, ny, nx); NaN where no patch covers a cell."""
+
+    values: np.ndarray
+    block: int
+    shape: tuple[int, int, int]  # image (Z, Y, X)
+
+    def plane(self, k: int, z: int) -> np.ndarray:
+        """One class and slice at image resolution (Y, X), float32."""
+        return self._upsample(self.values[k, z])
+
+    def max_projection(self) -> np.ndarray:
+        """(K, Y, X) maximum over z at image resolution; NaN where no slice has a value."""
+        import warnings
+
+        with warnings.catch_warnings():  # all-NaN columns are expected: no patch covers them
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cells = np.nanmax(self.values, axis=1) if self.values.shape[1] else self.values[:, 0]
+        return np.stack([self._upsample(c) for c in cells])
+
+    def full(self) -> np.ndarray:
+        """(K, Z, Y, X) at image resolution (large: for tests and small images)."""
+        return np.stack([np.stack([self.plane(k, z) for z in range(self.shape[0])]) for k in range(len(self.values))])
+
+    def _upsample(self, cells: np.ndarray) -> np.ndarray:
+        _, ny, nx = self.shape
+        out = np.full((ny, nx), np.nan, np.float32)
+        up = np.repeat(np.repeat(cells, self.block, axis=0), self.block, axis=1)
+        out[: up.shape[0], : up.shape[1]] = up
+        return out
+
+
+def stitch(origins: np.ndarray, probs: np.ndarray, *, shape: tuple[int, int, int], size: int, stride: int) -> HeatMap:
+    """Average the probabilities (N, K) of patches at ``origins`` (z, y, x) into per-class maps of an image (Z, Y, X)."""
+    n_z, n_y, n_x = shape
+    block = math.gcd(size, stride)
+    k_cells = size // block
+    n_classes = probs.shape[1]
+    total = np.zeros((n_classes, n_z, n_y // block, n_x // block), np.float64)
+    count = np.zeros((n_z, n_y // block, n_x // block), np.int32)
+    if len(origins):
+        z, by, bx = origins[:, 0], origins[:, 1] // block, origins[:, 2] // block
+        for dy in range(k_cells):
+            for dx in range(k_cells):
+                np.add.at(count, (z, by + dy, bx + dx), 1)
+                for k in range(n_classes):
+                    np.add.at(total[k], (z, by + dy, bx + dx), probs[:, k])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+    return HeatMap(values, block, (n_z, n_y, n_x))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_heatmap_tiff(path: Path, heat: HeatMap, class_names: Sequence[str], pixel_size_um=(None, None, None)) -> None:
+    """(K, Z, Y, X) float32 OME-TIFF written plane by plane, and its (K, Y, X) max projection beside it."""
+    import tifffile
+
+    k, (n_z, n_y, n_x) = len(class_names), heat.shape
+    meta = {"axes": "CZYX", "Channel": {"Name": list(class_names)}}
+    _, py, px = pixel_size_um
+    if py and px:
+        meta |= {"PhysicalSizeY": py, "PhysicalSizeX": px}
+    planes = (heat.plane(c, z) for c in range(k) for z in range(n_z))
+    tifffile.imwrite(path, planes, shape=(k, n_z, n_y, n_x), dtype=np.float32, ome=True, metadata=meta)
+    tifffile.imwrite(path.with_name(path.stem + "_max.tif"), heat.max_projection(), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": list(class_names)}})
+
+
+def _composite(projection: np.ndarray) -> np.ndarray:
+    """RGB (Y, X, 3) of up to three channels of a (C, Y, X) projection, each stretched to its 1-99.8 %."""
+    rgb = np.zeros((*projection.shape[1:], 3), np.float32)
+    colours = [(1, 0, 1), (0, 1, 0), (0, 0.6, 1)] if len(projection) > 1 else [(1, 1, 1)]
+    for channel, colour in zip(projection, colours):
+        lo, hi = np.percentile(channel[::4, ::4], (1, 99.8))
+        norm = np.clip((channel - lo) / max(hi - lo, _EPS), 0, 1)
+        rgb += norm[..., None] * np.asarray(colour, np.float32)
+    return np.clip(rgb, 0, 1)
+
+
+def write_overlay_png(path: Path, projection: np.ndarray, heat_max: np.ndarray, class_names: Sequence[str],
+                      *, title: str) -> None:
+    """The image (max projection) and one panel per class with its heat map over the image."""
+    from matplotlib.figure import Figure
+
+    k = len(class_names)
+    fig = Figure(figsize=(3.2 * (k + 1), 3.6), layout="constrained")
+    axes = fig.subplots(1, k + 1)
+    rgb = _composite(projection)
+    axes[0].imshow(rgb)
+    axes[0].set_title("image (max over z)", fontsize=9)
+    for ax, name, heat in zip(axes[1:], class_names, heat_max):
+        ax.imshow(rgb.mean(axis=2), cmap="gray")
+        shown = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0, vmax=1, alpha=0.6)
+        ax.set_title(f"P({name})", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=axes[-1], fraction=0.046, label="probability")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class ImageResult:
+    """What prediction produced for one image."""
+
+    name: str
+    source: str
+    probabilities: np.ndarray  # (K,) mean of the patch probabilities; NaN without patches
+    decision: str
+    patches: "pd.DataFrame"
+    heatmap: HeatMap
+    notes: list[str]
+
+
+def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
+                  batch_size: int = 64, bf16: bool = False, prefetch: int = 2) -> ImageResult:
+    """Preprocess one image as in training, predict its patches, stitch the heat maps."""
+    import pandas as pd
+
+    stack = select_model_channels(image, card.channel_names)
+    settings = card.patch_settings()
+    res = preprocess(stack, card)
+    probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16, prefetch=prefetch)
+    classes = card.class_names
+    table = pd.DataFrame(res.origins, columns=["z", "y", "x"])
+    table.insert(0, "image", name)
+    for k, c in enumerate(classes):
+        table[f"prob_{c}"] = probs[:, k]
+    notes = list(res.notes)
+    if len(probs):
+        mean = probs.mean(axis=0)
+        decision = classes[int(np.argmax(mean))]
+    else:
+        mean, decision = np.full(len(classes), np.nan, np.float32), ""
+        notes.append("no patch passed the sparsity filter: no decision")
+    heat = stitch(res.origins, probs, shape=stack.shape[1:], size=settings.size, stride=settings.step)
+    return ImageResult(name, image.source, mean, decision, table, heat, notes)
+
+
+def _image_names(images: Sequence) -> list[str]:
+    """Unique folder names from the images' file names (a suffix _2, _3, ... on repeats)."""
+    names, seen = [], {}
+    for item in images:
+        source = item.source if hasattr(item, "channel_names") else str(item)
+        stem = Path(source).name.split(".")[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside ``out``, after checking ``out`` may be (re)placed."""
+    if out.exists():
+        if not out.is_dir():
+            raise RunFolderError(f"prediction folder {out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():
+            raise RunFolderError(f"{out} exists and is not a prediction folder; choose a new --out")
+        if any(out.iterdir()) and not overwrite:
+            raise RunFolderError(f"prediction folder {out} exists; pass --overwrite to replace it or choose a new --out")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_image(folder: Path, image: "Image", result: ImageResult, class_names: Sequence[str]) -> None:
+    folder.mkdir(parents=True)
+    write_heatmap_tiff(folder / "heatmap.tif", result.heatmap, class_names, image.pixel_size_um)
+    projection = image.data.max(axis=1)
+    heat_max = result.heatmap.max_projection()
+    probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
+    write_overlay_png(folder / "overlay.png", projection, heat_max, class_names,
+                      title=f"{result.name}: {result.decision or 'no decision'} ({probs})")
+
+
+def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:
+    row = {"image": result.name, "source": result.source, "patches": len(result.patches)}
+    row |= {f"prob_{c}": float(p) for c, p in zip(class_names, result.probabilities)}
+    return row | {"decision": result.decision, "notes": "; ".join(result.notes)}
+
+
+def _read(item, channel_names: Sequence[str] | None, axes: str | None) -> "Image":
+    from .io import Image, read_image
+
+    if isinstance(item, Image):
+        return item
+    return read_image(item, axes=axes, channel_names=channel_names)
+
+
+def predict_images(
+    model_dir_or_run: str | Path,
+    images: Sequence,
+    *,
+    out: str | Path,
+    model_name: str | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+    precision: Literal["fp32", "bf16", "auto"] = "auto",
+    channel_names: Sequence[str] | None = None,
+    axes: str | None = None,
+    device: str = "cpu",
+) -> "pd.DataFrame":
+    """Predict every image (file path or ``cytofuse.io.Image``) and write the folder ``out``; return the summary.
+
+    model_dir_or_run: a model folder, or a CV run folder (its ``model_name`` folds form an ensemble).
+    workers: background threads cutting batches ahead of the model (0: cut inline).
+    precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
+    channel_names / axes: passed to ``cytofuse.io.read_image`` (names for files that store none).
+    The image decision is the class with the highest mean patch probability.
+    """
+    import pandas as pd
+    from rich.progress import Progress
+
+    from .modelfolder import load_models
+
+    if not images:
+        raise InputError("predict_images: images is empty; give at least one image file")
+    if batch_size < 1 or workers < 0:
+        raise InputError(f"batch_size must be >= 1 and workers >= 0, got batch_size={batch_size}, workers={workers}")
+    bf16 = _use_bf16(precision)
+    models, card = load_models(model_dir_or_run, model_name=model_name)
+    models = prepare_models(models, device=device)
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    rows, tables = [], []
+    try:
+        with Progress(disable=not progress) as bar:
+            task = bar.add_task("predicting images", total=len(images))
+            for item, name in zip(images, _image_names(images)):
+                image = _read(item, channel_names, axes)
+                result = predict_image(image, models, card, name=name, batch_size=batch_size, bf16=bf16,
+                                       prefetch=2 * workers)
+                _write_image(tmp / "images" / name, image, result, card.class_names)
+                rows.append(_summary_row(result, card.class_names))
+                tables.append(result.patches)
+                del image, result
+                bar.advance(task)
+        summary = pd.DataFrame(rows)
+        summary.to_csv(tmp / SUMMARY_FILE, index=False)
+        summary.to_parquet(tmp / "summary.parquet", index=False)
+        pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

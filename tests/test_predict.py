@@ -1,0 +1,237 @@
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from cytofuse.errors import InputError, RunFolderError
+from cytofuse.io import Image, write_ome_tiff
+from cytofuse.modelfolder import card_for, write_model_folder
+from cytofuse.models import create_model
+from cytofuse.patches import PatchSettings
+from cytofuse.predict import cut_patches, predict_images, stitch
+
+
+def _hand_model():
+    """Early fusion whose answer is known: class 0 where channel 0 is brighter, class 1 where channel 1 is.
+
+    Every conv passes channel 0 and 1 through its centre tap (BN is the identity), so the
+    pooled features are the channels' mean activations; the head compares them."""
+    torch.manual_seed(0)
+    model = create_model("early", in_channels=2, num_classes=2, encoder="smallcnn", dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for block in model.encoder.blocks:
+            block[0].weight[0, 0, 1, 1] = 1
+            block[0].weight[1, 1, 1, 1] = 1
+            block[1].weight.fill_(1)
+        model.head[1].weight[:, :2] = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
+    return model.eval()
+
+
+def _halves(seed=0, z=3, y=64, x=96, swap=False):
+    """Channel a bright on the left half, channel b on the right half (swapped: the other way)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 20, (2, z, y, x)).astype(np.uint16)
+    data[0, :, :, : x // 2] += 1000
+    data[1, :, :, x // 2 :] += 1000
+    return data[::-1].copy() if swap else data
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = _hand_model()
+    card = card_for([model], class_names=["a_bright", "b_bright"], channel_names=["a", "b"],
+                    patches=PatchSettings(size=16, min_ratio=0.0, drop_duplicates=False))
+    return write_model_folder(tmp_path / "model", [model], card)
+
+
+def test_heat_maps_match_patch_probabilities_and_the_known_answer(model_dir, tmp_path):
+    left = Image(_halves(), ("a", "b"), source="set/left.tif")
+    mostly_b = _halves(seed=1, x=128)
+    mostly_b[1, :, :, 32:] = mostly_b[1, :, :, 96:97]  # channel b bright on 3/4 of the width
+    mostly_b[0, :, :, 32:] = mostly_b[0, :, :, 100:101]
+    right = Image(mostly_b, ("a", "b"), source="set/right.tif")
+    summary = predict_images(model_dir, [left, right], out=tmp_path / "pred", progress=False, precision="fp32")
+    assert summary["decision"].tolist() == ["a_bright", "b_bright"]
+    assert summary["patches"].tolist() == [3 * 4 * 6, 3 * 4 * 8]
+    assert summary.loc[0, "prob_a_bright"] == pytest.approx(0.5, abs=1e-3)  # half the patches each way
+    assert summary.loc[1, "prob_b_bright"] == pytest.approx(0.75, abs=1e-3)
+    patches = pd.read_parquet(tmp_path / "pred" / "patches.parquet")
+    first = patches[patches["image"] == "left"]
+    assert (first.loc[first["x"] < 48, "prob_a_bright"] > 0.99).all()
+    assert (first.loc[first["x"] >= 48, "prob_b_bright"] > 0.99).all()
+    heat = tifffile.imread(tmp_path / "pred" / "images" / "left" / "heatmap.tif")
+    assert heat.shape == (2, 3, 64, 96) and heat.dtype == np.float32
+    for row in first.itertuples():
+        tile = heat[:, row.z, row.y : row.y + 16, row.x : row.x + 16]
+        assert np.allclose(tile[0], row.prob_a_bright) and np.allclose(tile[1], row.prob_b_bright)
+    projection = tifffile.imread(tmp_path / "pred" / "images" / "left" / "heatmap_max.tif")
+    assert projection.shape == (2, 64, 96) and np.allclose(projection, heat.max(axis=1))
+    assert (tmp_path / "pred" / "images" / "right" / "overlay.png").stat().st_size > 1000
+    csv = pd.read_csv(tmp_path / "pred" / "summary.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pred" / "summary.parquet"), csv, check_dtype=False)
+
+
+def test_channels_are_selected_by_name_from_files(model_dir, tmp_path):
+    data = _halves()
+    path = write_ome_tiff(tmp_path / "swapped.ome.tif", Image(data[::-1].copy(), ("b", "a")))
+    summary = predict_images(model_dir, [path], out=tmp_path / "pred", progress=False, precision="fp32")
+    reference = predict_images(model_dir, [Image(data, ("a", "b"))], out=tmp_path / "ref", progress=False,
+                               precision="fp32")
+    cols = ["prob_a_bright", "prob_b_bright"]
+    assert np.allclose(summary[cols].to_numpy(), reference[cols].to_numpy())
+    a = pd.read_parquet(tmp_path / "pred" / "patches.parquet")[cols].to_numpy()
+    b = pd.read_parquet(tmp_path / "ref" / "patches.parquet")[cols].to_numpy()
+    assert np.array_equal(a, b)
+
+
+def test_channel_mismatch_lists_expected_and_found(model_dir, tmp_path):
+    wrong_names = Image(_halves(), ("a", "c"), source="x.tif")
+    with pytest.raises(InputError, match=r"x.tif: the model expects channels \['a', 'b'\] but the image has 2 channels \['a', 'c'\]; missing \['b'\]"):
+        predict_images(model_dir, [wrong_names], out=tmp_path / "p1", progress=False)
+    one = Image(_halves()[:1], ("a",), source="y.tif")
+    with pytest.raises(InputError, match=r"has 1 channels \['a'\]; missing \['b'\]"):
+        predict_images(model_dir, [one], out=tmp_path / "p2", progress=False)
+    np.save(tmp_path / "plain.npy", _halves())
+    with pytest.raises(InputError, match="stores no channel names: name them with channel_names"):
+        predict_images(model_dir, [tmp_path / "plain.npy"], out=tmp_path / "p3", progress=False, axes="CZYX")
+    summary = predict_images(model_dir, [tmp_path / "plain.npy"], out=tmp_path / "p4", progress=False, axes="CZYX",
+                             channel_names=["a", "b"])
+    assert summary.loc[0, "patches"] == 72
+    assert not (tmp_path / "p1").exists() and not any(p.name.startswith(".p") for p in tmp_path.iterdir())
+
+
+def test_output_folder_is_not_overwritten_without_the_flag(model_dir, tmp_path):
+    image = Image(_halves(z=1), ("a", "b"))
+    predict_images(model_dir, [image], out=tmp_path / "pred", progress=False)
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        predict_images(model_dir, [image], out=tmp_path / "pred", progress=False)
+    predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not a prediction folder"):
+        predict_images(model_dir, [image], out=tmp_path / "other", progress=False, overwrite=True)
+
+
+def test_filtered_patches_leave_nan_and_an_empty_image_gets_no_decision(tmp_path):
+    model = _hand_model()
+    card = card_for([model], class_names=["a_bright", "b_bright"], channel_names=["a", "b"],
+                    patches=PatchSettings(size=16, min_ratio=0.5, rule="any", z_step=2, drop_duplicates=False))
+    folder = write_model_folder(tmp_path / "model", [model], card)
+    data = np.zeros((2, 3, 64, 64), np.uint16)
+    data[:, :, :16, :32] = 500  # foreground only in the top-left two patches
+    blank = np.zeros((2, 1, 64, 64), np.uint16)
+    summary = predict_images(folder, [Image(data, ("a", "b"), source="cells.tif"), Image(blank, ("a", "b"), source="blank.tif")],
+                             out=tmp_path / "pred", progress=False)
+    assert summary["patches"].tolist() == [4, 0]  # 2 patches x slices 0 and 2
+    assert summary["decision"].tolist() == ["a_bright", ""]
+    assert "no decision" in summary.loc[1, "notes"] and np.isnan(summary.loc[1, "prob_a_bright"])
+    heat = tifffile.imread(tmp_path / "pred" / "images" / "cells" / "heatmap.tif")
+    covered = ~np.isnan(heat[0])
+    assert covered[0, :16, :32].all() and covered[2, :16, :32].all()
+    assert covered.sum() == 2 * 16 * 32  # slice 1 is skipped (z_step=2) and the rest was filtered out
+
+
+def test_stitch_averages_overlapping_patches():
+    origins = np.array([[0, 0, 0], [0, 0, 4]])
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    heat = stitch(origins, probs, shape=(1, 8, 12), size=8, stride=4).full()
+    assert heat.shape == (2, 1, 8, 12)
+    assert np.allclose(heat[0, 0, :, :4], 1.0) and np.allclose(heat[0, 0, :, 4:8], 0.5)
+    assert np.allclose(heat[0, 0, :, 8:], 0.0) and np.allclose(heat.sum(axis=0), 1.0)
+
+
+def test_cut_patches_normalises_with_the_image_percentiles():
+    stack = np.arange(2 * 1 * 4 * 4, dtype=np.uint16).reshape(2, 1, 4, 4)
+    out = cut_patches(stack, np.array([[0, 2, 2]]), np.array([0.0, 16.0]), np.array([10.0, 16.0]), size=2)
+    assert out.shape == (1, 2, 2, 2)
+    assert np.allclose(out[0, 0], [[1.0, 1.1], [1.4, 1.5]])
+    assert np.allclose(out[0, 1], (stack[1, 0, 2:, 2:] - 16.0) / 1e-6)  # flat channel: divided by eps
+
+
+def test_bf16_autocast_agrees_with_fp32(model_dir, tmp_path):
+    image = Image(_halves(), ("a", "b"))
+    fp32 = predict_images(model_dir, [image], out=tmp_path / "fp32", progress=False, precision="fp32")
+    bf16 = predict_images(model_dir, [image], out=tmp_path / "bf16", progress=False, precision="bf16", workers=0)
+    assert (fp32["decision"] == bf16["decision"]).all()
+    assert np.abs(fp32["prob_a_bright"] - bf16["prob_a_bright"]).max() < 0.02
+    with pytest.raises(InputError, match="precision must be 'fp32', 'bf16' or 'auto', got 'half'"):
+        predict_images(model_dir, [image], out=tmp_path / "x", progress=False, precision="half")
+
+
+# --------------------------------------------------------------------------- CV run and final model
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    from cytofuse.config import validate_config
+    from cytofuse.crossval import run_cv
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cv")
+    write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
+    cfg = validate_config({
+        "data": {"manifest": str(root / "data" / "labels.csv")},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 2, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2},
+    })
+    run_cv(cfg, root / "run", progress=False)
+    return cfg, root
+
+
+@pytest.mark.slow
+def test_cv_run_predicts_as_a_fold_ensemble(cv_run):
+    import json
+
+    from cytofuse.modelfolder import model_folder_from_cv
+
+    cfg, root = cv_run
+    models, card = model_folder_from_cv(root / "run")
+    assert len(models) == 2 and card.weights == ["fold_0.safetensors", "fold_1.safetensors"]
+    assert card.channel_names == ["mitochondria", "early_endosome", "recycling_endosome"]
+    manifest = pd.read_csv(root / "data" / "labels.csv")
+    paths = [root / "data" / p for p in manifest["path"].head(3)]
+    summary = predict_images(root / "run", paths, out=root / "pred", progress=False, precision="fp32")
+    assert len(summary) == 3 and set(summary["decision"]) <= set(card.class_names)
+    # the ensemble is the mean of the fold models' probabilities on the same patches
+    from cytofuse.io import read_image
+    from cytofuse.predict import predict_patches, preprocess, select_model_channels
+
+    stack = select_model_channels(read_image(paths[0]), card.channel_names)
+    res = preprocess(stack, card)
+    single = [predict_patches(stack, res, [m], size=32) for m in models]
+    both = predict_patches(stack, res, models, size=32)
+    assert np.allclose(both, np.mean(single, axis=0), atol=1e-6)
+    assert summary.loc[0, "patches"] == len(res.origins)
+    # the ensemble also writes as a model folder and predicts the same
+    write_model_folder(root / "ens", models, card)
+    again = predict_images(root / "ens", paths, out=root / "pred2", progress=False, precision="fp32")
+    cols = [f"prob_{c}" for c in card.class_names]
+    assert np.allclose(again[cols].to_numpy(), summary[cols].to_numpy())
+    best = [json.loads((root / "run" / "models" / "early" / f"fold_{k}" / "fit.json").read_text())["best_epoch"] for k in (0, 1)]
+    from cytofuse.final import epochs_from_cv
+
+    assert epochs_from_cv(root / "run") == int(round(float(np.median(best)))) + 1
+
+
+@pytest.mark.slow
+def test_train_final_writes_a_folder_with_epochs_from_the_cv_run(cv_run, tmp_path):
+    from cytofuse.final import epochs_from_cv, train_final
+    from cytofuse.modelfolder import read_model_folder
+
+    cfg, root = cv_run
+    out = train_final(cfg, tmp_path / "final", cv_run=root / "run", progress=False)
+    models, card = read_model_folder(out)
+    assert len(models) == 1 and card.trained_on["epochs"] == epochs_from_cv(root / "run")
+    assert card.trained_on["images"] == 8 and card.trained_on["epochs_from"] == "run"
+    assert card.class_names == sorted(pd.read_csv(root / "data" / "labels.csv")["label"].unique())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the work folder is removed
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        train_final(cfg, out, epochs=1, progress=False)
+    with pytest.raises(InputError, match="needs epochs or cv_run"):
+        train_final(cfg, tmp_path / "other", progress=False)
