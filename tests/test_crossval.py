@@ -100,7 +100,10 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
     assert "4-fold CV" in metrics["measured_on"]
     assert (folder / "fold_3" / "best.safetensors").is_file()
     assert (folder / "training_curves.png").stat().st_size > 0 and (folder / "training_curves.svg").is_file()
-    assert set(result.summary["model"]) == {"early", "single:mitochondria", "late"}
+    deep = result.summary[result.summary["kind"] == "model"]
+    assert set(deep["model"]) == {"early", "single:mitochondria", "late"}
+    assert set(result.summary.loc[result.summary["kind"] != "model", "model"]) == {
+        "handcrafted", "probe:background", "probe:intensity", "probe:acquisition"}  # cv.baseline / cv.probes default on
     params = result.summary.drop_duplicates("model").set_index("model")["parameters"]
     assert params["late"] > 2.5 * params["single:mitochondria"]  # three encoders and classifiers vs one
     from safetensors.numpy import load_file
@@ -134,7 +137,9 @@ def test_sweep_over_patch_size_runs_one_cv_per_value(tiny_set, tmp_path):
     assert [label for label, _ in configs] == ["size=32", "size=48"]
     assert [c.patches.size for _, c in configs] == [32, 48] and all(c.sweep is None for _, c in configs)
     table = run_sweep(cfg, tmp_path / "run", progress=False)
-    assert table["patches.size"].tolist() == ["32", "32", "48", "48"]  # patch and image level per value
+    deep = table[table["kind"] == "model"]
+    assert deep["patches.size"].tolist() == ["32", "32", "48", "48"]  # patch and image level per value
+    assert (table["kind"] == "probe").sum() == 2 * 2 * 3  # three probes per value, at patch and image level
     sizes = [pd.read_parquet(tmp_path / "run" / "sweep" / f"size_{s}" / "patches.parquet")["size"].unique().tolist() for s in (32, 48)]
     assert sizes == [[32], [48]]
 

@@ -392,7 +392,9 @@ def shortcut_warnings(metrics: dict[str, dict], kinds: dict[str, str], *, n_clas
         if kind != "probe" or value is None or not (low is None or low > chance):
             continue
         reasons = []
-        if best is not None and value >= best - margin:
+        if best is not None and value >= best:
+            reasons.append(f"at or above the best deep model ({best:.3f})")
+        elif best is not None and value >= best - margin:
             reasons.append(f"within {margin:.2f} of the best deep model ({best:.3f})")
         if value > chance + far:
             reasons.append(f"more than {far:.2f} above chance ({chance:.3f})")

@@ -74,6 +74,19 @@ class CVSettings(_Strict):
     test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of groups held out as a final test set (0: none).")
     aggregate: Literal["mean", "vote"] = Field("mean", description="Image-level aggregation of patch probabilities.")
     seed: int = Field(0, description="Seed of the fold assignment.")
+    baseline: bool = Field(
+        True, description="Also cross-validate the handcrafted-feature baseline (gradient boosting) on the same folds."
+    )
+    probes: bool = Field(
+        True, description="Also cross-validate shortcut probes (background pixels, whole-patch intensity, "
+        "image acquisition facts) on the same folds, and warn when one rivals the models.",
+    )
+    probe_margin: float = Field(
+        0.05, ge=0, le=1, description="Warn when a probe's image-level balanced accuracy is within this of the best model's."
+    )
+    probe_far: float = Field(
+        0.15, ge=0, le=1, description="Warn when a probe's image-level balanced accuracy exceeds chance by more than this."
+    )
 
 
 class SweepSettings(_Strict):

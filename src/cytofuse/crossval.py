@@ -10,13 +10,19 @@ Run folder::
     config.yaml  patches.parquet  images.parquet  attrition.csv  folds.csv  cache/
     models/<name>/fold_<k>/{best.safetensors, history.csv, fit.json}
     models/<name>/{predictions.parquet, metrics.json}
-    summary.csv
+    models/handcrafted/{predictions.parquet, metrics.json}     (cv.baseline)
+    probes/<probe>/{predictions.parquet, metrics.json}         (cv.probes)
+    shortcut_warnings.json  summary.csv
+
+Beside the deep models, the handcrafted-feature baseline and the shortcut probes of
+:mod:`cytofuse.baseline` run through the same folds; ``summary.csv`` says which row is which
+(column ``kind``: model, baseline or probe).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +105,8 @@ class CVResult:
     predictions: dict[str, pd.DataFrame]
     metrics: dict[str, dict]
     summary: pd.DataFrame
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> "model", "baseline" or "probe"
+    shortcut_warnings: list[str] = field(default_factory=list)
 
 
 def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.DataFrame:
@@ -161,10 +169,71 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
                 model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name),
                 progress=progress, on_fold=on_fold,
             )
-    summary = summary_table(metrics)
+    kinds = dict.fromkeys(predictions, "model")
+    for name, (kind, pred, metric) in _cv_feature_sets(cfg, cache, index, folds, classes, run_dir, progress=progress).items():
+        predictions[name], metrics[name], kinds[name] = pred, metric, kind
+    warnings = _shortcut_warnings(cfg, metrics, kinds, classes, run_dir)
+    summary = summary_table(metrics, kinds=kinds)
     summary.to_csv(run_dir / "summary.csv", index=False)
     mark_finished(run_dir)
-    return CVResult(run_dir, classes, predictions, metrics, summary)
+    return CVResult(run_dir, classes, predictions, metrics, summary, kinds, warnings)
+
+
+def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame, classes: list[str], run_dir: Path,
+                     *, progress: bool) -> dict[str, tuple[str, pd.DataFrame, dict]]:
+    """Baseline and probes through the same folds: name -> (kind, predictions, metrics); finished ones are read back."""
+    from .baseline import PROBES, feature_tables
+
+    targets = {"handcrafted": ("baseline", "handcrafted", run_dir / "models" / "handcrafted")} if cfg.cv.baseline else {}
+    if cfg.cv.probes:
+        targets |= {f"probe:{p}": ("probe", p, run_dir / "probes" / p) for p in PROBES}
+    todo = [t[1] for t in targets.values() if not (t[2] / "metrics.json").is_file()]
+    if todo and progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"handcrafted features for {', '.join(todo)} ({len(folds)} patches)")
+    tables = feature_tables(cache, index.images, folds["patch_id"].to_numpy(), folds["image_id"].tolist(), which=todo) if todo else {}
+    out = {}
+    for name, (kind, key, folder) in targets.items():
+        if key in tables:
+            out[name] = (kind, *_cv_features(tables[key], cfg, folds, classes, folder, kind=kind))
+        else:
+            out[name] = (kind, pd.read_parquet(folder / "predictions.parquet"), json.loads((folder / "metrics.json").read_text()))
+    return out
+
+
+def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, classes: list[str], out: Path,
+                 *, kind: str) -> tuple[pd.DataFrame, dict]:
+    """Gradient boosting on one feature table through the folds; writes predictions and metrics."""
+    from .baseline import cross_validate_features, default_classifier
+    from .evaluate import evaluate_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    predictions, held = cross_validate_features(features, folds, classes, seed=cfg.cv.seed)
+    predictions.to_parquet(out / "predictions.parquet", index=False)
+    metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
+    if held is not None:
+        held.to_parquet(out / "test_predictions.parquet", index=False)
+        metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
+    metrics["model"] = {"kind": kind, "classifier": type(default_classifier()).__name__, "features": list(features.columns)}
+    metrics["measured_on"] = _measured_on(folds, int(folds["fold"].max()) + 1, cfg)
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(out / "metrics.json")
+    return predictions, metrics
+
+
+def _shortcut_warnings(cfg: RunConfig, metrics: dict, kinds: dict, classes: list[str], run_dir: Path) -> list[str]:
+    """Probe warnings (see :func:`cytofuse.baseline.shortcut_warnings`), also written to shortcut_warnings.json."""
+    from .baseline import shortcut_warnings
+
+    found = shortcut_warnings(metrics, kinds, n_classes=len(classes), margin=cfg.cv.probe_margin, far=cfg.cv.probe_far)
+    record = {"rule": f"probe 95% CI low > chance and (within {cfg.cv.probe_margin} of the best model "
+                      f"or > chance + {cfg.cv.probe_far}), image level", "warnings": found}
+    tmp = run_dir / ".shortcut_warnings.json.partial"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(run_dir / "shortcut_warnings.json")
+    return found
 
 
 def _safe(name: str) -> str:
@@ -310,13 +379,14 @@ def _ensemble(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
     return out
 
 
-def summary_table(metrics: dict[str, dict], *, split: str = "cv") -> pd.DataFrame:
-    """One row per model and level: mean and sd over folds of the headline metrics."""
+def summary_table(metrics: dict[str, dict], *, split: str = "cv", kinds: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per model and level: mean and sd over folds of the headline metrics; ``kind`` says model, baseline or probe."""
     rows = []
     for name, m in metrics.items():
         for level in ("patch", "image"):
             summary = m[split][level]["summary"]
-            row = {"model": name, "level": level, "parameters": m.get("model", {}).get("parameters")}
+            row = {"model": name, "kind": (kinds or {}).get(name, "model"), "level": level,
+                   "parameters": m.get("model", {}).get("parameters")}
             for metric in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1"):
                 stat = summary.get(metric) or {}
                 row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.get("mean"), stat.get("sd")

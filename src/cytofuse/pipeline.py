@@ -91,16 +91,33 @@ def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True)
 
 
 def print_cv_summary(result) -> None:
-    """The models side by side (mean ± sd over folds), at patch and image level."""
+    """The models, the handcrafted baseline and the shortcut probes side by side (mean ± sd over folds)."""
     from rich.console import Console
 
     from .evaluate import format_summary_table, to_rich_table
 
     console = Console()
+    kinds = getattr(result, "kinds", {}) or dict.fromkeys(result.metrics, "model")
     first = next(iter(result.metrics.values()))
     for level in ("patch", "image"):
         table = format_summary_table({k: v["cv"] for k, v in result.metrics.items()}, level=level)
         table = table.drop(columns=[c for c in table.columns if str(c) == "Accuracy"])  # the paper's four metrics
+        if set(kinds.values()) != {"model"}:
+            table.insert(0, "kind", [kinds.get(name, "model") for name in table.index])
         console.print(to_rich_table(table, title=f"{level}-level metrics, mean ± sd over folds"))
     console.print(f"measured on: {first['measured_on']}")
+    _print_probe_verdict(console, result, kinds)
     console.print(f"run folder: {result.run_dir}")
+
+
+def _print_probe_verdict(console, result, kinds: dict) -> None:
+    """A loud warning per probe that rivals the models or sits far above chance, else one quiet line."""
+    if "probe" not in kinds.values():
+        return
+    found = getattr(result, "shortcut_warnings", [])
+    for text in found:
+        console.print(f"[bold red]WARNING:[/] {text}")
+    if found:
+        console.print("  check how the classes were imaged (plates, wells, exposure, background) before trusting the models")
+    else:
+        console.print("shortcut probes: none rivals the models or sits far above chance (image level)")
