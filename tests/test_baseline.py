@@ -189,7 +189,7 @@ def test_warning_rule_margin_far_and_significance():
 # --------------------------------------------------------------------------- through run_cv
 
 
-def _write_set(out, *, shortcut=None, classes=(0, 1), n=6):
+def _write_set(out, *, shortcut=None, classes=(0, 1), n=5):
     from cytofuse.io import write_ome_tiff
     from cytofuse.synthetic import CLASS_NAMES, image_seed, make_phantom
 
@@ -217,9 +217,9 @@ def _cv(manifest, out):
     torch.set_num_threads(1)
     cfg = validate_config({
         "data": {"manifest": str(manifest)},
-        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "patches": {"size": 48, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
         "models": [{"fusion": "early", "encoder": "smallcnn"}],
-        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "train": {"max_epochs": 1, "batch_size": 32, "progress": False, "accelerator": "cpu"},
         "cv": {"n_folds": 3},
     })
     return run_cv(cfg, out, progress=False)
