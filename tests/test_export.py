@@ -16,6 +16,7 @@ from cytofuse.export import (
     export_model_folder,
     export_onnx,
     export_torchscript,
+    load_exported,
     max_abs_difference,
     read_exported_metadata,
     run_exported,
@@ -45,7 +46,17 @@ def _model(name: str, *, encoder: str = "smallcnn", seed: int = 0, k: int = 3):
     model = create_model(name, in_channels=3, num_classes=k, encoder=encoder, **extra)
     if name == "late":  # unequal branch weights, so the fusion weights are really exported
         model.set_branch_weights([0.6, 0.3, 0.1])
+    _sharpen(model)
     return model.eval()
+
+
+def _sharpen(model, gain: float = 200.0) -> None:
+    """Scale the heads' linear layers: random models give near-uniform probabilities, where
+    softmax hides differences; confident, patch-dependent outputs make parity tests stricter."""
+    with torch.no_grad():
+        for layer in model.head.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(gain)
 
 
 def _synthetic_patches(n: int, seed: int = 0) -> np.ndarray:
@@ -79,13 +90,13 @@ def test_exported_probabilities_match_pytorch_for_batches_1_and_7(name, fmt, tmp
     model = _model(name)
     file = _export(fmt, model, tmp_path)
     x = _synthetic_patches(7)
-    want = _probabilities(model, x)
+    want, run = _probabilities(model, x), load_exported(file)
     for n in (1, 7):
-        got = run_exported(file, x[:n])
+        got = run(x[:n])
         assert got.shape == (n, 3)
         assert np.abs(got - want[:n]).max() < 1e-4
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
-    assert not np.allclose(got, got[:1])  # the patches really get different answers
+    assert np.ptp(want, axis=0).max() > 0.02  # the patches really get different answers
 
 
 def test_export_leaves_the_model_as_it_was(tmp_path):
@@ -191,7 +202,7 @@ def test_export_model_folder_writes_both_formats_rdf_and_card(tmp_path):
 
 def test_rdf_lists_class_names_axes_preprocessing_and_hashes(tmp_path):
     model_dir = _model_folder(tmp_path / "model", [_model("early", seed=1), _model("early", seed=2)])
-    files = export_model_folder(model_dir, tmp_path / "export")
+    files = export_model_folder(model_dir, tmp_path / "export", verify=False)
     rdf = yaml.safe_load(files["rdf"].read_text())
     assert rdf["type"] == "model" and "ensemble of 2 fold models" in rdf["description"]
     (inp,), (out,) = rdf["inputs"], rdf["outputs"]
@@ -230,12 +241,12 @@ def test_write_rdf_sources_are_relative_to_the_rdf(tmp_path):
 
 def test_export_model_folder_one_format_and_overwrite(tmp_path):
     model_dir = _model_folder(tmp_path / "model", [_model("intermediate")])
-    files = export_model_folder(model_dir, tmp_path / "export", formats=["torchscript"])
+    files = export_model_folder(model_dir, tmp_path / "export", formats=["torchscript"], verify=False)
     assert set(files) == {"torchscript", "rdf", "card"}
     assert set(yaml.safe_load(files["rdf"].read_text())["weights"]) == {"torchscript"}
     with pytest.raises(RunFolderError, match=re.escape(f"export folder {tmp_path / 'export'} exists")):
         export_model_folder(model_dir, tmp_path / "export", formats=["onnx"])
-    files = export_model_folder(model_dir, tmp_path / "export", formats=["onnx"], overwrite=True)
+    files = export_model_folder(model_dir, tmp_path / "export", formats=["onnx"], overwrite=True, verify=False)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.onnx", "model.yaml", "rdf.yaml"]
 
 
@@ -277,8 +288,8 @@ def test_parity_on_real_patches(real_data, name, encoder, tmp_path):
     x = _real_patches(real_data)
     assert 0.2 < float(x.mean()) < 0.8 and x.shape == (7, 3, P, P)
     model = _model(name, encoder=encoder)
+    assert np.ptp(_probabilities(model, x), axis=0).max() > 0.1  # answers differ between patches
     for fmt in ("onnx", "torchscript"):
         file = _export(fmt, model, tmp_path)
-        for n in (1, 7):
-            assert max_abs_difference(model, file, x[:n]) < 1e-4, (fmt, n)
+        assert max_abs_difference(model, file, x, batch_sizes=(1, 7)) < 1e-4, fmt
     assert json.dumps(read_exported_metadata(tmp_path / "model.pt")) == "{}"
