@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from cytofuse.errors import InputError, RunFolderError
+from cytofuse.errors import CytofuseError, InputError, RunFolderError
 from cytofuse.export import (
     FILE_NAMES,
     INPUT_NAME,
@@ -188,7 +188,8 @@ def test_export_model_folder_writes_both_formats_rdf_and_card(tmp_path):
     model_dir = _model_folder(tmp_path / "model", [_model("late")])
     files = export_model_folder(model_dir, tmp_path / "export")
     assert set(files) == {"onnx", "torchscript", "rdf", "card"}
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.onnx", "model.pt", "model.yaml", "rdf.yaml"]
+    written = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert written == ["model.onnx", "model.pt", "model.yaml", "rdf.yaml"]
     assert read_card(tmp_path / "export").class_names == CLASSES
     x = _synthetic_patches(7)
     (model,) = [_model("late")]
@@ -255,14 +256,20 @@ def test_export_model_folder_errors(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"model folder {missing} does not exist")):
         export_model_folder(missing, tmp_path / "export")
     model_dir = _model_folder(tmp_path / "model", [_model("early")])
-    with pytest.raises(InputError, match=r"formats must be a non-empty list of \['onnx', 'torchscript'\], got \['onnx', 'tflite'\]"):
+    msg = r"formats must be a non-empty list of \['onnx', 'torchscript'\], got \['onnx', 'tflite'\]"
+    with pytest.raises(InputError, match=msg):
         export_model_folder(model_dir, tmp_path / "export", formats=("onnx", "tflite"))
     with pytest.raises(InputError, match=r"formats must be a non-empty list"):
         export_model_folder(model_dir, tmp_path / "export", formats=())
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(InputError, match="is not a cytofuse model folder"):
         export_model_folder(tmp_path / "not-a-model", tmp_path / "export")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "not-a-model"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"notes exists and is not an export folder \(no rdf.yaml\)"):
+        export_model_folder(model_dir, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "not-a-model", "notes"]
 
 
 # --------------------------------------------------------------------------- real patches
@@ -277,7 +284,8 @@ def _real_patches(real_data, n: int = 7) -> np.ndarray:
     kept = extract_patches(image.data, channel_names=image.channel_names, settings=settings)
     assert kept.n_kept >= n
     lo, hi = kept.low[:, None, None], kept.high[:, None, None]
-    patches = [(image.data[:, z, y : y + P, x : x + P] - lo) / np.maximum(hi - lo, 1e-6) for z, y, x in kept.origins[:n]]
+    scale = 1.0 / np.maximum(hi - lo, 1e-6)
+    patches = [(image.data[:, z, y : y + P, x : x + P] - lo) * scale for z, y, x in kept.origins[:n]]
     return np.stack(patches).astype(np.float32)
 
 
@@ -293,3 +301,13 @@ def test_parity_on_real_patches(real_data, name, encoder, tmp_path):
         file = _export(fmt, model, tmp_path)
         assert max_abs_difference(model, file, x, batch_sizes=(1, 7)) < 1e-4, fmt
     assert json.dumps(read_exported_metadata(tmp_path / "model.pt")) == "{}"
+
+
+def test_a_failed_parity_check_leaves_no_export_folder(tmp_path, monkeypatch):
+    import cytofuse.export as export
+
+    model_dir = _model_folder(tmp_path / "model", [_model("early")])
+    monkeypatch.setattr(export, "max_abs_difference", lambda *a, **k: 3e-3)
+    with pytest.raises(CytofuseError, match=r"exported onnx file model.onnx differs from PyTorch by 3.00e-03"):
+        export_model_folder(model_dir, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -252,7 +252,9 @@ def sha256(path: str | Path) -> str:
 def _card_dict(card: object) -> dict:
     raw = card.model_dump(mode="json") if hasattr(card, "model_dump") else card
     if not isinstance(raw, Mapping) or not {"class_names", "channel_names", "patches"} <= raw.keys():
-        raise InputError(f"card must be a ModelCard or a mapping with class_names, channel_names and patches, got {card!r}")
+        raise InputError(
+            f"card must be a ModelCard or a mapping with class_names, channel_names and patches, got {card!r}"
+        )
     return dict(raw)
 
 
@@ -270,7 +272,8 @@ def _input_spec(card: dict) -> dict:
     low, high = (float(p) for p in card.get("normalisation", {}).get("percentiles", [1.0, 99.8]))
     return {
         "id": INPUT_NAME,
-        "description": "z-slice patches of the model's channels, normalised per image: " + _preprocessing_note(low, high),
+        "description": "z-slice patches of the model's channels, normalised per image: "
+        + _preprocessing_note(low, high),
         "axes": [
             {"type": "batch"},
             {"type": "channel", "channel_names": list(card["channel_names"])},
@@ -380,7 +383,11 @@ def _metadata(card: dict, patch_size: int) -> dict[str, object]:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"export folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / RDF_FILE).is_file():
+        raise RunFolderError(f"{out} exists and is not an export folder (no {RDF_FILE}); choose a new output folder")
+    if not overwrite:
         raise RunFolderError(f"export folder {out} exists; pass overwrite=True (--overwrite) to replace it")
 
 
@@ -390,7 +397,9 @@ def _verify(wrapped: ProbabilityModel, files: Mapping[str, Path], patch_size: in
     for fmt, file in files.items():
         diff = max_abs_difference(wrapped, file, x, batch_sizes=(1, 3))
         if not diff < PARITY_TOLERANCE:
-            raise CytofuseError(f"exported {fmt} file {file.name} differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE})")
+            raise CytofuseError(
+                f"exported {fmt} file {file.name} differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE})"
+            )
 
 
 def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequence[str] = ("onnx", "torchscript"),
@@ -410,25 +419,31 @@ def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequ
     models, card_model = read_model_folder(model_dir)
     card = _card_dict(card_model)
     patch_size = _check_patch_size(card["patches"].get("size"))
-    wrapped, meta = as_probability_model(models), _metadata(card, patch_size)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = {f: tmp / FILE_NAMES[f] for f in formats}
-        if "onnx" in files:
-            export_onnx(wrapped, files["onnx"], patch_size=patch_size, opset=opset, metadata=meta)
-        if "torchscript" in files:
-            export_torchscript(wrapped, files["torchscript"], patch_size=patch_size, metadata=meta)
-        if verify:
-            _verify(wrapped, files, patch_size)
-        write_rdf(tmp / RDF_FILE, card, files, opset=opset)
+        names = _write_export(tmp, models, card, formats, patch_size=patch_size, opset=opset, verify=verify)
         shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    names = {**{f: FILE_NAMES[f] for f in formats}, "rdf": RDF_FILE, "card": CARD_FILE}
-    return {key: out / name for key, name in names.items()}
+    return {key: out / name for key, name in {**names, "card": CARD_FILE}.items()}
+
+
+def _write_export(folder: Path, models: list[nn.Module], card: dict, formats: list[str], *, patch_size: int,
+                  opset: int, verify: bool) -> dict[str, str]:
+    """Write the exported graphs and rdf.yaml into ``folder``; their names by format (and "rdf")."""
+    wrapped, meta = as_probability_model(models), _metadata(card, patch_size)
+    files = {f: folder / FILE_NAMES[f] for f in formats}
+    if "onnx" in files:
+        export_onnx(wrapped, files["onnx"], patch_size=patch_size, opset=opset, metadata=meta)
+    if "torchscript" in files:
+        export_torchscript(wrapped, files["torchscript"], patch_size=patch_size, metadata=meta)
+    if verify:
+        _verify(wrapped, files, patch_size)
+    write_rdf(folder / RDF_FILE, card, files, opset=opset)
+    return {**{f: FILE_NAMES[f] for f in formats}, "rdf": RDF_FILE}
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
