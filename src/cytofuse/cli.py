@@ -119,6 +119,81 @@ def cv(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML run config (the one used for `cytofuse cv`)."),
+    out: Path = typer.Option(..., help="Model folder to write."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs; default: from --cv-run (median best epoch + 1)."),
+    cv_run: Optional[Path] = typer.Option(None, help="A finished CV run of this config, for the epoch count."),
+    model: Optional[str] = typer.Option(None, help="Which model of the config (its display name); default the first."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Fit one model on all labelled images and write a model folder for `predict` and `export`."""
+    from .errors import CytofuseError
+
+    try:
+        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        from .final import train_final
+
+        path = train_final(cfg, out, epochs=epochs, cv_run=cv_run, model_name=model, overwrite=overwrite)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    typer.echo(f"model folder written to {path}")
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A model folder (`cytofuse train`) or a CV run folder (fold ensemble)."),
+    images: list[Path] = typer.Argument(..., help="Image files, any readable format."),
+    out: Path = typer.Option(..., help="Output folder (summary, per-patch table, heat maps)."),
+    model: Optional[str] = typer.Option(None, help="Model name inside a CV run folder."),
+    batch_size: int = typer.Option(64, help="Patches per forward pass."),
+    workers: int = typer.Option(1, help="Threads that cut and normalise batches ahead of the model."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 where the CPU has it natively)."),
+    channel_names: Optional[str] = typer.Option(None, help="Comma-separated channel names for files that store none."),
+    axes: Optional[str] = typer.Option(None, help="Axis order of .npy files, e.g. YXC."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Classify whole images: per-image probabilities and decision, per-patch table, per-class heat maps."""
+    from .errors import CytofuseError
+
+    try:
+        from .predict import predict_images
+
+        summary = predict_images(
+            model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
+            precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
+        )
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    from rich.console import Console
+
+    Console().print(summary.to_string(index=False), f"\nwritten to {out}")
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A model folder written by `cytofuse train`."),
+    out: Path = typer.Argument(..., help="Folder to write (model.onnx, model.pt, rdf.yaml, model.yaml)."),
+    format_: list[str] = typer.Option(["onnx", "torchscript"], "--format", help="onnx and/or torchscript."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    verify: bool = typer.Option(True, help="Check exported outputs against PyTorch (max abs diff <= 1e-4)."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Export a model folder to ONNX and TorchScript with a bioimage.io-style rdf.yaml."""
+    from .errors import CytofuseError
+
+    try:
+        from .export import export_model_folder
+
+        paths = export_model_folder(model_dir, out, formats=format_, opset=opset, verify=verify, overwrite=overwrite)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("cytofuse-demo"), help="Folder for the synthetic data and the run."),
     overwrite: bool = OverwriteOpt,

@@ -1,0 +1,52 @@
+"""The commands chained as a user would: synth -> cv -> train -> predict -> export."""
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cytofuse.cli import app
+
+
+# torch's own deprecation notices for its legacy ONNX exporter and torch.jit (the export path we use)
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+def test_synth_cv_train_predict_export(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    runner = CliRunner()
+    data = tmp_path / "data"
+    assert runner.invoke(app, ["synth", str(data), "--classes", "2", "--images-per-class", "4", "--shape", "2,96,96"]).exit_code == 0
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"manifest": "data/labels.csv"},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "intermediate", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "probes": False, "baseline": False},
+    }))
+    result = runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "balanced" in result.output.lower() and "2-fold CV grouped by" in result.output
+
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "model"), "--cv-run", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    card = yaml.safe_load((tmp_path / "model" / "model.yaml").read_text())
+    assert card["channel_names"] == ["mitochondria", "early_endosome", "recycling_endosome"]
+
+    images = sorted(str(p) for p in (data / "images").glob("*_0.ome.tif"))
+    for source in (tmp_path / "model", tmp_path / "run"):  # a model folder, or the CV folds as an ensemble
+        out = tmp_path / f"pred_{source.name}"
+        result = runner.invoke(app, ["predict", str(source), *images, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        summary = pd.read_csv(out / "summary.csv")
+        assert len(summary) == 2 and summary[["prob_control", "prob_fragmented"]].sum(axis=1).round(5).eq(1).all()
+
+    result = runner.invoke(app, ["export", str(tmp_path / "model"), str(tmp_path / "exported"), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exported" / "model.onnx").is_file() and (tmp_path / "exported" / "rdf.yaml").is_file()
+
+    again = runner.invoke(app, ["predict", str(tmp_path / "model"), *images, "--out", str(tmp_path / "pred_model")])
+    assert again.exit_code == 2 and "--overwrite" in again.output
