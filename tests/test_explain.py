@@ -226,12 +226,12 @@ def test_umap_projection_separates_two_clusters():
 # --------------------------------------------------------------------------- run folder
 
 
-def _cv_config(manifest, *, epochs: int, n_folds: int, models):
+def _cv_config(manifest, *, epochs: int, n_folds: int, models, **patches):
     from cytofuse.config import validate_config
 
     return validate_config({
         "data": {"manifest": str(manifest)},
-        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0} | patches,
         "models": models,
         "train": {"max_epochs": epochs, "batch_size": 16, "progress": False, "accelerator": "cpu"},
         "cv": {"n_folds": n_folds},
@@ -302,13 +302,15 @@ def test_ablation_on_synthetic_phantoms_ranks_mitochondria_first(tmp_path):
 
     assert informative_channels("control", "fragmented") == {"mitochondria"}
     torch.set_num_threads(2)
-    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=6, shape=(3, 128, 128), seed=1, progress=False)
-    cfg = _cv_config(tmp_path / "data" / "labels.csv", epochs=4, n_folds=3,
+    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=6, shape=(4, 192, 192), seed=1,
+                            difficulty=0.25, progress=False)
+    cfg = _cv_config(tmp_path / "data" / "labels.csv", epochs=8, n_folds=3, size=48, min_ratio=0.03, max_per_image=24,
                      models=[{"fusion": "intermediate", "encoder": "smallcnn"}])
     run_cv(cfg, tmp_path / "run", progress=False)
     paths = explain_run(tmp_path / "run", methods=["tsne"], thumbnails=False, n_examples=1, progress=False)
     summary = json.loads(paths["intermediate"].read_text())
     print(json.dumps(summary["ablation"], indent=1))
+    assert summary["ablation"][0]["intact_mean"] > 0.8  # the model learned the task
     for mode in ("zero", "shuffle"):
         rows = [r for r in summary["ablation"] if r["mode"] == mode]
         assert rows[0]["channel"] == "mitochondria" and rows[0]["rank"] == 1

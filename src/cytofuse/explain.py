@@ -30,6 +30,7 @@ from cytofuse.evaluate import _write_text_atomic
 
 ABLATION_MODES = ("zero", "shuffle")
 EMBEDDING_METHODS = ("tsne", "umap")
+_METHOD_LABELS = {"tsne": "t-SNE", "umap": "UMAP"}
 _NORMALIZE = ("each", "joint")
 
 
@@ -452,13 +453,16 @@ def plot_embedding(table: pd.DataFrame, classes: Sequence[str], *, method: str, 
                 ax.set_xticks([]), ax.set_yticks([])
                 ax.set_title(f"fold {fold}: {'true' if j == 0 else 'predicted'} class", fontsize=9)
         axes[0, 1].legend(loc="best", markerscale=2)
-        fig.suptitle(f"{method.upper() if method == 'umap' else 't-SNE'} of test-patch features (per fold)")
+        fig.suptitle(f"{_METHOD_LABELS[method]} of test-patch features (per fold)")
         return _save_figure(fig, out)
 
 
 def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path, channel: int = 0,
                     title: str = "", zoom: float | None = None) -> tuple[Path, Path]:
-    """Each patch's channel ``channel`` as a small grey image at its embedding position."""
+    """Each patch's channel ``channel`` as a small grey image at its embedding position.
+
+    One grey scale for all thumbnails (percentiles over them), so empty patches stay dark.
+    """
     import matplotlib
     from matplotlib.colors import Normalize
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -472,8 +476,8 @@ def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path,
     with matplotlib.rc_context(_STYLE):
         fig, ax = _figure((7.0, 7.0))
         ax.scatter(coords[:, 0], coords[:, 1], s=1, alpha=0)
+        lo, hi = _grey_limits(patches[:, channel])
         for (x, y), patch in zip(coords, patches[:, channel]):
-            lo, hi = _grey_limits(patch)
             box = OffsetImage(np.clip((patch - lo) / (hi - lo), 0, 1), cmap="gray", norm=Normalize(0, 1), zoom=zoom)
             ax.add_artist(AnnotationBbox(box, (x, y), frameon=False, pad=0.0))
         ax.set_xticks([]), ax.set_yticks([])
@@ -554,8 +558,10 @@ def _step_embeddings(ctx: dict) -> dict:
         plot_embedding(table, ctx["classes"], method=method, out=out / f"embedding_{method}")
         if ctx["thumbnails"]:
             part = table[table["fold"] == table["fold"].min()].head(ctx["n_thumbnails"])
+            channel = getattr(next(iter(ctx["models"].values())), "channel", 0)  # a single-channel model's own channel
             plot_thumbnails(part[[f"{method}_x", f"{method}_y"]].to_numpy(), _load(cache, _positions(cache, part["patch_id"])),
-                            out=out / f"thumbnails_{method}", title=f"{method}, fold {int(part['fold'].iloc[0])}: {cache.channels[0]}")
+                            channel=channel, out=out / f"thumbnails_{method}",
+                            title=f"{_METHOD_LABELS[method]}, fold {int(part['fold'].iloc[0])}: {cache.channels[channel]}")
     return {"embeddings": {"methods": list(ctx["methods"]), "n": len(table), "projected": "per fold"}}
 
 
