@@ -1,0 +1,539 @@
+"""One self-contained HTML page of a run folder: data, attrition, metrics, figures, explanations.
+
+:func:`write_report` reads a cross-validation run folder (:mod:`cytofuse.crossval`) or a sweep
+run folder (``sweep.csv`` + ``sweep/<label>/`` sub-runs), draws the figures the run folder
+does not hold yet into ``run_dir/report/figures/`` (PNG and SVG, via :mod:`cytofuse.evaluate`),
+and writes ``run_dir/report.html`` with every figure embedded as a data URI, so the page can be
+mailed or archived alone. Explanations (``run_dir/explain/<model>/``) are included when present.
+
+A report is derived data, but like every cytofuse output it is not replaced silently: an
+existing ``report.html`` is kept unless ``overwrite=True``. Figures in ``report/figures`` are
+redrawn whenever their source table is newer than the figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import os
+import platform
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, RunFolderError
+
+REPORT_FILE = "report.html"
+FIGURES_DIR = Path("report") / "figures"
+HEADLINE = ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")
+_LEVEL_TEXT = {"patch": "patch level (every test patch)",
+               "image": "image level (patch probabilities per image combined by {method})"}
+_VERSIONED = ("cytofuse", "torch", "numpy", "monai", "scikit-learn", "pandas", "matplotlib", "lightning")
+
+
+@dataclass
+class Figure:
+    """One embedded figure: a title, what it was measured on, and its image as a data URI."""
+
+    title: str
+    caption: str
+    src: str
+    file: str
+
+
+@dataclass
+class Entry:
+    """One evaluated classifier of a run: a deep model, the baseline or a probe."""
+
+    name: str
+    kind: str
+    folder: Path
+    metrics: dict
+    figures: list[Figure] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(run_dir: str | Path, *, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``); returns its path.
+
+    Raises :class:`InputError` naming the missing file and the command that produces it when
+    the run folder lacks a stage, and :class:`RunFolderError` when the report exists and
+    ``overwrite`` is false.
+    """
+    run_dir = Path(run_dir)
+    target = Path(out) if out is not None else run_dir / REPORT_FILE
+    if target.exists() and not overwrite:
+        raise RunFolderError(f"report {target} exists; pass --overwrite to replace it or choose another --out")
+    context = report_context(run_dir)
+    html = render_report(context)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def report_context(run_dir: str | Path) -> dict:
+    """Everything the page shows, as plain data; draws missing figures into ``run_dir/report/figures``."""
+    run_dir = Path(run_dir)
+    _check_run_folder(run_dir)
+    figures = run_dir / FIGURES_DIR
+    context = {"title": run_dir.resolve().name, "run_dir": run_dir.name, "config": (run_dir / "config.yaml").read_text(),
+               "state": _run_state(run_dir), "versions": software_versions(),
+               "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+    if (run_dir / "sweep.csv").is_file() or (run_dir / "sweep").is_dir():
+        context["sweep"] = sweep_context(run_dir, figures)
+    else:
+        context["cv"] = cv_context(run_dir, figures)
+    return context
+
+
+def render_report(context: dict) -> str:
+    """The HTML page of a :func:`report_context` result."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    return env.get_template("report.html.j2").render(**context)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _cv_command(run_dir: Path) -> str:
+    return f"run `cytofuse cv CONFIG --out {run_dir}` (an unfinished run resumes)"
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise InputError(f"run folder {run_dir} does not exist: {_cv_command(run_dir)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError(f"run folder {run_dir} lacks config.yaml, so it is no cytofuse run folder: {_cv_command(run_dir)}")
+
+
+def _check_cv_folder(run_dir: Path) -> None:
+    missing = [n for n in ("patches.parquet", "images.parquet") if not (run_dir / n).is_file()]
+    if missing:
+        raise InputError(f"run folder {run_dir} lacks the patch stage ({', '.join(missing)}): {_cv_command(run_dir)}")
+    found = [p for base in ("models", "probes") for p in (run_dir / base).glob("*/predictions.parquet")]
+    if not any((p.parent / "metrics.json").is_file() for p in found):
+        what = "metrics (models/*/metrics.json; the CV stopped early)" if found else "predictions of any model (models/*/predictions.parquet)"
+        raise InputError(f"run folder {run_dir} lacks {what}: {_cv_command(run_dir)}")
+
+
+def _run_state(run_dir: Path) -> str:
+    marker = run_dir / ".cytofuse-run"
+    return marker.read_text().strip() if marker.is_file() else "unknown"
+
+
+# --------------------------------------------------------------------------- one CV run
+
+
+def cv_context(run_dir: Path, figures: Path) -> dict:
+    """Data summary, attrition, comparison tables, per-classifier figures and explanations of one CV run."""
+    _check_cv_folder(run_dir)
+    entries = run_entries(run_dir)
+    classes = entries[0].metrics["cv"]["classes"]
+    attrition = _attrition(run_dir)
+    for entry in entries:
+        entry.figures = entry_figures(entry, classes, figures / entry.folder.name if entry.kind != "probe"
+                                      else figures / f"probe_{entry.folder.name}")
+    measured_on = entries[0].metrics.get("measured_on", "")
+    return {
+        "classes": classes,
+        "data": data_summary(run_dir),
+        "attrition": _records(attrition),
+        "attrition_figure": _attrition_figure(attrition, figures / "attrition", source=run_dir / "images.parquet"),
+        "comparison": {level: comparison_table(entries, level=level) for level in ("image", "patch")},
+        "test_comparison": comparison_table(entries, level="image", split="test") if any("test" in e.metrics for e in entries) else None,
+        "measured_on": measured_on,
+        "warnings": _shortcut_warnings(run_dir),
+        "entries": entries,
+        "explain": explain_context(run_dir, entries),
+    }
+
+
+def run_entries(run_dir: Path) -> list[Entry]:
+    """Every classifier of the run with metrics, in summary.csv order (models, baseline, probes)."""
+    names = _summary_names(run_dir)
+    folders = {**{f"models/{p.parent.name}": p.parent for p in (run_dir / "models").glob("*/metrics.json")},
+               **{f"probes/{p.parent.name}": p.parent for p in (run_dir / "probes").glob("*/metrics.json")}}
+    entries = []
+    for key, folder in sorted(folders.items(), key=lambda kv: (names[kv[0]][0] if kv[0] in names else len(names), kv[0])):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        order_name, kind = names[key][1:] if key in names else (None, None)
+        kind = kind or metrics.get("model", {}).get("kind") or ("probe" if key.startswith("probes/") else "model")
+        name = order_name or (f"probe:{folder.name}" if key.startswith("probes/") else folder.name)
+        entries.append(Entry(name, kind, folder, metrics))
+    return entries
+
+
+def _summary_names(run_dir: Path) -> dict[str, tuple[int, str, str]]:
+    """Folder key ("models/<safe>" or "probes/<probe>") -> (order, display name, kind) from summary.csv."""
+    from .crossval import _safe
+
+    if not (run_dir / "summary.csv").is_file():
+        return {}
+    table = pd.read_csv(run_dir / "summary.csv").drop_duplicates("model")
+    out = {}
+    for i, (name, kind) in enumerate(zip(table["model"], table["kind"])):
+        key = f"probes/{name.split(':', 1)[1]}" if kind == "probe" else f"models/{_safe(name)}"
+        out[key] = (i, name, kind)
+    return out
+
+
+def data_summary(run_dir: Path) -> dict:
+    """Images and kept patches per class, channels, patch size and images that kept too few patches."""
+    from .patches import read_patch_index
+
+    index = read_patch_index(run_dir)
+    images, patches = index.images, index.patches
+    per_class = images.groupby("label").agg(images=("image_id", "size"), groups=("group", "nunique"), patches=("n_kept", "sum"))
+    shapes = images.groupby("label")[["z", "y", "x"]].median().astype(int)
+    per_class["median_shape_zyx"] = [f"{z} x {y} x {x}" for z, y, x in shapes.to_numpy()]
+    return {"n_images": len(images), "n_patches": len(patches), "channels": list(index.channel_names),
+            "per_class": _records(per_class.reset_index()), "sparse": index.sparse_images}
+
+
+def _attrition(run_dir: Path) -> pd.DataFrame:
+    if (run_dir / "attrition.csv").is_file():
+        return pd.read_csv(run_dir / "attrition.csv")
+    from .patches import read_patch_index
+
+    return read_patch_index(run_dir).attrition
+
+
+def _shortcut_warnings(run_dir: Path) -> dict | None:
+    path = run_dir / "shortcut_warnings.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _records(frame: pd.DataFrame) -> dict:
+    """A table as {"columns": [...], "rows": [[...], ...]} with plain values."""
+    frame = frame.astype(object).where(frame.notna(), None)
+    return {"columns": [str(c) for c in frame.columns], "rows": frame.to_numpy().tolist()}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def comparison_table(entries: list[Entry], *, level: str, split: str = "cv") -> dict:
+    """The paper's Table 1 over every classifier: kind, parameters, metrics as mean ± sd, pooled 95% CI."""
+    from .evaluate import METRIC_LABELS, format_summary_table
+
+    chosen = [e for e in entries if split in e.metrics]
+    table = format_summary_table({e.name: e.metrics[split] for e in chosen}, level=level)
+    table = table[[METRIC_LABELS[m] for m in HEADLINE]]
+    table.insert(0, "kind", [e.kind for e in chosen])
+    table.insert(1, "parameters", [_params(e) for e in chosen])
+    table["Pooled balanced accuracy (95% CI)"] = [_pooled(e.metrics[split][level]) for e in chosen]
+    table["folds"] = [e.metrics[split][level].get("n_folds") for e in chosen]
+    return _records(table.reset_index().rename(columns={"run": "classifier"}))
+
+
+def _params(entry: Entry) -> str:
+    n = entry.metrics.get("model", {}).get("parameters")
+    return f"{n:,}" if isinstance(n, int) else "–"
+
+
+def _pooled(level: dict) -> str:
+    ci = level.get("pooled_ci")
+    if not ci:
+        return "–"
+    return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}" if not float(value).is_integer() else f"{int(value)}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figure]:
+    """Confusion (counts, row-normalised), PR and ROC at image and patch level, and training curves."""
+    from .evaluate import aggregate_by_image, plot_confusion, plot_pr_curves, plot_roc_curves, prob_columns
+
+    source = entry.folder / "predictions.parquet"
+    figures, predictions = [], None
+    for level in ("image", "patch"):
+        result = entry.metrics["cv"][level]
+        where = (f"Pooled test predictions of all {result['n_folds']} folds, {_LEVEL_TEXT[level].format(method=result.get('method'))}: "
+                 f"{result['n']} {'images' if level == 'image' else 'patches'}.")
+        for normalize, suffix in ((False, "counts"), (True, "normalised")):
+            base = out_dir / f"confusion_{level}_{suffix}"
+            if _stale(base, entry.folder / "metrics.json"):
+                title = f"{level.capitalize()} level, {'normalised' if normalize else 'counts'}"
+                plot_confusion(result["confusion_matrix"], classes, normalize=normalize, out=base, title=title)
+            figures.append(_figure(base, f"Confusion matrix ({suffix}), {level} level", where))
+        for kind, plot in (("pr", plot_pr_curves), ("roc", plot_roc_curves)):
+            base = out_dir / f"{kind}_{level}"
+            if _stale(base, source):
+                if predictions is None:
+                    predictions = pd.read_parquet(source)
+                table = aggregate_by_image(predictions, classes=classes, method=result.get("method") or "mean") if level == "image" else predictions
+                plot(table["y_true"].to_numpy(), table[prob_columns(classes)].to_numpy(), classes, base)
+            label = "Precision-recall" if kind == "pr" else "ROC"
+            figures.append(_figure(base, f"{label} curves (one-vs-rest), {level} level", where))
+    figures += _training_figure(entry, out_dir)
+    return figures
+
+
+def _training_figure(entry: Entry, out_dir: Path) -> list[Figure]:
+    """The CV's own training curves, or drawn here from the folds' history.csv when absent."""
+    from .evaluate import plot_training_curves
+
+    base = entry.folder / "training_curves"
+    histories = sorted(entry.folder.glob("fold_*/history.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not _has_figure(base) and histories:
+        base = out_dir / "training_curves"
+        if _stale(base, histories[-1]):
+            plot_training_curves({int(p.parent.name.split("_")[1]): pd.read_csv(p) for p in histories}, base)
+    if not _has_figure(base):
+        return []
+    where = f"Training split of each fold (loss) and its grouped validation split (loss, balanced accuracy), {len(histories)} folds."
+    return [_figure(base, "Training curves per fold", where)]
+
+
+def _attrition_figure(attrition: pd.DataFrame, base: Path, *, source: Path) -> Figure:
+    """Candidate and kept patches per class, attrition in percent above the bars."""
+    if _stale(base, source):
+        _plot_attrition(attrition, base)
+    return _figure(base, "Patch attrition per class", "Every z-slice patch of every image before and after the Otsu sparsity filter and de-duplication.")
+
+
+def _plot_attrition(attrition: pd.DataFrame, base: Path) -> None:
+    import matplotlib
+
+    from .evaluate import _STYLE, _figure as new_figure, _save_figure
+
+    x = np.arange(len(attrition))
+    with matplotlib.rc_context(_STYLE):
+        fig, ax = new_figure((1.8 + 0.9 * len(x), 3.2))
+        ax.bar(x - 0.2, attrition["candidates"], 0.4, color="0.7", label="candidates")
+        bars = ax.bar(x + 0.2, attrition["kept"], 0.4, color="#31688e", label="kept")
+        for bar, pct in zip(bars, attrition["attrition_pct"]):
+            ax.annotate(f"{pct:.0f}% removed", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, attrition["label"], rotation=30 if len(x) > 4 else 0, ha="right" if len(x) > 4 else "center")
+        ax.set(ylabel="Patches", title="Patches before and after filtering")
+        ax.margins(y=0.15)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        _save_figure(fig, base)
+
+
+def _stale(base: Path, source: Path) -> bool:
+    png = base.with_name(base.name + ".png")
+    return not png.is_file() or not base.with_name(base.name + ".svg").is_file() or (
+        source.is_file() and png.stat().st_mtime < source.stat().st_mtime)
+
+
+def _has_figure(base: Path) -> bool:
+    return any(base.with_name(base.name + ext).is_file() for ext in (".png", ".svg"))
+
+
+def _figure(base: Path, title: str, caption: str) -> Figure:
+    """Embed the smaller of ``base.svg`` and ``base.png`` (vector line art, raster image grids)."""
+    files = [p for p in (base.with_name(base.name + ".svg"), base.with_name(base.name + ".png")) if p.is_file()]
+    if not files:
+        raise InputError(f"figure {base}.png/.svg is missing")
+    path = min(files, key=lambda p: p.stat().st_size)
+    mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+    src = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    return Figure(title, caption, src, path.name)
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def explain_context(run_dir: Path, entries: list[Entry]) -> dict:
+    """Figures and the ablation ranking of every model explained in ``run_dir/explain/<model>/``."""
+    folder = run_dir / "explain"
+    done = sorted(p.parent for p in folder.glob("*/summary.json"))
+    models = []
+    for model_dir in done:
+        summary = json.loads((model_dir / "summary.json").read_text())
+        figures = [_figure(p.with_suffix(""), _explain_title(p.stem), _explain_caption(p.stem, summary))
+                   for p in sorted(model_dir.glob("*.png"))]
+        ablation = pd.DataFrame(summary.get("ablation") or [])
+        models.append({"name": summary.get("model", model_dir.name), "figures": figures,
+                       "ablation": _records(ablation) if len(ablation) else None})
+    deep = [e.name for e in entries if e.kind == "model"]
+    return {"models": models, "missing": not models, "command": f"cytofuse explain {run_dir}", "deep_models": deep}
+
+
+_EXPLAIN_TITLES = {"gradcam": "Grad-CAM", "ablation": "Channel ablation", "single_channel": "Single-channel models",
+                   "embedding": "Embedding", "thumbnails": "Embedding with patch thumbnails"}
+
+
+def _explain_title(stem: str) -> str:
+    for key, title in _EXPLAIN_TITLES.items():
+        if stem.startswith(key):
+            rest = stem[len(key):].strip("_")
+            return f"{title}: {rest}" if rest else title
+    return stem
+
+
+def _explain_caption(stem: str, summary: dict) -> str:
+    test = "test patches, each explained by the model of the fold that held it out"
+    if stem.startswith("gradcam"):
+        return f"Correct and wrong {test}; every channel with its class activation map."
+    if stem.startswith("ablation"):
+        return "Balanced accuracy per test fold with one channel zeroed or shuffled, against the intact model."
+    if stem.startswith("single_channel"):
+        return "Balanced accuracy of the run's single-channel models (cross-validated, same folds)."
+    n = (summary.get("embeddings") or {}).get("n")
+    return f"Penultimate-layer features of {n or 'the'} {test}; projected per fold (coordinates comparable within a fold only)."
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep_context(run_dir: Path, figures: Path) -> dict:
+    """Sweep curve, sweep table, attrition per swept value, and every sub-run's CV sections."""
+    if not (run_dir / "sweep.csv").is_file():
+        raise InputError(f"run folder {run_dir} lacks sweep.csv, so its sweep is unfinished: {_cv_command(run_dir)}")
+    table = pd.read_csv(run_dir / "sweep.csv")
+    parameter = table.columns[0]
+    subs = []
+    for value in pd.unique(table[parameter]):
+        label = f"{parameter.split('.')[-1]}={value}"
+        sub_dir = run_dir / "sweep" / _safe_label(label)
+        subs.append({"label": label, "value": value, "dir": sub_dir.name,
+                     "cv": cv_context(sub_dir, figures / sub_dir.name)})
+    attrition = pd.concat([pd.DataFrame(s["cv"]["attrition"]["rows"], columns=s["cv"]["attrition"]["columns"])
+                           .assign(**{parameter: s["value"]}) for s in subs], ignore_index=True)
+    attrition = attrition[[parameter, *[c for c in attrition.columns if c != parameter]]]
+    return {
+        "parameter": parameter,
+        "table": _records(_sweep_display(table)),
+        "curve": _sweep_figure(table, parameter, figures / "sweep_curve", source=run_dir / "sweep.csv"),
+        "attrition": _records(attrition),
+        "attrition_figure": _sweep_attrition_figure(attrition, parameter, figures / "sweep_attrition", source=run_dir / "sweep.csv"),
+        "runs": subs,
+    }
+
+
+def _safe_label(label: str) -> str:
+    from .crossval import _safe
+
+    return _safe(label)
+
+
+def _sweep_display(table: pd.DataFrame) -> pd.DataFrame:
+    """sweep.csv with each metric as one "mean ± sd" column."""
+    out = table[[table.columns[0], "model", "kind", "level"]].copy()
+    for metric in HEADLINE:
+        mean, sd = table[f"{metric}_mean"], table[f"{metric}_sd"]
+        out[metric] = [("–" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}")) for m, s in zip(mean, sd)]
+    return out
+
+
+def _positions(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Numeric x for numeric sweep values, else evenly spaced categories; and the tick labels."""
+    unique = list(pd.unique(values))
+    numeric = pd.to_numeric(pd.Series(unique), errors="coerce")
+    if numeric.notna().all():
+        lookup = dict(zip(unique, numeric))
+        return values.map(lookup).to_numpy(dtype=float), [str(u) for u in unique]
+    lookup = {u: i for i, u in enumerate(unique)}
+    return values.map(lookup).to_numpy(dtype=float), [str(u) for u in unique]
+
+
+def _sweep_figure(table: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
+    if _stale(base, source):
+        _plot_sweep(table, parameter, base)
+    return _figure(base, f"Balanced accuracy vs {parameter}",
+                   "Mean ± sd over the CV folds of each sub-run; image and patch level; probes dotted.")
+
+
+def _plot_sweep(table: pd.DataFrame, parameter: str, base: Path) -> None:
+    import matplotlib
+
+    from .evaluate import _STYLE, _class_colours, _figure as new_figure, _save_figure
+
+    x_all, ticks = _positions(table[parameter])
+    table = table.assign(_x=x_all)
+    names = list(pd.unique(table["model"]))
+    colours = dict(zip(names, _class_colours(len(names))))
+    with matplotlib.rc_context(_STYLE):
+        fig, axes = new_figure((8.4, 3.4), ncols=2)
+        for ax, level in zip(axes, ("image", "patch")):
+            for name in names:
+                part = table[(table["model"] == name) & (table["level"] == level)].sort_values("_x")
+                probe = part["kind"].iloc[0] == "probe" if len(part) else False
+                ax.errorbar(part["_x"], part["balanced_accuracy_mean"], yerr=part["balanced_accuracy_sd"].fillna(0),
+                            color="0.55" if probe else colours[name], ls=":" if probe else "-", marker="o", ms=3,
+                            capsize=3, lw=0.9 if probe else 1.4, label=name)
+            ax.set_xticks(sorted(set(x_all.tolist())), _tick_labels(x_all, ticks))
+            ax.set(xlabel=parameter, ylabel="Balanced accuracy", title=f"{level.capitalize()} level", ylim=(0, 1.02))
+            ax.grid(True, lw=0.4, alpha=0.5)
+        axes[1].legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        _save_figure(fig, base)
+
+
+def _tick_labels(x: np.ndarray, ticks: list[str]) -> list[str]:
+    """Tick labels in the order of the sorted unique positions."""
+    order = sorted(set(x.tolist()))
+    firsts = {}
+    for value in x.tolist():
+        firsts.setdefault(value, len(firsts))
+    return [ticks[firsts[v]] for v in order]
+
+
+def _sweep_attrition_figure(attrition: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
+    if _stale(base, source):
+        _plot_sweep_attrition(attrition, parameter, base)
+    return _figure(base, f"Patch attrition per class vs {parameter}",
+                   "Share of candidate patches removed by the sparsity filter and de-duplication, per class and swept value.")
+
+
+def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -> None:
+    import matplotlib
+
+    from .evaluate import _STYLE, _class_colours, _figure as new_figure, _save_figure
+
+    x_all, ticks = _positions(attrition[parameter])
+    attrition = attrition.assign(_x=x_all)
+    labels = list(pd.unique(attrition["label"]))
+    colours = _class_colours(len(labels))
+    with matplotlib.rc_context(_STYLE):
+        fig, ax = new_figure((4.8, 3.2))
+        for colour, label in zip(colours, labels):
+            part = attrition[attrition["label"] == label].sort_values("_x")
+            ax.plot(part["_x"], part["attrition_pct"], marker="o", ms=3, color=colour, label=str(label))
+        ax.set_xticks(sorted(set(x_all.tolist())), _tick_labels(x_all, ticks))
+        ax.set(xlabel=parameter, ylabel="Patches removed (%)", title="Attrition", ylim=(0, 100))
+        ax.grid(True, lw=0.4, alpha=0.5)
+        ax.legend(frameon=False)
+        _save_figure(fig, base)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def software_versions() -> dict[str, str]:
+    """Python, platform and the installed versions of the packages the run depends on (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    for name in _VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
