@@ -50,3 +50,29 @@ def test_synth_cv_train_predict_export(tmp_path):
 
     again = runner.invoke(app, ["predict", str(tmp_path / "model"), *images, "--out", str(tmp_path / "pred_model")])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_explain_command_on_a_finished_run(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    runner = CliRunner()
+    data = tmp_path / "data"
+    assert runner.invoke(app, ["synth", str(data), "--classes", "2", "--images-per-class", "4", "--shape", "2,96,96"]).exit_code == 0
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"manifest": "data/labels.csv"},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "intermediate", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "probes": False, "baseline": False},
+    }))
+    assert runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")]).exit_code == 0
+    result = runner.invoke(app, ["explain", str(tmp_path / "run"), "--no-umap", "--n-examples", "1"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "run" / "explain" / "intermediate"
+    ablation = pd.read_csv(folder / "ablation.csv")
+    assert set(ablation["channel"]) == {"mitochondria", "early_endosome", "recycling_endosome"}
+    assert (folder / "gradcam_control.png").is_file() and (folder / "embedding_tsne.png").is_file()
+    missing = runner.invoke(app, ["explain", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "nothing" in missing.output

@@ -119,6 +119,29 @@ def cv(
 
 
 @app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="A finished CV run folder."),
+    model: Optional[str] = typer.Option(None, help="Only this model (its display name); default every deep model."),
+    out: Optional[Path] = typer.Option(None, help="Output folder; default RUN_DIR/explain."),
+    n_examples: int = typer.Option(4, help="Correct and wrong Grad-CAM examples per class."),
+    umap: bool = typer.Option(True, help="Also project embeddings with UMAP (t-SNE always)."),
+    thumbnails: bool = typer.Option(True, help="Thumbnail scatter of the embedding."),
+) -> None:
+    """Grad-CAM per channel encoder, channel ablation and embeddings of a CV run's test patches."""
+    from .errors import CytofuseError
+
+    try:
+        from .explain import explain_run
+
+        done = explain_run(run_dir, model=model, out=out, n_examples=n_examples,
+                           methods=("tsne", "umap") if umap else ("tsne",), thumbnails=thumbnails, progress=True)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    for name, summary in done.items():
+        typer.echo(f"{name}: {summary}")
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config (the one used for `cytofuse cv`)."),
     out: Path = typer.Option(..., help="Model folder to write."),

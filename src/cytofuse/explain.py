@@ -178,9 +178,11 @@ def plot_gradcam_grid(patches: np.ndarray, cams: Mapping[str, np.ndarray], *, ch
                 ax.imshow(rgba)
                 ax.set_xticks([]), ax.set_yticks([])
                 if i == 0:
-                    ax.set_title(channel_names[c] + (" (joint CAM)" if key == "all" else ""), fontsize=9)
+                    ax.set_title(channel_names[c].replace("_", " "), fontsize=8)
             axes[i, 0].set_ylabel(row_labels[i], fontsize=7)
-        fig.colorbar(ScalarMappable(cmap=cmap), ax=axes, fraction=0.03, pad=0.02, label="Grad-CAM")
+        joint = any(key == "all" for key in cams)  # one encoder sees every channel: one CAM shown on each
+        fig.colorbar(ScalarMappable(cmap=cmap), ax=axes, fraction=0.03, pad=0.02,
+                     label="Grad-CAM (one map for all channels)" if joint else "Grad-CAM (each channel's encoder)")
         if title:
             fig.suptitle(title)
         return _save_figure(fig, out)
