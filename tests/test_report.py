@@ -148,7 +148,6 @@ def report(cv_run):
     return write_report(cv_run)
 
 
-@pytest.mark.slow
 def test_report_shows_every_stage(cv_run, report):
     page = report.read_text()
     assert report == cv_run / "report.html"
@@ -169,7 +168,6 @@ def test_report_shows_every_stage(cv_run, report):
     assert (figures / "attrition.svg").is_file()
 
 
-@pytest.mark.slow
 def test_report_is_not_replaced_without_overwrite(cv_run, report):
     before = report.read_text()
     with pytest.raises(RunFolderError, match="--overwrite"):
@@ -181,7 +179,6 @@ def test_report_is_not_replaced_without_overwrite(cv_run, report):
     assert other.is_file() and not list(cv_run.parent.glob("elsewhere/.*partial"))
 
 
-@pytest.mark.slow
 def test_report_of_a_run_without_explanations_names_the_command(cv_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(cv_run, copy, ignore=shutil.ignore_patterns("cache", "explain", "report.html", "*.ckpt"))  # figures are reused
@@ -260,7 +257,6 @@ def _browse(chromium: str, page, *args: str, height: int) -> subprocess.Complete
                           capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.slow
 def test_report_renders_every_figure_in_headless_chromium(chromium, report, tmp_path):
     from PIL import Image
 

@@ -142,6 +142,24 @@ def explain(
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A CV or sweep run folder."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write; default RUN_DIR/report.html."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """One self-contained HTML page: data, attrition, metrics, figures, shortcut probes, explanations, config."""
+    from .errors import CytofuseError
+
+    try:
+        from .report import write_report
+
+        path = write_report(run_dir, out=out, overwrite=overwrite)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    typer.echo(f"report written to {path}")
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config (the one used for `cytofuse cv`)."),
     out: Path = typer.Option(..., help="Model folder to write."),
