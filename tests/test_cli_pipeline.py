@@ -8,15 +8,8 @@ from typer.testing import CliRunner
 from cytofuse.cli import app
 
 
-# torch's own deprecation notices for its legacy ONNX exporter and torch.jit (the export path we use)
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-def test_synth_cv_train_predict_export(tmp_path):
-    import torch
-
-    torch.set_num_threads(1)
-    runner = CliRunner()
+def _tiny_project(runner, tmp_path):
+    """Two phantom classes of four images and a 2-fold, 1-epoch config beside them."""
     data = tmp_path / "data"
     assert runner.invoke(app, ["synth", str(data), "--classes", "2", "--images-per-class", "4", "--shape", "2,96,96"]).exit_code == 0
     config = tmp_path / "run.yaml"
@@ -27,6 +20,19 @@ def test_synth_cv_train_predict_export(tmp_path):
         "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
         "cv": {"n_folds": 2, "probes": False, "baseline": False},
     }))
+    return data, config
+
+
+# torch's own deprecation notices for its legacy ONNX exporter and torch.jit (the export path we use)
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+def test_synth_cv_train_predict_export(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    runner = CliRunner()
+    data, config = _tiny_project(runner, tmp_path)
     result = runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "balanced" in result.output.lower() and "2-fold CV grouped by" in result.output
@@ -57,16 +63,7 @@ def test_explain_command_on_a_finished_run(tmp_path):
 
     torch.set_num_threads(1)
     runner = CliRunner()
-    data = tmp_path / "data"
-    assert runner.invoke(app, ["synth", str(data), "--classes", "2", "--images-per-class", "4", "--shape", "2,96,96"]).exit_code == 0
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"manifest": "data/labels.csv"},
-        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
-        "models": [{"fusion": "intermediate", "encoder": "smallcnn"}],
-        "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
-        "cv": {"n_folds": 2, "probes": False, "baseline": False},
-    }))
+    data, config = _tiny_project(runner, tmp_path)
     assert runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")]).exit_code == 0
     result = runner.invoke(app, ["explain", str(tmp_path / "run"), "--no-umap", "--n-examples", "1"])
     assert result.exit_code == 0, result.output

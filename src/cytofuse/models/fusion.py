@@ -9,6 +9,7 @@ encoder sees ("all" for early, "ch0", "ch1", ... otherwise) to its last conv blo
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,8 +43,8 @@ def channel_slice(x: torch.Tensor, i: int) -> torch.Tensor:
     return x[:, i : i + 1].contiguous(memory_format=fmt)
 
 
-class CytofuseModel(nn.Module):
-    """Base class: input checks and the shared attributes of every fusion model."""
+class CytofuseModel(nn.Module, abc.ABC):
+    """Abstract base: input checks and the shared attributes of every fusion model."""
 
     fusion: str = ""
 
@@ -63,15 +64,17 @@ class CytofuseModel(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
+    @abc.abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The pre-logit embedding (B, D) of a batch (B, C, H, W)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K): softmax gives probabilities; train with nn.CrossEntropyLoss."""
         return self.head(self.forward_features(x))
 
+    @abc.abstractmethod
     def gradcam_layers(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        """The last convolutional block of each encoder, keyed by the channel(s) it sees."""
 
     def gradcam_layer_names(self) -> dict[str, str]:
         """Dotted module names of ``gradcam_layers()`` (as ``monai.visualize.GradCAM`` takes them)."""
