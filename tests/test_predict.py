@@ -235,3 +235,119 @@ def test_train_final_writes_a_folder_with_epochs_from_the_cv_run(cv_run, tmp_pat
         train_final(cfg, out, epochs=1, progress=False)
     with pytest.raises(InputError, match="needs epochs or cv_run"):
         train_final(cfg, tmp_path / "other", progress=False)
+
+
+# --------------------------------------------------------------------------- streaming heat-map writer
+
+
+def _overlapping_patches(shape=(4, 40, 56), size=16, stride=8, seed=0):
+    """Every patch of a stride-8 grid on slices 0, 2, 3 (slice 1 skipped), with random probabilities."""
+    rng = np.random.default_rng(seed)
+    origins = np.array([(z, y, x) for z in (0, 2, 3) for y in range(0, shape[1] - size + 1, stride)
+                        for x in range(0, shape[2] - size + 1, stride) if rng.random() < 0.8])
+    probs = rng.dirichlet([1.0, 1.0, 1.0], len(origins)).astype(np.float32)
+    return origins, probs
+
+
+def test_streamed_heat_map_equals_in_memory_stitching(tmp_path):
+    from cytofuse.predict import HeatMapWriter
+
+    shape, size, stride = (4, 44, 60), 16, 8  # 44 and 60 leave a border no patch covers
+    origins, probs = _overlapping_patches(shape, size, stride)
+    reference = stitch(origins, probs, shape=shape, size=size, stride=stride)
+    project = np.random.default_rng(1).integers(0, 1000, (2, *shape)).astype(np.uint16)
+    with HeatMapWriter(tmp_path / "heatmap.tif", shape=shape, class_names=["a", "b", "c"], size=size,
+                       stride=stride, pixel_size_um=(1.0, 0.2, 0.2), project=project, max_pending=2) as writer:
+        for start in range(0, len(origins), 5):  # batches that end mid-slice
+            writer.add(origins[start : start + 5], probs[start : start + 5])
+    heat = tifffile.imread(tmp_path / "heatmap.tif")
+    assert heat.shape == (3, 4, 44, 60) and heat.dtype == np.float32
+    np.testing.assert_array_equal(heat, reference.full())
+    assert np.isnan(heat[:, 1]).all() and np.isnan(heat[:, :, 40:, :]).all()  # skipped slice; bottom border
+    y0, x0 = origins[:, 1], origins[:, 2]  # pixel (12, 20) of slice 2: the mean of every patch over it
+    covering = (origins[:, 0] == 2) & (y0 <= 12) & (12 < y0 + 16) & (x0 <= 20) & (20 < x0 + 16)
+    assert covering.sum() >= 2 and np.allclose(heat[:, 2, 12, 20], probs[covering].mean(axis=0))
+    covered = ~np.isnan(heat[0])
+    assert covered.sum() > 0 and np.allclose(heat.sum(axis=0)[covered], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "heatmap_max.tif"), reference.max_projection())
+    np.testing.assert_array_equal(writer.max_projection(), reference.max_projection())
+    np.testing.assert_array_equal(writer.projection, project.max(axis=1))
+    with tifffile.TiffFile(tmp_path / "heatmap.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "CZYX"
+        assert 'PhysicalSizeX="0.2"' in tif.ome_metadata and 'Name="c"' in tif.ome_metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.tif", "heatmap_max.tif"]
+
+
+def test_stride_resolution_stores_one_pixel_per_cell(tmp_path):
+    from cytofuse.predict import HeatMapWriter
+
+    shape, size, stride = (4, 40, 56), 16, 8
+    origins, probs = _overlapping_patches(shape, size, stride)
+    reference = stitch(origins, probs, shape=shape, size=size, stride=stride)
+    with HeatMapWriter(tmp_path / "h.tif", shape=shape, class_names=["a", "b", "c"], size=size, stride=stride,
+                       pixel_size_um=(1.0, 0.2, 0.2), resolution="stride") as writer:
+        writer.add(origins, probs)
+    heat = tifffile.imread(tmp_path / "h.tif")
+    assert heat.shape == (3, 4, 5, 7)  # 40 // 8, 56 // 8 cells
+    np.testing.assert_array_equal(heat, reference.values)
+    assert tifffile.imread(tmp_path / "h_max.tif").shape == (3, 5, 7)
+    with tifffile.TiffFile(tmp_path / "h.tif") as tif:
+        assert 'PhysicalSizeX="1.6"' in tif.ome_metadata  # 0.2 um x 8 px cells
+    with pytest.raises(InputError, match=r"heatmap_resolution must be one of \['full', 'stride'\], got 'half'"):
+        HeatMapWriter(tmp_path / "x.tif", shape=shape, class_names=["a"], size=16, stride=8, resolution="half")
+
+
+def test_writer_errors_surface_and_leave_no_file(tmp_path, monkeypatch):
+    from cytofuse.predict import HeatMapWriter
+
+    shape = (4, 40, 56)
+    origins, probs = _overlapping_patches(shape)
+
+    def broken(self, z, cells):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(HeatMapWriter, "_write_slice", broken)
+    writer = HeatMapWriter(tmp_path / "heatmap.tif", shape=shape, class_names=["a", "b", "c"], size=16, stride=8,
+                           max_pending=1)
+    with pytest.raises(OSError, match="No space left on device") as caught, writer:
+        for start in range(0, len(origins), 5):
+            writer.add(origins[start : start + 5], probs[start : start + 5])
+    assert any("heatmap.tif" in note for note in caught.value.__notes__)
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the temporary one
+    # patches out of z order are a bug in the caller, reported as an error too
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="patches must come in z order"):
+        with HeatMapWriter(tmp_path / "h.tif", shape=shape, class_names=["a", "b", "c"], size=16, stride=8) as w:
+            w.add(origins[::-1], probs[::-1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_prediction_leaves_no_output(model_dir, tmp_path, monkeypatch):
+    import cytofuse.predict as predict
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = predict.ensemble_proba
+    monkeypatch.setattr(predict, "ensemble_proba", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_images(model_dir, [Image(_halves(z=3, y=64, x=96), ("a", "b"))], out=tmp_path / "pred",
+                       progress=False, batch_size=8, precision="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_predict_images_writes_stride_resolution_heat_maps(model_dir, tmp_path):
+    image = Image(_halves(), ("a", "b"), pixel_size_um=(1.0, 0.5, 0.5))
+    predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, precision="fp32",
+                   heatmap_resolution="stride")
+    heat = tifffile.imread(tmp_path / "pred" / "images" / "image" / "heatmap.tif")
+    assert heat.shape == (2, 3, 4, 6)  # one pixel per 16 px patch
+    assert (heat[0, :, :, :3] > 0.99).all() and (heat[1, :, :, 3:] > 0.99).all()
+    assert (tmp_path / "pred" / "images" / "image" / "overlay.png").stat().st_size > 1000
+    with pytest.raises(InputError, match="heatmap_resolution must be one of"):
+        predict_images(model_dir, [image], out=tmp_path / "p2", progress=False, heatmap_resolution="coarse")

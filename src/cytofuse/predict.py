@@ -17,6 +17,16 @@ Outputs (``out``)::
                                    patch covers it (filtered out, skipped slice, image border)
     images/<name>/heatmap_max.tif  (classes, Y, X) maximum over z (NaN-aware)
     images/<name>/overlay.png      the image (max projection) beside each class's heat map
+
+The heat map is streamed: patches come in z order, so each slice is stitched as soon as the
+model has moved past it and written by a background thread into its place in a contiguous,
+uncompressed OME-TIFF (``HeatMapWriter``) while the model runs on later slices. Memory holds
+one slice of heat map per class, never the whole (classes, Z, Y, X) array. The file is
+written under a hidden temporary name and renamed when complete; a writer error is raised
+in the caller. ``heatmap_resolution="stride"`` stores one pixel per stitching cell (the
+greatest common divisor of patch size and stride, e.g. 64 x 64 image pixels for
+non-overlapping 64 px patches) instead of image resolution: the same values, a file
+``cell**2`` times smaller, pixel sizes in the OME metadata scaled by the cell.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -167,17 +177,52 @@ def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf
 
 
 def predict_patches(stack: np.ndarray, res: "ImagePatches", models: Sequence["torch.nn.Module"], *, size: int,
-                    batch_size: int = 64, bf16: bool = False, prefetch: int = 2) -> np.ndarray:
-    """Class probabilities (N, K) of the kept patches of one stack, streamed in batches."""
+                    batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
+                    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+    """Class probabilities (N, K) of the kept patches of one stack, streamed in batches.
+
+    on_batch: called with each batch's origins (B, 3) and probabilities (B, K) as they come."""
     n_classes = int(models[0].num_classes)
     out = np.empty((len(res.origins), n_classes), np.float32)
     pin = next(models[0].parameters()).device.type == "cuda"
     for start, x in _batches(stack, res, size=size, batch_size=batch_size, pin=pin, prefetch=prefetch):
         out[start : start + len(x)] = ensemble_proba(models, x, bf16=bf16)
+        if on_batch is not None:
+            on_batch(res.origins[start : start + len(x)], out[start : start + len(x)])
     return out
 
 
 # --------------------------------------------------------------------------- stitching
+
+
+def _upsample(cells: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """(Y, X) float32 image of a (ny, nx) cell grid, each cell ``block`` x ``block`` pixels; NaN beyond the grid."""
+    n_y, n_x = shape
+    c_y, c_x = cells.shape
+    out = np.full((n_y, n_x), np.nan, np.float32)
+    rows = np.repeat(cells.astype(np.float32, copy=False), block, axis=1)  # (c_y, c_x * block)
+    out[: c_y * block].reshape(c_y, block, n_x)[:, :, : c_x * block] = rows[:, None, :]
+    return out
+
+
+def _accumulate(total: np.ndarray, count: np.ndarray, cells: tuple[np.ndarray, ...], probs: np.ndarray,
+                k_cells: int) -> None:
+    """Add each patch's probabilities (N, K) to the ``k_cells`` x ``k_cells`` cells it covers.
+
+    total: (K, *grid) float64; count: grid int32; cells: index arrays of the patches' first cells
+    (the last two are y and x)."""
+    *lead, by, bx = cells
+    for dy in range(k_cells):
+        for dx in range(k_cells):
+            where = (*lead, by + dy, bx + dx)
+            np.add.at(count, where, 1)
+            for k in range(probs.shape[1]):
+                np.add.at(total[k], where, probs[:, k])
+
+
+def _mean_cells(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
 @dataclass
@@ -191,67 +236,237 @@ class HeatMap:
 
     def plane(self, k: int, z: int) -> np.ndarray:
         """One class and slice at image resolution (Y, X), float32."""
-        return self._upsample(self.values[k, z])
+        return _upsample(self.values[k, z], self.block, self.shape[1:])
 
     def max_projection(self) -> np.ndarray:
         """(K, Y, X) maximum over z at image resolution; NaN where no slice has a value."""
-        import warnings
-
-        with warnings.catch_warnings():  # all-NaN columns are expected: no patch covers them
-            warnings.simplefilter("ignore", RuntimeWarning)
-            cells = np.nanmax(self.values, axis=1) if self.values.shape[1] else self.values[:, 0]
-        return np.stack([self._upsample(c) for c in cells])
+        cells = np.full((len(self.values), *self.values.shape[2:]), np.nan, np.float32)
+        for z in range(self.values.shape[1]):
+            np.fmax(cells, self.values[:, z], out=cells)  # fmax skips NaN: uncovered cells stay NaN
+        return np.stack([_upsample(c, self.block, self.shape[1:]) for c in cells])
 
     def full(self) -> np.ndarray:
         """(K, Z, Y, X) at image resolution (large: for tests and small images)."""
         return np.stack([np.stack([self.plane(k, z) for z in range(self.shape[0])]) for k in range(len(self.values))])
 
-    def _upsample(self, cells: np.ndarray) -> np.ndarray:
-        _, ny, nx = self.shape
-        out = np.full((ny, nx), np.nan, np.float32)
-        up = np.repeat(np.repeat(cells, self.block, axis=0), self.block, axis=1)
-        out[: up.shape[0], : up.shape[1]] = up
-        return out
-
 
 def stitch(origins: np.ndarray, probs: np.ndarray, *, shape: tuple[int, int, int], size: int, stride: int) -> HeatMap:
-    """Average the probabilities (N, K) of patches at ``origins`` (z, y, x) into per-class maps of an image (Z, Y, X)."""
+    """Average the probabilities (N, K) of patches at ``origins`` (z, y, x) into per-class maps of an image (Z, Y, X).
+
+    In memory for the whole image; prediction streams slice by slice with ``SliceStitcher``."""
     n_z, n_y, n_x = shape
     block = math.gcd(size, stride)
-    k_cells = size // block
-    n_classes = probs.shape[1]
-    total = np.zeros((n_classes, n_z, n_y // block, n_x // block), np.float64)
+    total = np.zeros((probs.shape[1], n_z, n_y // block, n_x // block), np.float64)
     count = np.zeros((n_z, n_y // block, n_x // block), np.int32)
     if len(origins):
-        z, by, bx = origins[:, 0], origins[:, 1] // block, origins[:, 2] // block
-        for dy in range(k_cells):
-            for dx in range(k_cells):
-                np.add.at(count, (z, by + dy, bx + dx), 1)
-                for k in range(n_classes):
-                    np.add.at(total[k], (z, by + dy, bx + dx), probs[:, k])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
-    return HeatMap(values, block, (n_z, n_y, n_x))
+        cells = (origins[:, 0], origins[:, 1] // block, origins[:, 2] // block)
+        _accumulate(total, count, cells, probs, size // block)
+    return HeatMap(_mean_cells(total, count), block, (n_z, n_y, n_x))
+
+
+class SliceStitcher:
+    """``stitch`` one z-slice at a time: feed patches in z order, get each slice's (K, ny, nx) cells
+    once the patches have moved past it. Holds one slice of sums and the running max over z."""
+
+    def __init__(self, shape: tuple[int, int, int], n_classes: int, *, size: int, stride: int) -> None:
+        self.shape, self.block = tuple(shape), math.gcd(size, stride)
+        self.k_cells = size // self.block
+        self.cells_shape = (shape[1] // self.block, shape[2] // self.block)
+        self.total = np.zeros((n_classes, *self.cells_shape), np.float64)
+        self.count = np.zeros(self.cells_shape, np.int32)
+        self.max_cells = np.full((n_classes, *self.cells_shape), np.nan, np.float32)
+        self.z = 0  # the slice being summed
+
+    def add(self, origins: np.ndarray, probs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Add patches (origins (N, 3), probs (N, K)); yield (z, cells) of every slice now finished."""
+        z = origins[:, 0]
+        if len(z) and (z[0] < self.z or np.any(np.diff(z) < 0) or z[-1] >= self.shape[0]):
+            raise ValueError(f"patches must come in z order within 0..{self.shape[0] - 1}; got z {z[0]}..{z[-1]} "
+                             f"after slice {self.z}")
+        for part in np.split(np.arange(len(z)), np.flatnonzero(np.diff(z)) + 1):
+            if not len(part):
+                continue
+            while self.z < z[part[0]]:
+                yield self._emit()
+            cells = (origins[part, 1] // self.block, origins[part, 2] // self.block)
+            _accumulate(self.total, self.count, cells, probs[part], self.k_cells)
+
+    def finish(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(z, cells) of the remaining slices (NaN where no patch came)."""
+        while self.z < self.shape[0]:
+            yield self._emit()
+
+    def _emit(self) -> tuple[int, np.ndarray]:
+        values = _mean_cells(self.total, self.count)
+        np.fmax(self.max_cells, values, out=self.max_cells)
+        self.total.fill(0)
+        self.count.fill(0)
+        self.z += 1
+        return self.z - 1, values
 
 
 # --------------------------------------------------------------------------- writing
 
+HEATMAP_RESOLUTIONS = ("full", "stride")
+_DONE = object()
+
+
+def _ome_metadata(axes: str, class_names: Sequence[str], pixel_size_um, scale: int = 1) -> dict:
+    meta = {"axes": axes, "Channel": {"Name": list(class_names)}}
+    _, py, px = pixel_size_um
+    if py and px:
+        meta |= {"PhysicalSizeY": py * scale, "PhysicalSizeX": px * scale}
+    return meta
+
+
+def _write_tiff_atomic(path: Path, data: np.ndarray, **kwargs) -> None:
+    """``tifffile.imwrite`` to a hidden temporary name beside ``path``, renamed into place."""
+    import tifffile
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tifffile.imwrite(tmp, data, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class HeatMapWriter:
+    """Stitch and write one image's heat maps slice by slice in a background thread.
+
+    ``add`` patches (in z order) as the model produces them; each finished z-slice is stitched
+    and written into its place in ``path``, a contiguous (K, Z, Y, X) float32 OME-TIFF created
+    at full size under a hidden temporary name. ``close`` finishes the last slices, renames
+    the file into place, and writes ``<stem>_max.tif`` (K, Y, X), the NaN-aware max over z.
+    An exception in the thread is raised by the next ``add`` or by ``close``; ``abort`` (or
+    leaving the ``with`` block by an exception) removes the temporary file.
+
+    resolution: "full" (image pixels) or "stride" (one pixel per stitching cell).
+    project: optional (C, Z, Y, X) stack whose max over z is kept as ``projection`` on the way.
+    """
+
+    def __init__(self, path: str | Path, *, shape: tuple[int, int, int], class_names: Sequence[str], size: int,
+                 stride: int, pixel_size_um=(None, None, None), resolution: str = "full",
+                 project: np.ndarray | None = None, max_pending: int = 8) -> None:
+        import tifffile
+
+        if resolution not in HEATMAP_RESOLUTIONS:
+            raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {resolution!r}")
+        self.path, self.class_names, self.resolution = Path(path), list(class_names), resolution
+        self.stitcher = SliceStitcher(shape, len(class_names), size=size, stride=stride)
+        scale = 1 if resolution == "full" else self.stitcher.block
+        self._plane_shape = tuple(shape[1:]) if resolution == "full" else self.stitcher.cells_shape
+        self._meta = lambda axes: _ome_metadata(axes, class_names, pixel_size_um, scale)
+        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        full_shape = (len(class_names), shape[0], *self._plane_shape)
+        self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
+                                           metadata=self._meta("CZYX"), returnoffset=True)
+        self._file = open(self._tmp, "r+b", buffering=0)
+        self._project = project
+        self.projection = None if project is None or not project.shape[1] else project[:, 0].copy()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="heatmap-writer", daemon=True)
+        self._thread.start()
+
+    # ----- caller side
+    def add(self, origins: np.ndarray, probs: np.ndarray) -> None:
+        """Queue patches (origins (N, 3) z, y, x in z order; probs (N, K)) for stitching."""
+        self._raise_error()
+        self._queue.put((np.array(origins), np.array(probs)))
+
+    def close(self) -> None:
+        """Finish every slice, rename the heat map into place and write its max projection."""
+        if self._closed:
+            return
+        self._join()
+        if self._error is not None:
+            self._discard()
+            self._raise_error()
+        os.replace(self._tmp, self.path)
+        _write_tiff_atomic(self.path.with_name(self.path.stem + "_max.tif"), self.max_projection(full=False),
+                           ome=True, metadata=self._meta("CYX"))
+
+    def abort(self) -> None:
+        """Stop the thread and remove the temporary file (nothing is left under ``path``)."""
+        if self._closed:
+            return
+        self._stop.set()
+        self._join()
+        self._discard()
+
+    def max_projection(self, *, full: bool = True) -> np.ndarray:
+        """(K, Y, X) max over z at image resolution (``full``) or at the stored resolution."""
+        cells, block = self.stitcher.max_cells, self.stitcher.block
+        if not full and self.resolution == "stride":
+            return cells.copy()
+        return np.stack([_upsample(c, block, self.stitcher.shape[1:]) for c in cells])
+
+    def __enter__(self) -> "HeatMapWriter":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _join(self) -> None:
+        self._closed = True
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._file.close()
+
+    def _discard(self) -> None:
+        self._tmp.unlink(missing_ok=True)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            err.add_note(f"raised while writing the heat map {self.path}")
+            raise err
+
+    # ----- writer thread
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                if self._stop.is_set():
+                    continue
+                for z, cells in self.stitcher.add(*item):
+                    self._write_slice(z, cells)
+            if not self._stop.is_set():
+                for z, cells in self.stitcher.finish():
+                    self._write_slice(z, cells)
+        except BaseException as err:  # handed to the caller by add() / close()
+            self._error = err
+            while self._queue.get() is not _DONE:  # keep draining so add() never blocks
+                pass
+
+    def _write_slice(self, z: int, cells: np.ndarray) -> None:
+        n_z = self.stitcher.shape[0]
+        for k, values in enumerate(cells):
+            plane = _upsample(values, self.stitcher.block, self.stitcher.shape[1:]) if self.resolution == "full" else values
+            self._file.seek(self._offset + (k * n_z + z) * plane.nbytes)
+            view = memoryview(np.ascontiguousarray(plane)).cast("B")
+            while view:
+                view = view[self._file.write(view):]
+        if self._project is not None:
+            np.maximum(self.projection, self._project[:, z], out=self.projection)
+
 
 def write_heatmap_tiff(path: Path, heat: HeatMap, class_names: Sequence[str], pixel_size_um=(None, None, None)) -> None:
-    """(K, Z, Y, X) float32 OME-TIFF written plane by plane, and its (K, Y, X) max projection beside it."""
+    """(K, Z, Y, X) float32 OME-TIFF of an in-memory ``HeatMap``, and its (K, Y, X) max projection beside it."""
     import tifffile
 
     k, (n_z, n_y, n_x) = len(class_names), heat.shape
-    meta = {"axes": "CZYX", "Channel": {"Name": list(class_names)}}
-    _, py, px = pixel_size_um
-    if py and px:
-        meta |= {"PhysicalSizeY": py, "PhysicalSizeX": px}
     planes = (heat.plane(c, z) for c in range(k) for z in range(n_z))
     # one strip per plane: from an iterator, tifffile's default strips write ~7x slower
-    tifffile.imwrite(path, planes, shape=(k, n_z, n_y, n_x), dtype=np.float32, ome=True, metadata=meta,
-                     rowsperstrip=n_y)
+    tifffile.imwrite(path, planes, shape=(k, n_z, n_y, n_x), dtype=np.float32, ome=True,
+                     metadata=_ome_metadata("CZYX", class_names, pixel_size_um), rowsperstrip=n_y)
     tifffile.imwrite(path.with_name(path.stem + "_max.tif"), heat.max_projection(), ome=True,
-                     metadata={"axes": "CYX", "Channel": {"Name": list(class_names)}})
+                     metadata=_ome_metadata("CYX", class_names, pixel_size_um))
 
 
 def _composite(projection: np.ndarray) -> np.ndarray:
@@ -286,7 +501,7 @@ def write_overlay_png(path: Path, projection: np.ndarray, heat_max: np.ndarray, 
         ax.set_axis_off()
     fig.colorbar(shown, ax=axes[-1], fraction=0.046, label="probability")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
 
 
 # --------------------------------------------------------------------------- the command
@@ -294,26 +509,44 @@ def write_overlay_png(path: Path, projection: np.ndarray, heat_max: np.ndarray, 
 
 @dataclass
 class ImageResult:
-    """What prediction produced for one image."""
+    """What prediction produced for one image (its heat maps are already written)."""
 
     name: str
     source: str
     probabilities: np.ndarray  # (K,) mean of the patch probabilities; NaN without patches
     decision: str
     patches: "pd.DataFrame"
-    heatmap: HeatMap
+    heat_max: np.ndarray  # (K, Y, X) max over z of the heat maps, image resolution
+    projection: np.ndarray  # (C, Y, X) max over z of the image, all its channels
     notes: list[str]
 
 
+def _z_ordered(res: "ImagePatches") -> "ImagePatches":
+    """``res`` with origins in z order (as ``extract_patches`` returns them; streaming relies on it)."""
+    from dataclasses import replace
+
+    z = res.origins[:, 0]
+    if np.all(z[1:] >= z[:-1]):
+        return res
+    order = np.argsort(z, kind="stable")
+    return replace(res, origins=res.origins[order], ratios=res.ratios[order])
+
+
 def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
-                  batch_size: int = 64, bf16: bool = False, prefetch: int = 2) -> ImageResult:
-    """Preprocess one image as in training, predict its patches, stitch the heat maps."""
+                  folder: Path, batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
+                  heatmap_resolution: str = "full") -> ImageResult:
+    """Preprocess one image as in training, predict its patches, and stream its heat maps into ``folder``."""
     import pandas as pd
 
     stack = select_model_channels(image, card.channel_names)
     settings = card.patch_settings()
-    res = preprocess(stack, card)
-    probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16, prefetch=prefetch)
+    res = _z_ordered(preprocess(stack, card))
+    writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
+                           size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
+                           resolution=heatmap_resolution, project=image.data)
+    with writer:
+        probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16,
+                                prefetch=prefetch, on_batch=writer.add)
     classes = card.class_names
     table = pd.DataFrame(res.origins, columns=["z", "y", "x"])
     table.insert(0, "image", name)
@@ -326,8 +559,8 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
     else:
         mean, decision = np.full(len(classes), np.nan, np.float32), ""
         notes.append("no patch passed the sparsity filter: no decision")
-    heat = stitch(res.origins, probs, shape=stack.shape[1:], size=settings.size, stride=settings.step)
-    return ImageResult(name, image.source, mean, decision, table, heat, notes)
+    projection = writer.projection if writer.projection is not None else image.data.max(axis=1)
+    return ImageResult(name, image.source, mean, decision, table, writer.max_projection(), projection, notes)
 
 
 def _image_names(images: Sequence) -> list[str]:
@@ -356,14 +589,15 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _write_image(folder: Path, image: "Image", result: ImageResult, class_names: Sequence[str]) -> None:
-    folder.mkdir(parents=True)
-    write_heatmap_tiff(folder / "heatmap.tif", result.heatmap, class_names, image.pixel_size_um)
-    projection = image.data.max(axis=1)
-    heat_max = result.heatmap.max_projection()
+def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str]) -> None:
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
-    write_overlay_png(folder / "overlay.png", projection, heat_max, class_names,
-                      title=f"{result.name}: {result.decision or 'no decision'} ({probs})")
+    tmp = folder / ".overlay.png.partial"
+    try:
+        write_overlay_png(tmp, result.projection, result.heat_max, class_names,
+                          title=f"{result.name}: {result.decision or 'no decision'} ({probs})")
+        os.replace(tmp, folder / "overlay.png")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:
@@ -394,6 +628,7 @@ def predict_images(
     channel_names: Sequence[str] | None = None,
     axes: str | None = None,
     device: str = "cpu",
+    heatmap_resolution: Literal["full", "stride"] = "full",
 ) -> "pd.DataFrame":
     """Predict every image (file path or ``cytofuse.io.Image``) and write the folder ``out``; return the summary.
 
@@ -401,6 +636,7 @@ def predict_images(
     workers: background threads cutting batches ahead of the model (0: cut inline).
     precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
     channel_names / axes: passed to ``cytofuse.io.read_image`` (names for files that store none).
+    heatmap_resolution: "full" (image pixels) or "stride" (one pixel per stitching cell; see the module notes).
     The image decision is the class with the highest mean patch probability.
     """
     import pandas as pd
@@ -412,6 +648,8 @@ def predict_images(
         raise InputError("predict_images: images is empty; give at least one image file")
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got batch_size={batch_size}, workers={workers}")
+    if heatmap_resolution not in HEATMAP_RESOLUTIONS:
+        raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {heatmap_resolution!r}")
     bf16 = _use_bf16(precision)
     models, card = load_models(model_dir_or_run, model_name=model_name)
     models = prepare_models(models, device=device)
@@ -423,9 +661,11 @@ def predict_images(
             task = bar.add_task("predicting images", total=len(images))
             for item, name in zip(images, _image_names(images)):
                 image = _read(item, channel_names, axes)
-                result = predict_image(image, models, card, name=name, batch_size=batch_size, bf16=bf16,
-                                       prefetch=2 * workers)
-                _write_image(tmp / "images" / name, image, result, card.class_names)
+                folder = tmp / "images" / name
+                folder.mkdir(parents=True)
+                result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
+                                       bf16=bf16, prefetch=2 * workers, heatmap_resolution=heatmap_resolution)
+                _write_overlay(folder, result, card.class_names)
                 rows.append(_summary_row(result, card.class_names))
                 tables.append(result.patches)
                 del image, result
