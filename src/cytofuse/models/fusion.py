@@ -145,16 +145,47 @@ class _PerChannel(CytofuseModel):
 
 
 class IntermediateFusion(_PerChannel):
-    """Per-channel encoders; pooled features concatenated into one shared dense head."""
+    """Per-channel encoders; pooled features concatenated into one shared dense head.
+
+    With ``aux_channels > 0`` the model also has one encoder per training-only auxiliary
+    channel (modality dropout). Its input is then (B, C) at test time, or (B, C + A) in
+    training, the auxiliary channels last. During training each sample's auxiliary features
+    are kept with probability ``1 - aux_p`` and zeroed otherwise; when the auxiliary channels
+    are absent (always at test time) their features are zero, so the head has learned to
+    classify without them.
+    """
 
     fusion = "intermediate"
 
     def __init__(self, make_encoder: EncoderFactory, *, encoder_name: str, in_channels: int,
-                 num_classes: int, dropout: float, hidden: int | None = None) -> None:
+                 num_classes: int, dropout: float, hidden: int | None = None,
+                 aux_channels: int = 0, aux_p: float = 0.5) -> None:
         super().__init__(make_encoder, encoder_name=encoder_name, in_channels=in_channels,
                          num_classes=num_classes)
-        width = in_channels * self.encoders[0].out_features
+        self.aux_channels, self.aux_p = aux_channels, aux_p
+        self.aux_encoders = nn.ModuleList(make_encoder(1) for _ in range(aux_channels))
+        width = (in_channels + aux_channels) * self.encoders[0].out_features
         self.head = make_head(width, num_classes, dropout=dropout, hidden=hidden)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if self.aux_channels and self.training and x.ndim == 4 and x.shape[1] == self.in_channels + self.aux_channels:
+            return
+        super()._check(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Input-channel features, then auxiliary features (zero when absent or dropped)."""
+        self._check(x)
+        feats = [enc(channel_slice(x, i)) for i, enc in enumerate(self.encoders)]
+        if not self.aux_channels:
+            return torch.cat(feats, dim=1)
+        width = self.encoders[0].out_features
+        if x.shape[1] == self.in_channels:  # absent: test time, or training without the auxiliary view
+            feats.append(x.new_zeros(x.shape[0], width * self.aux_channels))
+            return torch.cat(feats, dim=1)
+        keep = (torch.rand(x.shape[0], 1, device=x.device) >= self.aux_p).to(x.dtype)
+        for j, enc in enumerate(self.aux_encoders):
+            feats.append(enc(channel_slice(x, self.in_channels + j)) * keep)
+        return torch.cat(feats, dim=1)
 
 
 def _normalise_weights(weights: Sequence[float] | torch.Tensor, n: int) -> torch.Tensor:

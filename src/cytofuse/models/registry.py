@@ -65,6 +65,17 @@ def _check_args(name: str, encoder: str, in_channels: int, num_classes: int,
         raise InputError(f"channel is only used by model 'single', got channel={channel!r} for {name!r}")
 
 
+def _aux_args(name: str, aux_channels: object, aux_p: object) -> int:
+    if not _is_int(aux_channels) or aux_channels < 0:
+        raise InputError(f"aux_channels must be an int >= 0, got {aux_channels!r}")
+    if aux_channels and name != "intermediate":
+        raise InputError(f"training-only auxiliary encoders (aux_channels={aux_channels}) need fusion "
+                         f"'intermediate', got {name!r}")
+    if not isinstance(aux_p, Real) or not 0.0 <= aux_p < 1.0:
+        raise InputError(f"aux_p must be in [0, 1), got {aux_p!r}")
+    return int(aux_channels)
+
+
 def _late_weights_config(late_weights: str | Sequence[float]) -> str | list[float]:
     if isinstance(late_weights, str):
         return late_weights
@@ -87,6 +98,9 @@ def create_model(
     pretrained: str | Path | None = None,
     late_weights: str | Sequence[float] = "learned",
     hidden: int | None = None,
+    aux_channels: int = 0,
+    aux_p: float = 0.5,
+    channel_names: Sequence[str] | None = None,
 ) -> CytofuseModel:
     """Build a fusion model for patches of ``in_channels`` channels.
 
@@ -98,6 +112,10 @@ def create_model(
     late_weights: "learned" (softmax of learnable logits), "equal", "validation" (equal until
         set from validation with ``model.set_branch_weights``), or one weight per channel.
     hidden: width of a hidden dense layer in each head (None: dropout + linear).
+    aux_channels: training-only auxiliary channels ("intermediate" only): one extra encoder
+        each, fed as the last channels during training, dropped per sample with probability
+        ``aux_p`` and absent at test time (the model's input then has ``in_channels``).
+    channel_names: names of the input channels, stored in ``model.config`` for the record.
     """
     _check_args(name, encoder, in_channels, num_classes, channel, dropout, hidden)
     in_channels, num_classes = int(in_channels), int(num_classes)
@@ -108,6 +126,11 @@ def create_model(
         kwargs["channel"] = channel
     if name == "late":
         kwargs["weights"] = _late_weights_config(late_weights)
+    aux_channels = _aux_args(name, aux_channels, aux_p)
+    if aux_channels:
+        kwargs |= {"aux_channels": aux_channels, "aux_p": float(aux_p)}
+    if channel_names is not None and len(channel_names) != in_channels:
+        raise InputError(f"channel_names must name the {in_channels} input channels, got {list(channel_names)}")
     model = MODELS[name](
         lambda c: create_encoder(encoder, in_channels=c),
         encoder_name=encoder, in_channels=in_channels, num_classes=num_classes, **kwargs,
@@ -117,6 +140,10 @@ def create_model(
         "channel": channel, "dropout": dropout, "hidden": hidden,
         "late_weights": _late_weights_config(late_weights),
     }
+    if aux_channels:
+        model.config |= {"aux_channels": aux_channels, "aux_p": float(aux_p)}
+    if channel_names is not None:
+        model.config["channel_names"] = [str(c) for c in channel_names]
     model.pretrained_reports = {} if pretrained is None else apply_pretrained(model, pretrained)
     return model
 
@@ -136,7 +163,8 @@ def apply_pretrained(model: CytofuseModel, path: str | Path) -> dict[str, LoadRe
 
 def _encoders(model: CytofuseModel) -> dict[str, nn.Module]:
     if hasattr(model, "encoders"):
-        return {f"ch{i}": enc for i, enc in enumerate(model.encoders)}
+        found = {f"ch{i}": enc for i, enc in enumerate(model.encoders)}
+        return found | {f"aux{j}": enc for j, enc in enumerate(getattr(model, "aux_encoders", []))}
     return {next(iter(model.gradcam_layers())): model.encoder}
 
 

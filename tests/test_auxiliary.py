@@ -1,0 +1,143 @@
+"""Training-only auxiliary channels: modality dropout and extra samples; never an input at test time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cytofuse.config import model_channels, validate_config
+from cytofuse.errors import ConfigError, InputError
+from cytofuse.models import create_model
+
+
+def test_aux_encoder_is_used_in_training_and_absent_at_test():
+    torch.manual_seed(0)
+    model = create_model("intermediate", in_channels=2, num_classes=3, encoder="smallcnn", aux_channels=1,
+                         aux_p=0.0, channel_names=["BF", "DF"])
+    x = torch.rand(4, 3, 32, 32)
+    model.train()
+    with_aux = model.forward_features(x)
+    assert with_aux.shape == (4, 3 * model.encoders[0].out_features)
+    assert with_aux[:, -model.encoders[0].out_features:].abs().sum() > 0  # p=0: the auxiliary features are kept
+    model.eval()
+    with pytest.raises(InputError, match=r"expects x of shape \(B, 2, H, W\), got \(4, 3, 32, 32\)"):
+        model(x)  # at test time an auxiliary channel is refused
+    before = model(x[:, :2])
+    with torch.no_grad():
+        for p in model.aux_encoders.parameters():
+            p.add_(1.0)
+    assert torch.equal(before, model(x[:, :2]))  # test-time output does not depend on the auxiliary encoder
+
+
+def test_modality_dropout_zeroes_about_p_of_the_samples():
+    torch.manual_seed(0)
+    model = create_model("intermediate", in_channels=1, num_classes=2, encoder="smallcnn", aux_channels=1, aux_p=0.3)
+    model.train()
+    feats = model.forward_features(torch.rand(400, 2, 16, 16))
+    dropped = (feats[:, model.encoders[0].out_features:].abs().sum(dim=1) == 0).float().mean().item()
+    assert 0.22 < dropped < 0.38
+
+
+def test_aux_needs_intermediate_fusion():
+    with pytest.raises(InputError, match="need fusion 'intermediate', got 'late'"):
+        create_model("late", in_channels=2, num_classes=2, encoder="smallcnn", aux_channels=1)
+    with pytest.raises(ConfigError, match="auxiliary_mode 'dropout' .* needs fusion 'intermediate'"):
+        validate_config({"data": {"images": "x"}, "models": [{"fusion": "early", "auxiliary": ["DNA"]}]})
+
+
+def test_model_channels_default_to_everything_but_the_auxiliary():
+    cfg = validate_config({"data": {"images": "x"}, "models": [
+        {"fusion": "intermediate", "auxiliary": ["DNA"]},
+        {"fusion": "early", "channels": ["BF"], "auxiliary": ["DNA"], "auxiliary_mode": "samples"},
+        {"fusion": "early", "auxiliary": ["DNA"], "auxiliary_mode": "samples"}]})
+    names = ("BF", "DNA", "DF")
+    assert model_channels(cfg.models[0], names) == ([0, 2], [1])
+    assert model_channels(cfg.models[1], names) == ([0], [1])
+    with pytest.raises(ConfigError, match="'samples' needs exactly one input channel, got \\['BF', 'DF'\\]"):
+        model_channels(cfg.models[2], names)
+    with pytest.raises(ConfigError, match="both inputs and auxiliary"):
+        validate_config({"data": {"images": "x"}, "models": [{"fusion": "intermediate", "channels": ["BF"], "auxiliary": ["BF"]}]})
+
+
+def test_patch_dataset_views_repeat_each_row_with_the_same_label(tmp_path):
+    from cytofuse.data import CacheChannels, PatchDataset
+
+    class Cache:  # a 3-channel cache whose channel c of row r holds the value 10 r + c
+        channels = ("BF", "DF", "DNA")
+        path = tmp_path
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, item):
+            r = np.atleast_1d(item)
+            block = (10 * r[:, None] + np.arange(3)[None, :])[:, :, None, None] * np.ones((1, 1, 4, 4))
+            return block[0] if np.ndim(item) == 0 else block
+
+    ds = PatchDataset(Cache(), np.array([1, 3]), np.array([0, 1]), views=[[0], [2]])
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 1, 0, 1]
+    assert [float(ds[i][0][0, 0, 0]) for i in range(4)] == [10, 30, 12, 32]
+    assert ds[0][0].shape == (1, 4, 4)
+    inputs = PatchDataset(Cache(), np.array([1]), np.array([0]), channels=[2, 0])
+    assert inputs[0][0][:, 0, 0].tolist() == [12, 10]
+    with pytest.raises(InputError, match="non-empty lists of equal length"):
+        PatchDataset(Cache(), np.array([1]), np.array([0]), views=[[0, 1], [2]])
+    view = CacheChannels.__new__(CacheChannels)  # the view's indexing alone
+    view.cache, view.index = Cache(), [2]
+    assert view[np.array([1, 2])].shape == (2, 1, 4, 4) and float(view[1][0, 0, 0]) == 12
+
+
+@pytest.fixture(scope="module")
+def three_channel_set(tmp_path_factory):
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("aux") / "data"
+    write_synthetic_dataset(out, classes=2, images_per_class=4, shape=(1, 64, 64), seed=3, progress=False)
+    return out / "labels.csv"
+
+
+def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp_path, monkeypatch):
+    """Spy on every forward pass of a CV run: eval-mode passes (validation, test folds) see 2 channels."""
+    from cytofuse.crossval import run_cv
+    from cytofuse.models.fusion import IntermediateFusion
+    from cytofuse.modelfolder import load_models
+    from cytofuse.predict import predict_images
+    from cytofuse.io import Image, read_image
+
+    torch.set_num_threads(1)
+    seen: list[tuple[bool, int]] = []
+    original = IntermediateFusion.forward_features
+
+    def spy(self, x):
+        seen.append((self.training, int(x.shape[1])))
+        return original(self, x)
+
+    monkeypatch.setattr(IntermediateFusion, "forward_features", spy)
+    cfg = validate_config({
+        "data": {"manifest": str(three_channel_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "intermediate", "encoder": "smallcnn", "auxiliary": ["recycling_endosome"], "name": "aux"}],
+        "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": True, "probes": False},
+    })
+    run_cv(cfg, tmp_path / "run", progress=False)
+    assert {c for training, c in seen if not training} == {2}
+    assert {c for training, c in seen if training} == {3}
+    metrics = json.loads((tmp_path / "run" / "models" / "aux" / "metrics.json").read_text())
+    assert metrics["model"]["input_channels"] == ["mitochondria", "early_endosome"]
+    assert metrics["model"]["auxiliary_channels"] == ["recycling_endosome"]
+    baseline = pd.read_parquet(tmp_path / "run" / "models" / "handcrafted" / "predictions.parquet")
+    assert len(baseline)  # the baseline ran on the test-time channels (default baseline_channels)
+    models, card = load_models(tmp_path / "run", model_name="aux")
+    assert card.channel_names == ["mitochondria", "early_endosome"]
+    # an image without the auxiliary channel is predicted
+    full = read_image(pd.read_csv(three_channel_set)["path"].map(lambda p: three_channel_set.parent / p).iloc[0])
+    keep = [full.channel_names.index(c) for c in card.channel_names]
+    image = Image(full.data[keep], tuple(card.channel_names), full.pixel_size_um, "no-aux.tif", {})
+    summary = predict_images(tmp_path / "run", [image], out=tmp_path / "pred", model_name="aux", progress=False,
+                             precision="fp32")
+    assert len(summary) == 1 and summary["patches"].iloc[0] > 0
