@@ -96,6 +96,33 @@ class PatchCache:
         return f"PatchCache({str(self.path)!r}, n={len(self)}, channels={self.channels}, size={self.size})"
 
 
+class CacheChannels:
+    """A patch cache restricted to some of its channels, in a given order (a view: nothing is copied)."""
+
+    def __init__(self, cache: PatchCache, channels: Sequence[int]) -> None:
+        idx = [int(c) for c in channels]
+        if not idx or any(not 0 <= c < len(cache.channels) for c in idx):
+            raise InputError(f"CacheChannels: channels must be indices into {cache.channels}, got {list(channels)}")
+        self.cache, self.index = cache, idx
+        self.path, self.size, self.dtype = cache.path, cache.size, cache.dtype
+        self.patch_ids = cache.patch_ids
+        self.channels: tuple[str, ...] = tuple(cache.channels[c] for c in idx)
+        self.fingerprint = f"{cache.fingerprint}:{idx}"
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, item):
+        block = self.cache[item]
+        return block[self.index] if block.ndim == 3 else block[:, self.index]
+
+    def positions(self, patch_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.cache.positions(patch_ids)
+
+    def __repr__(self) -> str:
+        return f"CacheChannels({self.cache!r}, channels={self.channels})"
+
+
 def index_fingerprint(index: pd.DataFrame, stats: pd.DataFrame, *, channels: Sequence[str], dtype) -> str:
     """A hash of everything the cache content depends on: patch positions, stats, channels, dtype."""
     h = hashlib.sha256()
@@ -376,9 +403,14 @@ class PatchDataset(Dataset):
     """Patches ``rows`` (cache positions) of a :class:`PatchCache` with integer ``labels``.
 
     Items are ``(float32 tensor (C, P, P), int label)``; ``augment`` is applied per item.
+    ``channels`` picks and orders the cache channels a model sees (default: all). ``views``
+    (a list of such channel lists) makes each row appear once per view, with the same label:
+    training-only auxiliary channels as extra samples, e.g. ``[[bf], [dna]]`` trains a
+    one-channel model on bright-field and DNA images of the same cells.
     """
 
-    def __init__(self, cache: PatchCache, rows: np.ndarray, labels: np.ndarray, *, augment: Augment | None = None) -> None:
+    def __init__(self, cache: PatchCache, rows: np.ndarray, labels: np.ndarray, *, augment: Augment | None = None,
+                 channels: Sequence[int] | None = None, views: Sequence[Sequence[int]] | None = None) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
         if rows.ndim != 1 or labels.shape != rows.shape:
@@ -387,16 +419,32 @@ class PatchDataset(Dataset):
             raise InputError(f"PatchDataset: rows must lie in [0, {len(cache)}) for cache {cache.path}, got {rows.min()}..{rows.max()}")
         if len(labels) and labels.min() < 0:
             raise InputError(f"PatchDataset: labels must be >= 0, got {labels.min()}")
+        if channels is not None and views is not None:
+            raise InputError("PatchDataset: give channels or views, not both")
+        views = [list(channels)] if channels is not None else [list(v) for v in views] if views is not None else None
+        if views is not None:
+            n_channels = len(getattr(cache, "channels", ())) or np.asarray(cache[rows[:1]]).shape[1]
+            widths = {len(v) for v in views}
+            bad = [c for v in views for c in v if not 0 <= int(c) < n_channels]
+            if not views or len(widths) != 1 or 0 in widths or bad:
+                raise InputError(f"PatchDataset: channels/views must be non-empty lists of equal length of cache "
+                                 f"channel indices in [0, {n_channels}), got {views}")
         self.cache = cache
-        self.rows = rows
-        self.labels = labels
+        self.base_rows = rows
+        self.views = views
+        n_views = 1 if views is None else len(views)
+        self.rows = np.tile(rows, n_views)
+        self.labels = np.tile(labels, n_views)
         self.augment = augment
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(np.array(self.cache[self.rows[i]], dtype=np.float32))
+        patch = self.cache[self.rows[i]]
+        if self.views is not None:
+            patch = patch[self.views[i // len(self.base_rows)]]
+        x = torch.from_numpy(np.array(patch, dtype=np.float32))
         if self.augment is not None:
             x = self.augment(x)
         return x, int(self.labels[i])

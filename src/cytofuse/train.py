@@ -328,6 +328,7 @@ def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: Trai
             if getattr(ds, attr, None) is not None:
                 h.update(np.ascontiguousarray(getattr(ds, attr)).tobytes())
         h.update(str(getattr(getattr(ds, "cache", None), "fingerprint", "")).encode())
+        h.update(f"views={getattr(ds, 'views', None)}".encode())
     return h.hexdigest()[:32]
 
 
