@@ -425,3 +425,31 @@ def test_write_evaluation(tmp_path):
     for name in ("confusion_patch_counts", "confusion_image_normalised", "pr_image", "roc_patch"):
         assert paths[name].suffix == ".png" and paths[name].with_suffix(".svg").exists()
     assert sorted(p.name for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")) == []
+
+
+# --------------------------------------------------------------------------- positive / rare class
+
+
+def test_best_f1_threshold_known_answers():
+    from cytofuse.evaluate import best_f1_threshold
+
+    assert best_f1_threshold(np.array([0, 0, 1, 1]), np.array([.1, .2, .8, .9])) == pytest.approx(0.5)
+    # cuts: after .9 F1 2/3, after .8 1/2, after .2 4/5 (best), after .1 2/3 -> midpoint of .2 and .1
+    assert best_f1_threshold(np.array([0, 1, 0, 1]), np.array([.1, .2, .8, .9])) == pytest.approx(0.15)
+    assert best_f1_threshold(np.zeros(3), np.array([.1, .2, .3])) == 0.5
+
+
+def test_positive_class_report_uses_validation_thresholds_only():
+    from cytofuse.evaluate import positive_class_report
+
+    classes = ["common", "rare"]
+    # validation says the rare class starts above 0.25; at 0.5 (argmax) the test fold's rare patches are missed
+    val = pd.DataFrame({"fold": 0, "y_true": [0, 0, 1, 1], "prob_common": [.9, .8, .7, .6], "prob_rare": [.1, .2, .3, .4]})
+    test = pd.DataFrame({"fold": 0, "y_true": [0, 0, 1, 1], "prob_common": [.95, .9, .65, .6], "prob_rare": [.05, .1, .35, .4]})
+    report = positive_class_report(val, test, classes=classes, positive="rare")
+    assert report["folds"][0]["threshold"] == pytest.approx(0.25)
+    assert report["f1_tuned"]["mean"] == pytest.approx(1.0)
+    assert report["f1_argmax"]["mean"] is None or report["f1_argmax"]["mean"] == 0.0
+    assert report["pooled"]["argmax"]["tp"] == 0 and report["pooled"]["tuned"]["tp"] == 2
+    with pytest.raises(InputError, match="positive_class must be one of the classes"):
+        positive_class_report(val, test, classes=classes, positive="other")

@@ -722,3 +722,73 @@ def write_evaluation(
         paths[f"pr_{level}"] = plot_pr_curves(y, proba, classes, out_dir / f"pr_{level}")[0]
         paths[f"roc_{level}"] = plot_roc_curves(y, proba, classes, out_dir / f"roc_{level}")[0]
     return paths
+
+
+# --------------------------------------------------------------------------- rare / positive class
+
+
+def best_f1_threshold(positive: Any, score: Any) -> float:
+    """The score threshold (predict positive when ``score >= t``) that maximises F1 on these data.
+
+    The threshold is the midpoint between the best cut's score and the next lower one, so it
+    generalises rather than sitting on a training value; 0.5 when there is no positive.
+    """
+    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(score, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise InputError(f"best_f1_threshold: positive and score must be 1D of equal length, got {y.shape} and {s.shape}")
+    if not y.any():
+        return 0.5
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    tp = np.cumsum(y_sorted)
+    fp = np.cumsum(~y_sorted)
+    last = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), len(s) - 1]  # cut after each distinct score
+    f1 = 2 * tp[last] / (2 * tp[last] + fp[last] + (y.sum() - tp[last]))
+    best = int(last[int(np.argmax(f1))])
+    below = s_sorted[best + 1] if best + 1 < len(s) else s_sorted[best] - 1e-6
+    return float((s_sorted[best] + below) / 2)
+
+
+def _f1_at(positive: np.ndarray, predicted: np.ndarray) -> dict:
+    tp = int((positive & predicted).sum())
+    fp, fn = int((~positive & predicted).sum()), int((positive & ~predicted).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else None
+    return {"f1": f1, "precision": precision, "recall": recall, "tp": tp, "fp": fp, "fn": fn}
+
+
+def positive_class_report(validation: pd.DataFrame, test: pd.DataFrame, *, classes: Sequence[str], positive: str) -> dict:
+    """F1 of ``positive`` per fold with the threshold chosen on that fold's validation predictions only.
+
+    Both tables are patch-level predictions with ``fold`` columns (validation: the early-stopping
+    split inside each training fold). The score is the positive class's probability (one vs rest).
+    Also reported: F1 of the plain argmax decision, and both pooled over folds.
+    """
+    classes = _check_classes(classes)
+    if positive not in classes:
+        raise InputError(f"cv.positive_class must be one of the classes {classes}, got {positive!r}")
+    k, col = classes.index(positive), f"prob_{positive}"
+    folds, tuned_all, argmax_all, truth_all = [], [], [], []
+    for fold, part in test.groupby("fold", sort=True):
+        val = validation[validation["fold"] == fold]
+        if not len(val):
+            raise InputError(f"positive_class_report: fold {fold} has no validation predictions")
+        thr = best_f1_threshold(val["y_true"].to_numpy() == k, val[col].to_numpy())
+        truth = part["y_true"].to_numpy() == k
+        tuned = part[col].to_numpy() >= thr
+        argmax = part[prob_columns(classes)].to_numpy().argmax(axis=1) == k
+        folds.append({"fold": _plain(fold), "threshold": thr, "tuned": _f1_at(truth, tuned), "argmax": _f1_at(truth, argmax),
+                      "n_positive": int(truth.sum()), "n": int(len(truth))})
+        tuned_all.append(tuned), argmax_all.append(argmax), truth_all.append(truth)
+    truth, tuned, argmax = (np.concatenate(a) for a in (truth_all, tuned_all, argmax_all))
+    return _plain({
+        "class": positive,
+        "level": "patch",
+        "threshold_rule": "per fold, the F1-maximising threshold on the fold's validation split (never its test fold)",
+        "f1_tuned": _fold_stats([f["tuned"]["f1"] for f in folds]),
+        "f1_argmax": _fold_stats([f["argmax"]["f1"] for f in folds]),
+        "pooled": {"tuned": _f1_at(truth, tuned), "argmax": _f1_at(truth, argmax)},
+        "folds": folds,
+    })
