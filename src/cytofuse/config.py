@@ -7,11 +7,12 @@ writes YAML, and applies ``section.field=value`` overrides from the command line
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .patches import PatchSettings
@@ -29,6 +30,20 @@ class DataSettings(_Strict):
     axes: str | None = Field(None, description="Axis order of .npy files, e.g. 'YXC'.")
     label_column: str = Field("label", description="Manifest column with the class label.")
     group_column: str = Field("group", description="Manifest column with the CV group (default: the image).")
+    group_pattern: str | None = Field(
+        None, description="Regular expression on the file name whose first group (or whole match) is the CV group, "
+        "e.g. '^(.*)_(?:live|dead)_' to group crops by their source field. Overrides the group column.",
+    )
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSettings":
@@ -58,6 +73,32 @@ class ModelSettings(_Strict):
         "learned", description="How late fusion combines branch probabilities."
     )
     name: str | None = Field(None, description="Display name; default: fusion and channel.")
+    channels: list[str | int] | None = Field(
+        None, description="Input channels (names or indices) the model sees at training and test time; default: "
+        "every patch channel that is not one of this model's auxiliary channels.",
+    )
+    auxiliary: list[str | int] = Field(
+        default_factory=list, description="Training-only channels: used while training, absent at test time.",
+    )
+    auxiliary_mode: Literal["dropout", "samples"] = Field(
+        "dropout", description="'dropout': an extra encoder per auxiliary channel (fusion 'intermediate'), its "
+        "features dropped at random in training and absent at test; 'samples': each auxiliary image is an extra "
+        "training sample of the same label for a model with one input channel (Russo et al.).",
+    )
+    auxiliary_p: float = Field(0.5, ge=0, lt=1, description="Modality dropout: probability of dropping the auxiliary features of a sample.")
+
+    @model_validator(mode="after")
+    def _check_auxiliary(self) -> "ModelSettings":
+        if self.auxiliary and self.auxiliary_mode == "dropout" and self.fusion != "intermediate":
+            raise ValueError(f"auxiliary_mode 'dropout' adds an encoder per auxiliary channel and needs fusion "
+                             f"'intermediate', got {self.fusion!r} (or use auxiliary_mode 'samples')")
+        if self.auxiliary and self.auxiliary_mode == "samples" and self.fusion not in ("early", "single"):
+            raise ValueError(f"auxiliary_mode 'samples' feeds auxiliary images as extra one-channel samples and needs "
+                             f"fusion 'early' or 'single' with one input channel, got {self.fusion!r}")
+        overlap = set(map(str, self.channels or [])) & set(map(str, self.auxiliary))
+        if overlap:
+            raise ValueError(f"channels {sorted(overlap)} are both inputs and auxiliary")
+        return self
 
     @property
     def display_name(self) -> str:
@@ -84,9 +125,45 @@ class CVSettings(_Strict):
     probe_margin: float = Field(
         0.05, ge=0, le=1, description="Warn when a probe's image-level balanced accuracy is within this of the best model's."
     )
+    positive_class: str | None = Field(
+        None, description="A rare or positive class: also report its F1 with the decision threshold chosen on "
+        "each training fold's validation split only (one-vs-rest when there are more than two classes).",
+    )
+    baseline_channels: list[str | int] | None = Field(
+        None, description="Channels of the handcrafted baseline and the probes; default: every patch channel that "
+        "no model uses as a training-only auxiliary channel (the channels available at test time).",
+    )
     probe_far: float = Field(
         0.15, ge=0, le=1, description="Warn when a probe's image-level balanced accuracy exceeds chance by more than this."
     )
+
+
+class LabelSettings(_Strict):
+    """Patch labels from a fluorescence channel through a two-component Gaussian mixture (Pattarone et al.).
+
+    Each patch gets the mean (or integrated) raw intensity of ``channel``. A two-component
+    mixture is fitted on the patches of the images whose folder/manifest label is in
+    ``fit_on`` (all when unset); patches below ``mean_low + k_sd * sd_low`` get the low class,
+    those above ``mean_high - k_sd * sd_high`` the high class, the band between is discarded.
+    ``low_threshold``/``high_threshold`` replace the mixture's thresholds. The channel is then
+    the label source only: no model, baseline or probe sees it.
+    """
+
+    channel: str | int = Field(..., description="The label channel (name or index), e.g. PI for live/dead.")
+    statistic: Literal["mean", "integrated"] = Field("mean", description="Per-patch statistic of the label channel.")
+    fit_on: list[str] | None = Field(None, description="Image labels (conditions) whose patches fit the mixture; default all.")
+    classes: tuple[str, str] = Field(("low", "high"), description="Names of the low and the high class, e.g. [live, dead].")
+    k_sd: float = Field(1.0, ge=0, description="Thresholds at mean_low + k_sd*sd_low and mean_high - k_sd*sd_high.")
+    low_threshold: float | None = Field(None, description="Set the low-class threshold by hand.")
+    high_threshold: float | None = Field(None, description="Set the high-class threshold by hand.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabelSettings":
+        if self.classes[0] == self.classes[1]:
+            raise ValueError(f"labels.classes must be two different names, got {list(self.classes)}")
+        if None not in (self.low_threshold, self.high_threshold) and self.low_threshold > self.high_threshold:
+            raise ValueError(f"labels.low_threshold ({self.low_threshold}) must be <= labels.high_threshold ({self.high_threshold})")
+        return self
 
 
 class SweepSettings(_Strict):
@@ -111,9 +188,27 @@ class RunConfig(_Strict):
         default_factory=lambda: [ModelSettings()], min_length=1, description="Classifiers compared in the run."
     )
     train: dict = Field(default_factory=dict, description="Training settings (see TrainSettings).")
+    labels: LabelSettings | None = Field(None, description="Optional: patch labels from a fluorescence channel.")
     cv: CVSettings = Field(default_factory=CVSettings, description="Cross-validation.")
     sweep: SweepSettings | None = Field(None, description="Optional sweep over one setting.")
     workers: int = Field(1, ge=1, description="Worker processes for patch extraction.")
+
+    @model_validator(mode="after")
+    def _label_channel_is_no_input(self) -> "RunConfig":
+        """The label channel is dropped from the patch channels: it is the label source only."""
+        if self.labels is None:
+            return self
+        ch = self.labels.channel
+        if self.patches.channels is not None:
+            if ch in self.patches.channels:
+                raise ValueError(f"labels.channel {ch!r} is the label source and cannot be one of patches.channels "
+                                 f"{self.patches.channels}")
+        elif ch not in self.patches.exclude_channels:
+            self.patches = self.patches.model_copy(update={"exclude_channels": [*self.patches.exclude_channels, ch]})
+        used = [c for m in self.models for c in [*(m.channels or []), *m.auxiliary, m.channel] if c is not None]
+        if ch in used:
+            raise ValueError(f"labels.channel {ch!r} is the label source and cannot be a model's input or auxiliary channel")
+        return self
 
     @model_validator(mode="after")
     def _check_train(self) -> "RunConfig":
@@ -187,3 +282,37 @@ def dump_config(config: RunConfig, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def _pick(names: tuple[str, ...], wanted, what: str) -> list[int]:
+    from .patches import select_channels
+
+    try:
+        return select_channels(names, channels=list(wanted))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the setting named
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def model_channels(model: ModelSettings, channel_names: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """Indices into the patch channels of a model's inputs and of its training-only auxiliary channels."""
+    name = model.display_name
+    aux = _pick(channel_names, model.auxiliary, f"model {name}: auxiliary") if model.auxiliary else []
+    if model.channels is not None:
+        inputs = _pick(channel_names, model.channels, f"model {name}: channels")
+    else:
+        inputs = [i for i in range(len(channel_names)) if i not in aux]
+    if not inputs:
+        raise ConfigError(f"model {name}: no input channel left; patch channels {list(channel_names)}, auxiliary "
+                          f"{model.auxiliary}")
+    if model.auxiliary and model.auxiliary_mode == "samples" and len(inputs) != 1:
+        raise ConfigError(f"model {name}: auxiliary_mode 'samples' needs exactly one input channel, got "
+                          f"{[channel_names[i] for i in inputs]} (set models[].channels)")
+    return inputs, aux
+
+
+def baseline_channels(cfg: RunConfig, channel_names: tuple[str, ...]) -> list[int]:
+    """The channels of the handcrafted baseline and the probes: those available at test time by default."""
+    if cfg.cv.baseline_channels is not None:
+        return _pick(channel_names, cfg.cv.baseline_channels, "cv.baseline_channels")
+    aux = {i for m in cfg.models for i in model_channels(m, channel_names)[1]}
+    return [i for i in range(len(channel_names)) if i not in aux]

@@ -141,7 +141,15 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
     if index.sparse_images and len(index.sparse_images) == len(index.images):
         raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
+    if cfg.labels is not None:
+        from .labels import derive_patch_labels
+        from .patches import write_patch_index
+
+        index, _ = derive_patch_labels(image_set, index, cfg.labels, run_dir, seed=cfg.cv.seed, progress=progress)
+        write_patch_index(index, run_dir)
     classes = sorted(index.patches["label"].unique().tolist())
+    if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
+        raise InputError(f"cv.positive_class must be one of the classes {classes}, got {cfg.cv.positive_class!r}")
     folds = assign_folds(index, cfg, classes)
     folds.to_csv(run_dir / "folds.csv", index=False)
     cache = _cache(image_set, index, run_dir, progress=progress)
@@ -192,7 +200,12 @@ def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFra
         from rich.console import Console
 
         Console(stderr=True).print(f"handcrafted features for {', '.join(todo)} ({len(folds)} patches)")
-    tables = feature_tables(cache, index.images, folds["patch_id"].to_numpy(), folds["image_id"].tolist(), which=todo) if todo else {}
+    from .config import baseline_channels
+    from .data import CacheChannels
+
+    keep = baseline_channels(cfg, index.channel_names)
+    view = cache if keep == list(range(len(index.channel_names))) else CacheChannels(cache, keep)
+    tables = feature_tables(view, index.images, folds["patch_id"].to_numpy(), folds["image_id"].tolist(), which=todo) if todo else {}
     out = {}
     for name, (kind, key, folder) in targets.items():
         if key in tables:
@@ -210,6 +223,7 @@ def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, cl
 
     out.mkdir(parents=True, exist_ok=True)
     predictions, held = cross_validate_features(features, folds, classes, seed=cfg.cv.seed)
+    predictions, held = _units(predictions, cfg), None if held is None else _units(held, cfg)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     if held is not None:
@@ -265,7 +279,10 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     parts = []
     n_folds = int(folds["fold"].max()) + 1
     test_pool = np.flatnonzero(folds["fold"].to_numpy() == -1)
-    test_probs = []
+    test_probs, val_parts = [], []
+    from .config import model_channels
+
+    inputs, _ = model_channels(model_cfg, index.channel_names)
     for k in range(n_folds):
         train = np.flatnonzero((folds["fold"].to_numpy() != k) & (folds["fold"].to_numpy() >= 0))
         test = np.flatnonzero(folds["fold"].to_numpy() == k)
@@ -273,21 +290,27 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         fit_idx, val_idx = train[fit_rel], train[val_rel]
         check_fold_classes(labels, fit_idx, classes, fold=k)
         model = _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
-        parts.append(_predict(model, cache, rows, folds, test, classes, fold=k))
+        parts.append(_predict(model, cache, rows, folds, test, classes, fold=k, channels=inputs))
+        if cfg.cv.positive_class is not None:
+            val_parts.append(_predict(model, cache, rows, folds, val_idx, classes, fold=k, channels=inputs))
         if len(test_pool):
-            test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1))
+            test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1, channels=inputs))
         on_fold()
-    predictions = pd.concat(parts, ignore_index=True)
+    predictions = _units(pd.concat(parts, ignore_index=True), cfg)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     _plot_curves(out, n_folds)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
+    metrics |= _extra_metrics(cfg, predictions, val_parts, index, classes)
     if test_probs:
-        held = _ensemble(test_probs, classes)
+        held = _units(_ensemble(test_probs, classes), cfg)
         held.to_parquet(out / "test_predictions.parquet", index=False)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     from .models import count_parameters
 
-    metrics["model"] = model_cfg.model_dump(mode="json") | {"parameters": count_parameters(model)}
+    inputs, aux = model_channels(model_cfg, index.channel_names)
+    metrics["model"] = model_cfg.model_dump(mode="json") | {
+        "parameters": count_parameters(model), "input_channels": [index.channel_names[i] for i in inputs],
+        "auxiliary_channels": [index.channel_names[i] for i in aux]}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)
     tmp = out / ".metrics.json.partial"
     tmp.write_text(json.dumps(metrics, indent=1))
@@ -309,6 +332,9 @@ def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
     unit = "patch (each patch its own group)" if cfg.patches.group_by == "patch" else "the image set's group column"
     text = (f"{n_folds}-fold CV grouped by {unit}: "
             f"{len(cv)} test patches from {cv['image_id'].nunique()} images in {cv['group'].nunique()} groups")
+    if cfg.labels is not None:
+        text += (f"; labels from the {cfg.labels.statistic} of channel {cfg.labels.channel} per patch (mixture rule), "
+                 f"each patch its own evaluation unit, groups kept")
     held = folds[folds["fold"] < 0]
     if len(held):
         text += f"; held-out test set: {len(held)} patches from {held['group'].nunique()} groups, fold-model ensemble"
@@ -320,20 +346,29 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     from .models import create_model
     from .train import fit
 
+    from .config import model_channels
+
+    inputs, aux = model_channels(model_cfg, index.channel_names)
+    names = [index.channel_names[i] for i in inputs]
     channel = None
     if model_cfg.fusion == "single":
         from .patches import select_channels
 
         if model_cfg.channel is None:
-            raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {list(index.channel_names)})")
-        channel = select_channels(index.channel_names, channels=[model_cfg.channel])[0]
+            raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {names})")
+        channel = select_channels(names, channels=[model_cfg.channel])[0]
+    dropout_aux = aux if model_cfg.auxiliary_mode == "dropout" else []
     model = create_model(
-        model_cfg.fusion, in_channels=len(index.channel_names), num_classes=len(classes), encoder=model_cfg.encoder,
+        model_cfg.fusion, in_channels=len(inputs), num_classes=len(classes), encoder=model_cfg.encoder,
         channel=channel, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
-        late_weights=model_cfg.late_weights,
+        late_weights=model_cfg.late_weights, aux_channels=len(dropout_aux), aux_p=model_cfg.auxiliary_p,
+        channel_names=names,
     )
-    train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx])
-    val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx])
+    # Training sees the auxiliary channels (as extra encoders' inputs, or as extra one-channel samples);
+    # validation, like every test-time input, holds the input channels only.
+    views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
+    train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
+    val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
     fit(model, train_ds, val_ds, settings=settings, out_dir=out)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
         from .train import save_weights
@@ -359,17 +394,48 @@ def _validation_weights(model, val_ds, settings) -> None:
     model.set_branch_weights(branch_validation_weights(torch.cat(logits), torch.cat(ys)))
 
 
-def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int) -> pd.DataFrame:
+def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int,
+             channels: list[int] | None = None) -> pd.DataFrame:
+    """Class probabilities of patches ``idx`` from the model's input ``channels`` only (never auxiliary ones)."""
     from .data import PatchDataset
     from .train import predict_proba
 
-    ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx])
+    ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx], channels=channels)
     proba, _ = predict_proba(model, ds, batch_size=128)
     frame = folds.iloc[idx][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
     frame.insert(3, "fold", fold)
     for c, name in enumerate(classes):
         frame[f"prob_{name}"] = proba[:, c]
     return frame
+
+
+def _units(predictions: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
+    """With labels from a channel, patches of one image differ in label: each patch is then its own
+    evaluation unit (``image_id`` becomes ``<image>#<patch_id>``, the image kept in ``source_image``);
+    CV groups and the bootstrap's resampling units are unchanged."""
+    if cfg.labels is None or "source_image" in predictions.columns:
+        return predictions
+    unit = predictions["image_id"].astype(str) + "#" + predictions["patch_id"].astype(str)
+    return predictions.assign(source_image=predictions["image_id"], image_id=unit)
+
+
+def _extra_metrics(cfg: RunConfig, predictions: pd.DataFrame, val_parts: list[pd.DataFrame], index: PatchIndex,
+                   classes: list[str]) -> dict:
+    """Positive-class F1 with validation-chosen thresholds, and score vs label-channel correlation."""
+    out = {}
+    if cfg.cv.positive_class is not None:
+        from .evaluate import positive_class_report
+
+        out["positive_class"] = positive_class_report(pd.concat(val_parts, ignore_index=True), predictions,
+                                                      classes=classes, positive=cfg.cv.positive_class)
+    if cfg.labels is not None:
+        from .labels import score_correlation
+
+        values = index.patches.set_index("patch_id")["label_value"]
+        out["label_correlation"] = score_correlation(predictions, values, positive=cfg.labels.classes[1]) | {
+            "channel": str(cfg.labels.channel), "statistic": cfg.labels.statistic,
+            "measured_on": "pooled CV test-fold patches (each predicted by the fold model that held it out)"}
+    return out
 
 
 def _ensemble(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter, defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +85,26 @@ class ImageSet:
     @property
     def classes(self) -> list[str]:
         return sorted({r.label for r in self.records})
+
+    def with_group_pattern(self, pattern: str) -> "ImageSet":
+        """A copy whose CV group is the first group (or whole match) of ``pattern`` searched in each file name.
+
+        E.g. ``'^(.*)_(?:live|dead)_'`` groups crops by their source field. Every image must match.
+        """
+        regex = re.compile(pattern)
+        records, unmatched = [], []
+        for r in self.records:
+            name = r.files[0].name
+            found = regex.search(name)
+            if found is None:
+                unmatched.append(name)
+                continue
+            group = found.group(1) if regex.groups else found.group(0)
+            records.append(dataclasses.replace(r, group=group))
+        if unmatched:
+            raise DataSetError(f"image set {self.source}: data.group_pattern {pattern!r} matches no part of "
+                               f"{len(unmatched)} file names, e.g. {unmatched[:3]}")
+        return type(self)(records, axes=self.axes, source=self.source)
 
     @classmethod
     def from_folder(

@@ -89,7 +89,14 @@ class ModelCard(BaseModel):
 
 def card_for(models: list["nn.Module"], *, class_names: list[str], channel_names: list[str],
              patches: PatchSettings, trained_on: dict | None = None) -> ModelCard:
-    """A card for ``models`` trained with ``patches`` (weights names are set when the folder is written)."""
+    """A card for ``models`` trained with ``patches`` (weights names are set when the folder is written).
+
+    A model that names its input channels (``config["channel_names"]``: a subset of the patch
+    channels, without any training-only auxiliary channel) gets those as the card's channels.
+    """
+    config = dict(getattr(models[0], "config", None) or {})
+    if config.get("channel_names"):
+        channel_names = list(config["channel_names"])
     return ModelCard(
         class_names=list(class_names), channel_names=list(channel_names),
         patches=patches.model_dump(mode="json"),

@@ -13,10 +13,12 @@ from .runs import mark_finished, prepare_run_dir
 def load_image_set(data: DataSettings) -> ImageSet:
     """The image set a config's data section describes."""
     if data.images is not None:
-        return ImageSet.from_folder(data.images, axes=data.axes)
-    return ImageSet.from_manifest(
-        data.manifest, label_column=data.label_column, group_column=data.group_column, axes=data.axes
-    )
+        image_set = ImageSet.from_folder(data.images, axes=data.axes)
+    else:
+        image_set = ImageSet.from_manifest(
+            data.manifest, label_column=data.label_column, group_column=data.group_column, axes=data.axes
+        )
+    return image_set if data.group_pattern is None else image_set.with_group_pattern(data.group_pattern)
 
 
 def run_patches(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PatchIndex:
