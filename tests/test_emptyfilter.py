@@ -150,12 +150,14 @@ def test_one_class_filter_learns_from_non_empty_patches_only():
     # bright blobs only: with dark and bright cells, blank patches lie between the two cell
     # clusters and a one-class model keeps them (a two-class filter is the reliable mode)
     xtr, ytr, _, xte, yte, _ = _split(signs=(1,))
-    filt = EmptyFilter(encoder="intensity", nu=0.1).fit(xtr[ytr])  # labels None: all have cells
+    with pytest.warns(UserWarning, match="one-class empty filter"):
+        filt = EmptyFilter(encoder="intensity", nu=0.1).fit(xtr[ytr])  # labels None: all have cells
     assert filt.card_["mode"] == "one_class"
     keep = filt.predict(xte)
     assert (~keep[~yte]).mean() >= 0.95  # blanks dropped
     assert keep[yte].mean() >= 0.55  # most cells of unseen fields kept
-    same = EmptyFilter(encoder="intensity").fit(xtr[ytr], np.ones(ytr.sum(), bool))
+    with pytest.warns(UserWarning, match="one-class empty filter"):
+        same = EmptyFilter(encoder="intensity").fit(xtr[ytr], np.ones(ytr.sum(), bool))
     np.testing.assert_array_equal(same.decision_function(xte), filt.decision_function(xte))
 
 

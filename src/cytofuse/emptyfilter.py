@@ -17,6 +17,13 @@ No weights can be downloaded: without ``pretrained`` the CNN is randomly initial
 fixed seed. Random convolutional features are still a rich texture description, and the SVM
 separates empty from non-empty patches with them (see the tests); ImageNet weights from a
 local torchvision ``.pth`` / ``.safetensors`` file can be given with ``pretrained``.
+
+Measured on 300 live/dead bright-field fields (64 px patches, stride 52, grouped 5-fold by
+field, 2539 empty / 1051 non-empty, per-patch normalisation): F1 of the empty class 0.931
+with random ResNet-18 features and 0.951 with intensity statistics (trivial: 0.829;
+field brightness alone: balanced accuracy 0.50). Intensity statistics are as good here; the
+CNN is the option for harder backgrounds. The one-class mode (no empty examples) was at
+chance on the same data, so fit with both classes.
 """
 
 from __future__ import annotations
@@ -271,6 +278,13 @@ class EmptyFilter:
         """Fit on (N, C, H, W) patches; ``labels`` True = has cells, None = all non-empty (one-class)."""
         patches = _check_patches(patches)
         labels = _check_labels(labels, len(patches))
+        if labels is None or labels.all():
+            warnings.warn(
+                "one-class empty filter (no empty examples): on real bright-field fields it was at chance "
+                "(balanced accuracy 0.50 against 0.91 two-class); label some empty patches if you can",
+                UserWarning,
+                stacklevel=2,
+            )
         features = self._features(patches, groups)
         self.model_ = _fit_svm(features, labels, C=self.C, nu=self.nu, seed=self.seed)
         self.card_ = self._card(patches, features, labels)
