@@ -5,6 +5,12 @@ given, or taken from a CV run of the same model: the median over folds of the be
 count (``fit.json``'s 0-based ``best_epoch`` + 1, or the best row of ``history.csv``). The
 fit reuses ``cytofuse.train.fit``; its validation set is a few training patches that only
 satisfy the trainer (no held-out data exists), and the weights of the LAST epoch are kept.
+
+A late-fusion model with ``late_weights: validation`` sets each branch's weight from its
+accuracy on held-out validation patches, which a fit on every image does not have: its
+branch weights are the mean over the CV run's folds of the weights each fold model set on
+its own validation split (renormalised to sum 1). Without a CV run this is an error; the
+alternatives are ``late_weights: learned`` (or ``equal``), or giving the run.
 """
 
 from __future__ import annotations
@@ -45,6 +51,40 @@ def epochs_from_cv(cv_run: str | Path, model_name: str | None = None) -> int:
     return int(round(float(np.median([_best_epoch(f) for f in folds])))) + 1
 
 
+def late_weights_from_cv(cv_run: str | Path, model_name: str | None = None) -> np.ndarray:
+    """Late-fusion branch weights (C,) for a final fit: the mean of the CV run's fold models' weights."""
+    from safetensors import safe_open
+
+    from .modelfolder import cv_fold_dirs
+
+    _, folds = cv_fold_dirs(cv_run, model_name)
+    weights = []
+    for fold in folds:
+        file = fold / "best.safetensors"
+        with safe_open(str(file), framework="pt") as f:
+            if "head.weight_logits" not in f.keys():
+                raise InputError(f"{file} holds no late-fusion branch weights (head.weight_logits); "
+                                 f"is CV run {cv_run} a run of a late-fusion model?")
+            weights.append(f.get_tensor("head.weight_logits").double().softmax(0).numpy())
+    if len({len(w) for w in weights}) != 1:
+        raise InputError(f"the folds of CV run {cv_run} have different branch counts {[len(w) for w in weights]}")
+    mean = np.mean(weights, axis=0)
+    return mean / mean.sum()
+
+
+def _cv_branch_weights(model_cfg: ModelSettings, cv_run: str | Path | None) -> np.ndarray | None:
+    """The CV run's mean branch weights when the model needs validation weights; None otherwise."""
+    if model_cfg.fusion != "late" or model_cfg.late_weights != "validation":
+        return None
+    if cv_run is None:
+        raise InputError(
+            f"model {model_cfg.display_name}: late_weights 'validation' weights each branch by its accuracy on "
+            "held-out validation patches, and the final fit on all images has none; give cv_run (--cv-run) to "
+            "average the branch weights of that run's fold models, or set late_weights: learned (or equal)"
+        )
+    return late_weights_from_cv(cv_run, model_cfg.display_name)
+
+
 def _model_settings(cfg: RunConfig, model_name: str | None) -> ModelSettings:
     names = [m.display_name for m in cfg.models]
     if model_name is None:
@@ -74,6 +114,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     out = Path(out)
     _check_target(out, overwrite)
     model_cfg = _model_settings(cfg, model_name)
+    branch_weights = _cv_branch_weights(model_cfg, cv_run)
     if epochs is None:
         if cv_run is None:
             raise InputError("train_final needs epochs or cv_run (a CV run of the same model to take epochs from)")
@@ -97,9 +138,17 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
                                            "progress": progress and settings.progress})
     model = _fit_fold(model_cfg, cache, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
     model.load_state_dict(_last_epoch_state(work / "fit" / "last.ckpt"))
+    if branch_weights is not None:
+        if len(branch_weights) != len(index.channel_names):
+            raise InputError(f"CV run {cv_run} has {len(branch_weights)} late-fusion branches, the final model "
+                             f"{len(index.channel_names)} channels {list(index.channel_names)}")
+        model.set_branch_weights(branch_weights.tolist())
     trained_on = {"images": int(index.patches["image_id"].nunique()), "patches": int(len(labels)), "epochs": epochs,
                   "epochs_from": Path(cv_run).name if cv_run is not None else "given", "model_name": model_cfg.display_name,
                   "patches_per_class": {c: int((labels == i).sum()) for i, c in enumerate(classes)}}
+    if branch_weights is not None:
+        trained_on["branch_weights"] = {"values": [round(float(w), 6) for w in branch_weights],
+                                        "from": f"mean over the folds of CV run {Path(cv_run).name}"}
     card = card_for([model], class_names=classes, channel_names=list(index.channel_names), patches=cfg.patches,
                     trained_on=trained_on)
     write_model_folder(out, [model.eval()], card, overwrite=overwrite)
