@@ -30,13 +30,32 @@ def synth(
     images_per_class: int = typer.Option(4, help="Images per class."),
     shape: str = typer.Option("8,256,256", help="Stack shape Z,Y,X."),
     seed: int = typer.Option(0, help="Random seed (same seed, same data)."),
-    difficulty: float = typer.Option(0.5, help="0 (easy) to 1 (classes nearly identical)."),
+    difficulty: Optional[float] = typer.Option(None, help="0 (easy) to 1 (classes nearly identical); default 0.5 "
+                                               "for organelles, 0.3 otherwise."),
+    kind: str = typer.Option("organelles", help="organelles (3D phantoms), livedead (BF + PI fields per "
+                             "condition) or singlecell (BF, DF, DNA cells per cell-cycle class)."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Write a synthetic data set of 3D multichannel organelle phantoms (OME-TIFF + labels.csv)."""
+    """Write a synthetic data set: organelle phantoms (OME-TIFF + labels.csv), live/dead fields or single cells."""
     from .errors import CytofuseError
     from .synthetic import write_synthetic_dataset
 
+    if kind in ("livedead", "singlecell"):
+        from .synthetic_cells import write_livedead_set, write_single_cell_set
+
+        try:
+            if kind == "livedead":
+                table = write_livedead_set(out, seed=seed, difficulty=0.3 if difficulty is None else difficulty,
+                                           overwrite=overwrite)
+            else:
+                table = write_single_cell_set(out, seed=seed, difficulty=0.3 if difficulty is None else difficulty,
+                                              overwrite=overwrite)
+        except (CytofuseError, ValueError, FileExistsError) as exc:
+            _fail(exc)
+        typer.echo(f"wrote {kind} set to {out} ({len(table)} rows in {out / 'cells.csv'})")
+        return
+    if kind != "organelles":
+        _fail(ValueError(f"--kind must be organelles, livedead or singlecell, got {kind!r}"))
     try:
         zyx = tuple(int(v) for v in shape.split(","))
         if len(zyx) != 3:
@@ -46,7 +65,7 @@ def synth(
     try:
         path = write_synthetic_dataset(
             out, classes=classes, images_per_class=images_per_class, shape=zyx, seed=seed,
-            difficulty=difficulty, overwrite=overwrite,
+            difficulty=0.5 if difficulty is None else difficulty, overwrite=overwrite,
         )
     except (CytofuseError, ValueError, FileExistsError) as exc:
         _fail(exc)
@@ -232,6 +251,43 @@ def export(
         _fail(exc)
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+def emptyfilter(
+    examples: Path = typer.Argument(..., help="Folder with empty/ and cells/ patch images, or (--voc) fields with Pascal-VOC boxes."),
+    out: Path = typer.Option(..., "--out", help="Filter folder to write (use it as patches.empty_filter)."),
+    voc: bool = typer.Option(False, "--voc", help="EXAMPLES holds fields (name.png + name.xml boxes): cut a labelled grid."),
+    size: int = typer.Option(64, help="Patch size of the grid cut from --voc fields (use the run's patches.size)."),
+    stride: Optional[int] = typer.Option(None, help="Grid step for --voc fields (default: size)."),
+    encoder: str = typer.Option("resnet18", help="Feature encoder: resnet18/34/50, smallcnn, or 'intensity' statistics."),
+    pretrained: Optional[Path] = typer.Option(None, help="Local encoder weights (torchvision .pth or safetensors)."),
+    folds: int = typer.Option(5, help="Grouped folds of the held-out evaluation printed before the final fit."),
+    seed: int = typer.Option(0, help="Seed of the random encoder and the folds."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing filter folder."),
+) -> None:
+    """Learn an empty-patch filter (CNN features + SVM) from labelled patches; print its held-out F1; save it."""
+    from .emptyfilter import EmptyFilter, evaluate_filter, patches_from_voc_fields, read_labelled_patches
+    from .errors import CytofuseError
+
+    try:
+        if out.exists() and not overwrite:
+            raise CytofuseError(f"--out {out} exists; pass --overwrite to replace it")
+        if voc:
+            patches, labels, groups, _ = patches_from_voc_fields(examples, size=size, stride=stride, normalise="none")
+        else:
+            patches, labels, groups, _ = read_labelled_patches(examples)
+        scores = evaluate_filter(patches, labels, groups, n_splits=folds, encoder=encoder, pretrained=pretrained, seed=seed)
+        typer.echo(
+            f"held-out ({folds}-fold, grouped by {'field' if voc else 'group'}; {scores['n_empty']} empty, "
+            f"{scores['n_cells']} with cells): F1 empty {scores['f1_empty']:.3f} (all-empty rule "
+            f"{scores['trivial_f1_empty']:.3f}), F1 cells {scores['f1_cells']:.3f}, "
+            f"balanced accuracy {scores['balanced_accuracy']:.3f}"
+        )
+        EmptyFilter(encoder=encoder, pretrained=pretrained, seed=seed).fit(patches, labels, groups=groups).save(out, overwrite=overwrite)
+    except (CytofuseError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
