@@ -244,7 +244,12 @@ def load_config(path: str | Path, *, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         _apply_override(raw, item)
     config = validate_config(raw, source=str(path))
-    return config.model_copy(update={"data": config.data.resolve(path.parent.resolve())})
+    base = path.parent.resolve()
+    update = {"data": config.data.resolve(base)}
+    flt = config.patches.empty_filter
+    if flt is not None and not flt.is_absolute():
+        update["patches"] = config.patches.model_copy(update={"empty_filter": (base / flt).resolve()})
+    return config.model_copy(update=update)
 
 
 def validate_config(raw: dict, *, source: str = "<config>") -> RunConfig:

@@ -141,18 +141,13 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
     if index.sparse_images and len(index.sparse_images) == len(index.images):
         raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
-    if cfg.labels is not None:
-        from .labels import derive_patch_labels
-        from .patches import write_patch_index
-
-        index, _ = derive_patch_labels(image_set, index, cfg.labels, run_dir, seed=cfg.cv.seed, progress=progress)
-        write_patch_index(index, run_dir)
+    cache = _cache(image_set, index, run_dir, progress=progress)
+    index = refine_patch_index(cfg, image_set, index, cache, run_dir, progress=progress)
     classes = sorted(index.patches["label"].unique().tolist())
     if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
         raise InputError(f"cv.positive_class must be one of the classes {classes}, got {cfg.cv.positive_class!r}")
     folds = assign_folds(index, cfg, classes)
     folds.to_csv(run_dir / "folds.csv", index=False)
-    cache = _cache(image_set, index, run_dir, progress=progress)
     predictions, metrics = {}, {}
     n_folds = int(folds["fold"].max()) + 1
     # Lightning draws its own rich progress bar while training; rich allows one live display at a
@@ -185,6 +180,29 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     summary.to_csv(run_dir / "summary.csv", index=False)
     mark_finished(run_dir)
     return CVResult(run_dir, classes, predictions, metrics, summary, kinds, warnings)
+
+
+def refine_patch_index(cfg: RunConfig, image_set, index: PatchIndex, cache, run_dir: Path, *, progress: bool) -> PatchIndex:
+    """After the foreground filter: the learned empty-patch filter, then labels from a channel (both optional).
+
+    Labels are derived from the patches that survive both filters, as in Pattarone et al.
+    """
+    if cfg.patches.empty_filter is None and cfg.labels is None:
+        return index
+    from .patches import write_patch_index
+
+    if cfg.patches.empty_filter is not None:
+        from .emptyfilter import filter_patch_index
+
+        index = filter_patch_index(index, cache, cfg.patches.empty_filter, progress=progress)
+        if index.patches.empty:
+            raise InputError(f"the empty-patch filter {cfg.patches.empty_filter} rejected every patch")
+    if cfg.labels is not None:
+        from .labels import derive_patch_labels
+
+        index, _ = derive_patch_labels(image_set, index, cfg.labels, run_dir, seed=cfg.cv.seed, progress=progress)
+    write_patch_index(index, run_dir)
+    return index
 
 
 def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame, classes: list[str], run_dir: Path,

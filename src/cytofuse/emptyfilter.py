@@ -712,3 +712,35 @@ def _voc_fields(folder: Path) -> list[Path]:
     if not pngs:
         raise InputError(f"{folder}: no image files with a Pascal-VOC .xml beside them")
     return pngs
+
+
+def filter_patch_index(index, cache, filter_dir: str | Path, *, chunk: int = 512, progress: bool = True):
+    """Drop the patches of ``index`` that the saved filter calls empty; count them per image.
+
+    Patches are read from the training cache (per-image normalised; the filter's own rule is
+    applied on top, see :func:`normalise_patches`), grouped by image for the "image" rule.
+    Returns a new ``PatchIndex``; ``images`` gains ``n_learned_empty`` and ``n_kept`` drops by it.
+    """
+    from rich.progress import Progress
+
+    from .patches import PatchIndex, attrition_table
+
+    filt = EmptyFilter.load(filter_dir)
+    patches = index.patches
+    keep = np.ones(len(patches), bool)
+    rows = cache.positions(patches["patch_id"].to_numpy())
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("learned empty-patch filter", total=len(patches))
+        for image_id, members in patches.groupby("image_id", sort=False).indices.items():
+            for start in range(0, len(members), chunk):
+                sel = members[start:start + chunk]
+                order = np.argsort(rows[sel])
+                batch = np.asarray(cache[rows[sel][order]], dtype=np.float32)
+                keep[sel[order]] = filt.predict(batch, groups=np.full(len(sel), image_id))
+                bar.advance(task, len(sel))
+    rejected = patches.loc[~keep].groupby("image_id").size()
+    images = index.images.copy()
+    images["n_learned_empty"] = images["image_id"].map(rejected).fillna(0).astype(int)
+    images["n_kept"] = images["n_kept"] - images["n_learned_empty"]
+    kept = patches.loc[keep].reset_index(drop=True)
+    return PatchIndex(kept, images, attrition_table(images), index.channel_names, index.sparse_images)

@@ -68,6 +68,10 @@ class PatchSettings(BaseModel):
         "tiles); the count is reported.",
     )
     seed: int = Field(0, description="Seed of max_per_image subsampling.")
+    empty_filter: Path | None = Field(
+        None, description="A learned empty-patch filter folder (`cytofuse emptyfilter`), applied after the "
+        "foreground-ratio filter: patches it calls empty are dropped and counted.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "PatchSettings":
