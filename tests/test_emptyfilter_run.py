@@ -1,0 +1,82 @@
+"""The learned empty-patch filter inside a run, and the ``cytofuse emptyfilter`` command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+from cytofuse.cli import app
+
+
+def _labelled_folder(root, *, n=24, size=32, seed=0):
+    """empty/: flat noise; cells/: noise plus a bright disc (8-bit PNGs)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for label in ("empty", "cells"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            img = rng.normal(60, 6, (size, size))
+            if label == "cells":
+                cy, cx = rng.integers(8, size - 8, 2)
+                img += 120 * ((yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(12, 40))
+            PILImage.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / label / f"p{i}.png")
+    return root
+
+
+def test_emptyfilter_command_prints_held_out_f1_and_writes_the_filter(tmp_path):
+    folder = _labelled_folder(tmp_path / "examples")
+    result = CliRunner().invoke(app, ["emptyfilter", str(folder), "--out", str(tmp_path / "flt"), "--encoder", "intensity",
+                                      "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    f1 = float(result.output.split("F1 empty ")[1].split()[0])
+    assert f1 > 0.9  # discs vs flat noise: an easy, known answer
+    assert (tmp_path / "flt" / "card.json").is_file()
+    again = CliRunner().invoke(app, ["emptyfilter", str(folder), "--out", str(tmp_path / "flt"), "--encoder", "intensity"])
+    assert again.exit_code == 2 and "exists; pass --overwrite" in again.output
+
+
+def _truth_patches(root, *, size):
+    """Grid patches of the BF channel of other synthetic fields: True with a cell centre, False touching no cell."""
+    from cytofuse.io import read_image
+    from cytofuse.synthetic_cells import write_livedead_set
+
+    truth = write_livedead_set(root, n_fields=2, seed=7)
+    patches, labels = [], []
+    for path, cells in truth.groupby("path"):
+        bf = read_image(root / path).data[0, 0].astype(np.float32)
+        for y in range(0, bf.shape[0] - size + 1, size):
+            for x in range(0, bf.shape[1] - size + 1, size):
+                inside = cells["y"].between(y, y + size - 1) & cells["x"].between(x, x + size - 1)
+                near = ((cells["y"] + cells["radius"] >= y) & (cells["y"] - cells["radius"] < y + size)
+                        & (cells["x"] + cells["radius"] >= x) & (cells["x"] - cells["radius"] < x + size))
+                if inside.any() or not near.any():
+                    patches.append(bf[None, y:y + size, x:x + size])
+                    labels.append(bool(inside.any()))
+    return np.stack(patches), np.array(labels)
+
+
+def test_run_drops_the_patches_the_filter_calls_empty(tmp_path):
+    import torch
+
+    from cytofuse.config import validate_config
+    from cytofuse.crossval import run_cv
+    from cytofuse.emptyfilter import EmptyFilter
+    from cytofuse.synthetic_cells import write_livedead_set
+
+    torch.set_num_threads(1)
+    write_livedead_set(tmp_path / "data", n_fields=4, seed=1)
+    EmptyFilter(encoder="intensity").fit(*_truth_patches(tmp_path / "train", size=32)).save(tmp_path / "flt")
+    base = {"data": {"images": str(tmp_path / "data")}, "labels": {"channel": "PI", "classes": ["live", "dead"]},
+            "models": [{"fusion": "early", "encoder": "smallcnn"}],
+            "train": {"max_epochs": 1, "batch_size": 32, "progress": False}, "cv": {"n_folds": 2, "probes": False}}
+    cfg = validate_config(base | {"patches": {"size": 32, "min_ratio": 0.0, "empty_filter": str(tmp_path / "flt")}})
+    run_cv(cfg, tmp_path / "run", progress=False)
+    images = pd.read_parquet(tmp_path / "run" / "images.parquet")
+    values = pd.read_parquet(tmp_path / "run" / "labels" / "patch_values.parquet")
+    assert images["n_learned_empty"].sum() > 0
+    assert len(values) == images["n_candidates"].sum() - images["n_learned_empty"].sum()  # labels after the filter
+    with pytest.raises(Exception, match="empty_filter"):
+        validate_config(base | {"patches": {"size": 32, "empty_filter": 3}})
