@@ -111,6 +111,13 @@ def test_cv_with_labels_from_a_channel(phantom_set, tmp_path):
     assert corr["n"] == len(pred) and -1 <= corr["r"] <= 1 and corr["score"] == "prob_bright"
     assert metrics["positive_class"]["class"] == "bright" and len(metrics["positive_class"]["folds"]) == 2
     assert "labels from the mean of channel recycling_endosome" in metrics["measured_on"]
+    from cytofuse.report import labels_context, extras_table, run_entries
+
+    section = labels_context(run)
+    assert section["channel"] == "recycling_endosome" and section["figure"] is not None
+    assert [r[0] for r in section["table"]["rows"]] == ["dim", "bright", "discarded (band between)"]
+    extras = extras_table(run_entries(run))
+    assert extras["rows"][0][0] == "early" and extras["rows"][0][3].startswith("bright: ")
 
 
 def test_fit_on_an_unknown_condition_is_an_error(phantom_set, tmp_path):

@@ -161,7 +161,47 @@ def cv_context(run_dir: Path, figures: Path) -> dict:
         "warnings": _shortcut_warnings(run_dir),
         "entries": entries,
         "explain": explain_context(run_dir, entries),
+        "labels": labels_context(run_dir),
+        "extras": extras_table(entries),
     }
+
+
+def labels_context(run_dir: Path) -> dict | None:
+    """The label rule (mixture, thresholds, counts) and its histogram, when labels came from a channel."""
+    rule = json.loads((run_dir / "labels" / "label_rule.json").read_text()) if (run_dir / "labels" / "label_rule.json").is_file() else None
+    if rule is None:
+        return None
+    mix = rule.get("mixture") or {}
+    rows = [[name, _num(mix["means"][i]) if mix else "–", _num(mix["sds"][i]) if mix else "–",
+             _num(mix["weights"][i]) if mix else "–", ("below " if i == 0 else "above ") + _num(t, 4),
+             rule["counts"].get(name, 0)]
+            for i, (name, t) in enumerate(zip(rule["classes"], (rule["low_threshold"], rule["high_threshold"])))]
+    rows.append(["discarded (band between)", "–", "–", "–", "–", rule["counts"].get("discarded", 0)])
+    base = run_dir / "labels" / "histogram"
+    caption = (f"{rule['statistic']} of channel {rule['channel']} per patch, per condition; the rule's source is "
+               f"{rule['source']}, fitted on {rule['n_fit']} patches.")
+    return {"channel": rule["channel"], "statistic": rule["statistic"], "notes": rule.get("notes", []),
+            "table": {"columns": ["class", "component mean", "component sd", "weight", "threshold", "patches"], "rows": rows},
+            "per_condition": rule.get("per_condition", {}),
+            "figure": _figure(base, "Labels from a fluorescence channel", caption) if _has_figure(base) else None}
+
+
+def extras_table(entries: list[Entry]) -> dict | None:
+    """Per model: test-time and training-only channels, positive-class F1 (validation threshold) and score correlation."""
+    rows = []
+    for e in entries:
+        model, pos, corr = e.metrics.get("model", {}), e.metrics.get("positive_class"), e.metrics.get("label_correlation")
+        if e.kind != "model" or not (model.get("auxiliary_channels") or pos or corr):
+            continue
+        rows.append([e.name, ", ".join(model.get("input_channels", [])), ", ".join(model.get("auxiliary_channels", [])) or "–",
+                     f"{pos['class']}: {_num(pos['f1_tuned']['mean'])} ± {_num(pos['f1_tuned']['sd'])}" if pos else "–",
+                     _num(pos["f1_argmax"]["mean"]) if pos else "–",
+                     f"r = {_num(corr['r'])} (p = {_num(corr['p'], 2)}, n = {corr['n']})" if corr and corr.get("r") is not None else "–"])
+    if not rows:
+        return None
+    return {"columns": ["classifier", "test-time channels", "training-only channels",
+                        "positive-class F1, threshold from validation (mean ± sd over folds)", "F1 at argmax",
+                        "Pearson: score vs label channel"], "rows": rows}
 
 
 def run_entries(run_dir: Path) -> list[Entry]:
