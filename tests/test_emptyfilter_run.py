@@ -80,3 +80,32 @@ def test_run_drops_the_patches_the_filter_calls_empty(tmp_path):
     assert len(values) == images["n_candidates"].sum() - images["n_learned_empty"].sum()  # labels after the filter
     with pytest.raises(Exception, match="empty_filter"):
         validate_config(base | {"patches": {"size": 32, "empty_filter": 3}})
+
+
+def test_predict_applies_the_models_empty_filter(tmp_path):
+    """A model trained with a learned filter predicts only the patches that filter keeps."""
+    from cytofuse.emptyfilter import EmptyFilter
+    from cytofuse.io import Image
+    from cytofuse.patches import PatchSettings, extract_patches
+    from cytofuse.predict import apply_empty_filter
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :128]
+    stack = rng.normal(100, 3, (1, 1, 64, 128)).astype(np.float32)
+    for cy, cx in ((16, 16), (16, 48), (48, 16), (48, 48)):  # discs in the left half only
+        stack[0, 0] += 400 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 49)
+    py, px = np.mgrid[:32, :32]
+    flat = rng.normal(100, 3, (40, 1, 32, 32))
+    centres = rng.integers(8, 24, (40, 2))
+    blobs = rng.normal(100, 3, (40, 1, 32, 32)) + 400 * (((py - centres[:, :1, None]) ** 2
+                                                           + (px - centres[:, 1:, None]) ** 2) < 49)[:, None]
+    EmptyFilter(encoder="intensity").fit(np.r_[flat, blobs].astype(np.float32), np.r_[np.zeros(40, bool), np.ones(40, bool)]
+                                        ).save(tmp_path / "flt")
+    res = extract_patches(stack, channel_names=("BF",), settings=PatchSettings(size=32, stride=16, min_ratio=0.0))
+    kept = apply_empty_filter(stack, res, tmp_path / "flt", size=32, name="img")
+    assert 0 < len(kept.origins) < len(res.origins)
+    assert kept.origins[:, 2].max() <= 48  # no patch of the empty right half survives
+    assert "dropped" in kept.notes[-1]
+    with pytest.raises(Exception, match="which is missing here"):
+        apply_empty_filter(stack, res, tmp_path / "nowhere", size=32, name="img")
+    del Image

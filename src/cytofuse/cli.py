@@ -212,6 +212,8 @@ def predict(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 where the CPU has it natively)."),
     channel_names: Optional[str] = typer.Option(None, help="Comma-separated channel names for files that store none."),
     axes: Optional[str] = typer.Option(None, help="Axis order of .npy files, e.g. YXC."),
+    heatmap_resolution: str = typer.Option("full", help="full (image pixels) | stride (one value per patch-grid "
+                                           "cell, far smaller files)."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Classify whole images: per-image probabilities and decision, per-patch table, per-class heat maps."""
@@ -223,6 +225,7 @@ def predict(
         summary = predict_images(
             model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
+            heatmap_resolution=heatmap_resolution,
         )
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)

@@ -106,7 +106,7 @@ def _last_epoch_state(ckpt: Path) -> dict:
 def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, cv_run: str | Path | None = None,
                 model_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Fit ``model_name`` of ``cfg`` on all images for ``epochs`` (or the CV run's) and write the model folder ``out``."""
-    from .crossval import _cache, _fit_fold
+    from .crossval import _cache, _fit_fold, refine_patch_index
     from .modelfolder import _check_target, card_for, write_model_folder
     from .patches import build_patch_index
     from .pipeline import load_image_set
@@ -125,10 +125,11 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
     work = out.with_name(f".{out.name}.work")
     index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress)
+    cache = _cache(image_set, index, work, progress=progress)
+    index = refine_patch_index(cfg, image_set, index, cache, work, progress=progress)  # empty filter, labels
     classes = sorted(index.patches["label"].unique().tolist())
     if len(classes) < 2:
         raise InputError(f"train_final needs at least two classes with patches, got {classes}")
-    cache = _cache(image_set, index, work, progress=progress)
     rows = cache.positions(index.patches["patch_id"].to_numpy())
     labels = index.patches["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     all_idx = np.arange(len(labels))
@@ -139,7 +140,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     model = _fit_fold(model_cfg, cache, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
     model.load_state_dict(_last_epoch_state(work / "fit" / "last.ckpt"))
     if branch_weights is not None:
-        if len(branch_weights) != len(index.channel_names):
+        if len(branch_weights) != model.in_channels:
             raise InputError(f"CV run {cv_run} has {len(branch_weights)} late-fusion branches, the final model "
                              f"{len(index.channel_names)} channels {list(index.channel_names)}")
         model.set_branch_weights(branch_weights.tolist())

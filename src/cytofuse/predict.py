@@ -536,6 +536,25 @@ class ImageResult:
     notes: list[str]
 
 
+def apply_empty_filter(stack: np.ndarray, res: "ImagePatches", filter_dir: Path, *, size: int, name: str,
+                       chunk: int = 1024) -> "ImagePatches":
+    """Drop the patches the model's learned empty-patch filter calls empty, as training did (in chunks)."""
+    from dataclasses import replace
+
+    from .emptyfilter import EmptyFilter
+
+    if not Path(filter_dir).is_dir():
+        raise InputError(f"the model was trained with the empty-patch filter {filter_dir}, which is missing here; "
+                         "copy it to that path (the card's patches.empty_filter) to predict as in training")
+    flt = EmptyFilter.load(filter_dir)
+    keep = np.ones(len(res.origins), bool)
+    for start in range(0, len(keep), chunk):
+        part = cut_patches(stack, res.origins[start:start + chunk], res.low, res.high, size=size)
+        keep[start:start + chunk] = flt.predict(part, groups=np.full(len(part), name))
+    notes = [*res.notes, f"the learned empty-patch filter dropped {int((~keep).sum())} of {len(keep)} patches"]
+    return replace(res, origins=res.origins[keep], ratios=res.ratios[keep], notes=notes)
+
+
 def _z_ordered(res: "ImagePatches") -> "ImagePatches":
     """``res`` with origins in z order (as ``extract_patches`` returns them; streaming relies on it)."""
     from dataclasses import replace
@@ -556,6 +575,8 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
     stack = select_model_channels(image, card.channel_names)
     settings = card.patch_settings()
     res = _z_ordered(preprocess(stack, card))
+    if settings.empty_filter is not None:
+        res = apply_empty_filter(stack, res, settings.empty_filter, size=settings.size, name=name)
     writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
                            size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
                            resolution=heatmap_resolution, project=image.data)
