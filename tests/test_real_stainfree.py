@@ -16,7 +16,7 @@ from realsets import jurkat_cells, livedead_crops
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"max_epochs": 8, "patience": 3, "batch_size": 64, "progress": False}
+TRAIN = {"max_epochs": 12, "patience": 6, "batch_size": 32, "progress": False}
 
 
 @pytest.fixture(scope="module")
