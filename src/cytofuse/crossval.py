@@ -300,7 +300,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     test_probs, val_parts = [], []
     from .config import model_channels
 
-    inputs, _ = model_channels(model_cfg, index.channel_names)
+    inputs, aux = model_channels(model_cfg, index.channel_names)
     for k in range(n_folds):
         train = np.flatnonzero((folds["fold"].to_numpy() != k) & (folds["fold"].to_numpy() >= 0))
         test = np.flatnonzero(folds["fold"].to_numpy() == k)
@@ -325,7 +325,6 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     from .models import count_parameters
 
-    inputs, aux = model_channels(model_cfg, index.channel_names)
     metrics["model"] = model_cfg.model_dump(mode="json") | {
         "parameters": count_parameters(model), "input_channels": [index.channel_names[i] for i in inputs],
         "auxiliary_channels": [index.channel_names[i] for i in aux]}
@@ -431,7 +430,7 @@ def _units(predictions: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     """With labels from a channel, patches of one image differ in label: each patch is then its own
     evaluation unit (``image_id`` becomes ``<image>#<patch_id>``, the image kept in ``source_image``);
     CV groups and the bootstrap's resampling units are unchanged."""
-    if cfg.labels is None or "source_image" in predictions.columns:
+    if cfg.labels is None:
         return predictions
     unit = predictions["image_id"].astype(str) + "#" + predictions["patch_id"].astype(str)
     return predictions.assign(source_image=predictions["image_id"], image_id=unit)

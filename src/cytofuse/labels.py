@@ -92,6 +92,7 @@ def fit_label_rule(values: np.ndarray, *, channel: str, statistic: str = "mean",
     values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     mixture, notes = None, []
+    by_hand = low_threshold is not None or high_threshold is not None
     if low_threshold is None or high_threshold is None:
         if len(values) < 10 or np.ptp(values) == 0:
             raise InputError(f"labels: the mixture on channel {channel!r} needs at least 10 distinct patch values, "
@@ -106,7 +107,7 @@ def fit_label_rule(values: np.ndarray, *, channel: str, statistic: str = "mean",
         notes.append(f"the thresholds crossed ({low_threshold:.4g} > {high_threshold:.4g}): the components overlap, so "
                      f"the midpoint {mid:.4g} of the means splits the classes and no band is discarded")
         low_threshold = high_threshold = mid
-    source = "mixture" if mixture else "manual"
+    source = "manual" if mixture is None else "mixture+manual" if by_hand else "mixture"
     return LabelRule(channel=str(channel), statistic=statistic, classes=(str(classes[0]), str(classes[1])),
                      low_threshold=float(low_threshold), high_threshold=float(high_threshold), mixture=mixture,
                      source=source, n_fit=int(len(values)), notes=notes)
@@ -147,8 +148,6 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
     rule = fit_label_rule(values[fit_mask], channel=str(settings.channel), statistic=settings.statistic,
                           classes=settings.classes, k_sd=settings.k_sd, low_threshold=settings.low_threshold,
                           high_threshold=settings.high_threshold, seed=seed)
-    if settings.low_threshold is not None or settings.high_threshold is not None:
-        rule.source = "manual" if rule.mixture is None else "mixture+manual"
     derived = rule.apply(values)
     patches["derived"] = derived
     kept = patches[patches["derived"].notna()].copy()
