@@ -210,3 +210,32 @@ def test_jurkat_montage_tiles_become_cells(real_data):
     # the folder's documented counts; Anaphase's 16th tile repeats its 13th and is dropped
     assert kept == {"Anaphase": 15, "G1": 900, "Telophase": 28}
     assert index.patches["group"].nunique() == len(index.patches)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cut_patches_matches_numpy_in_both_layouts(dtype, channels_last):
+    from cytofuse.patches import cut_patches
+
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 200, size=(2, 3, 20, 24)).astype(dtype)
+    origins = np.array([[0, 0, 0], [2, 12, 16], [1, 5, 3]])
+    low, high = np.array([10.0, 0.0]), np.array([190.0, 0.0])  # a flat channel divides by eps
+    out = cut_patches(stack, origins, low, high, size=8, channels_last=channels_last)
+    ref = np.stack([(stack[:, z, y:y + 8, x:x + 8].astype(np.float32) - low.astype(np.float32)[:, None, None])
+                    * (1 / np.maximum(high - low, 1e-6)).astype(np.float32)[:, None, None] for z, y, x in origins])
+    assert out.shape == (3, 2, 8, 8)
+    np.testing.assert_array_equal(out, ref)
+    # channels-last memory: the channel axis is the innermost one
+    assert (out.strides[1] == 4) == channels_last
+
+
+def test_cut_patches_refuses_origins_outside_the_stack():
+    from cytofuse.patches import cut_patches
+
+    stack = np.zeros((1, 2, 16, 16), np.uint16)
+    with pytest.raises(InputError, match=r"outside the stack of shape \(1, 2, 16, 16\)"):
+        cut_patches(stack, np.array([[0, 9, 0]]), np.zeros(1), np.ones(1), size=8)
+    with pytest.raises(InputError, match="outside"):
+        cut_patches(stack, np.array([[2, 0, 0]]), np.zeros(1), np.ones(1), size=8)
+    assert cut_patches(stack, np.zeros((0, 3), int), np.zeros(1), np.ones(1), size=8).shape == (0, 1, 8, 8)

@@ -55,3 +55,25 @@ def block_counts(plane: np.ndarray, threshold, block: int, out: np.ndarray) -> N
             for x in range(bx * block, (bx + 1) * block):
                 acc += col[x]
             out[by, bx] = acc
+
+
+@numba.njit(cache=True, nogil=True)
+def cut_normalise(stack: np.ndarray, origins: np.ndarray, offset: np.ndarray, scale: np.ndarray,
+                  out: np.ndarray) -> None:
+    """Write ``(stack[c, z, y:y+S, x:x+S] - offset[c]) * scale[c]`` of each origin into ``out[k, :, :, c]``.
+
+    stack: (C, Z, Y, X); origins: (N, 3) z, y, x, already checked to lie inside the stack;
+    out: (N, S, S, C) float32, any strides (a channels-last buffer is written contiguously).
+    One pass: each pixel is read once, converted and stored at its final place.
+    """
+    n_c = stack.shape[0]
+    size = out.shape[1]
+    for k in range(origins.shape[0]):
+        z, y0, x0 = origins[k, 0], origins[k, 1], origins[k, 2]
+        for c in range(n_c):
+            lo, sc = offset[c], scale[c]
+            for y in range(size):
+                row = stack[c, z, y0 + y]
+                dst = out[k, y]
+                for x in range(size):
+                    dst[x, c] = (np.float32(row[x0 + x]) - lo) * sc

@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from cytofuse.errors import InputError
+from cytofuse.patches import NORM_EPS, cut_patches
 
 CACHE_ARRAY = "patches.npy"
 CACHE_META = "patches.json"
-_EPS = 1e-6
+_EPS = NORM_EPS
 _INDEX_KEYS = ["patch_id", "image_id", "z", "y", "x", "size"]
 
 
@@ -166,12 +167,7 @@ def _cut_patches(image: np.ndarray, rows: pd.DataFrame, lo: np.ndarray, hi: np.n
             f"build_patch_cache: patch {r['patch_id']} (z={r['z']}, y={r['y']}, x={r['x']}, size={size}) "
             f"lies outside image {image_id!r} of shape {image.shape}"
         )
-    scale = (1.0 / np.maximum(hi - lo, _EPS)).astype(np.float32)[:, None, None]
-    offset = lo.astype(np.float32)[:, None, None]
-    out = np.empty((len(rows), image.shape[0], size, size), dtype=np.float32)
-    for k, (zz, yy, xx) in enumerate(zip(z, y, x)):
-        out[k] = (image[:, zz, yy : yy + size, xx : xx + size].astype(np.float32) - offset) * scale
-    return out
+    return cut_patches(image, np.stack([z, y, x], axis=1), lo, hi, size=size)
 
 
 def _write_cache(index, stats, *, load_image, channels, tmp: Path, size: int, dtype, progress: bool, chunk: int) -> None:

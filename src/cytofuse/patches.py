@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InputError
 
+# Normalisation of a channel: (raw - low) / max(high - low, NORM_EPS), in training and prediction alike.
+NORM_EPS = 1e-6
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -176,11 +179,29 @@ def channel_statistics(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global Otsu threshold and normalisation percentiles of each channel of a (C, Z, Y, X) stack."""
     thr, low, high = (np.zeros(stack.shape[0]) for _ in range(3))
-    for c in range(stack.shape[0]):
+
+    def one(c: int) -> None:
         counts, values = channel_histogram(stack[c], hist_samples=hist_samples)
         thr[c] = otsu_from_histogram(counts, values)
         low[c], high[c] = percentiles_from_histogram(counts, values, percentiles)
+
+    _per_channel(one, stack.shape[0])
     return thr, low, high
+
+
+def _per_channel(fn, n_channels: int) -> None:
+    """``fn(c)`` for every channel, on up to one thread per core (the compiled kernels release the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(n_channels, os.cpu_count() or 1)
+    if workers <= 1:
+        for c in range(n_channels):
+            fn(c)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="cytofuse-channel") as pool:
+        for done in [pool.submit(fn, c) for c in range(n_channels)]:
+            done.result()
 
 
 def patch_grid(shape_yx: tuple[int, int], *, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,18 +227,46 @@ def foreground_ratios(stack: np.ndarray, thresholds: Sequence[float], *, size: i
     k, s = size // block, stride // block
     zs = range(0, n_z, z_step)
     out = np.empty((len(zs), len(ys), len(xs), n_c), np.float32)
-    counts = np.zeros((n_by, n_bx), np.int32)
-    table = np.zeros((n_by + 1, n_bx + 1), np.int64)
-    for c in range(n_c):
+    by, bx = np.arange(len(ys)) * s, np.arange(len(xs)) * s
+
+    def one(c: int) -> None:
+        counts = np.zeros((n_by, n_bx), np.int32)
+        table = np.zeros((n_by + 1, n_bx + 1), np.int64)
         thr = _typed_threshold(thresholds[c], stack.dtype)
         for i, z in enumerate(zs):
             block_counts(stack[c, z], thr, block, counts)
             table[1:, 1:] = counts.cumsum(0).cumsum(1)
-            by, bx = np.arange(len(ys)) * s, np.arange(len(xs)) * s
             total = (
                 table[np.ix_(by + k, bx + k)] - table[np.ix_(by, bx + k)] - table[np.ix_(by + k, bx)] + table[np.ix_(by, bx)]
             )
             out[i, :, :, c] = total / float(size * size)
+
+    _per_channel(one, n_c)
+    return out
+
+
+def cut_patches(stack: np.ndarray, origins: np.ndarray, low: np.ndarray, high: np.ndarray, *, size: int,
+                channels_last: bool = False) -> np.ndarray:
+    """Normalised float32 patches (N, C, size, size) at ``origins`` (z, y, x): (raw - low) / max(high - low, eps).
+
+    One compiled pass per batch (``cytofuse._kernels.cut_normalise``, no GIL held). With
+    ``channels_last`` the array is a (N, C, size, size) view of (N, size, size, C) memory, the
+    layout the model's convolutions run on, so no copy is needed on the way into the model."""
+    from ._kernels import cut_normalise
+
+    origins = np.ascontiguousarray(origins, dtype=np.int64).reshape(-1, 3)
+    c, n_z, n_y, n_x = stack.shape
+    first, last = (origins.min(axis=0), origins.max(axis=0)) if len(origins) else (None, None)
+    if first is not None and (min(first) < 0 or last[0] >= n_z or last[1] + size > n_y or last[2] + size > n_x):
+        raise InputError(f"patch origins reach outside the stack of shape {stack.shape} (patch size {size})")
+    scale = (1.0 / np.maximum(np.asarray(high, np.float64) - low, NORM_EPS)).astype(np.float32)
+    offset = np.asarray(low, np.float32)
+    if channels_last:
+        out = np.empty((len(origins), size, size, c), np.float32)
+        cut_normalise(stack, origins, offset, scale, out)
+        return out.transpose(0, 3, 1, 2)
+    out = np.empty((len(origins), c, size, size), np.float32)
+    cut_normalise(stack, origins, offset, scale, out.transpose(0, 2, 3, 1))
     return out
 
 
