@@ -408,3 +408,22 @@ def test_real_png_and_jpeg(real_data):
     assert read_image(crop).shape == (1, 1, 128, 128)  # grey stored as RGB
     jpeg = read_image(real_data / "hepg2-huh7-nuclei" / "images" / "1.jpg")
     assert jpeg.shape == (3, 1, 768, 1024)  # blue-tinted: colour planes differ
+
+
+def test_tiff_mmap_maps_uncompressed_files_read_only_and_reads_the_rest(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 4000, (2, 3, 32, 48)).astype(np.uint16)
+    ome = write_ome_tiff(tmp_path / "a.ome.tif", Image(data, ("dna", "mito"), (0.5, 0.1, 0.1)))
+    mapped, read = read_image(ome, mmap=True), read_image(ome)
+    np.testing.assert_array_equal(mapped.data, read.data)
+    assert mapped.channel_names == ("dna", "mito") and mapped.pixel_size_um == read.pixel_size_um
+    assert not mapped.data.flags.writeable and mapped.data.base is not None  # a view of the file, not a copy
+    with pytest.raises(ValueError, match="read-only"):
+        mapped.data[0, 0, 0, 0] = 1
+    tifffile.imwrite(tmp_path / "hyper.tif", data.transpose(1, 0, 2, 3), imagej=True, metadata={"axes": "ZCYX"})
+    np.testing.assert_array_equal(read_image(tmp_path / "hyper.tif", mmap=True).data, data)
+    tifffile.imwrite(tmp_path / "zlib.tif", data[0], compression="zlib", photometric="minisblack")  # not mappable
+    packed = read_image(tmp_path / "zlib.tif", mmap=True)
+    assert packed.data.flags.writeable
+    np.testing.assert_array_equal(packed.data, read_image(tmp_path / "zlib.tif").data)

@@ -351,3 +351,26 @@ def test_predict_images_writes_stride_resolution_heat_maps(model_dir, tmp_path):
     assert (tmp_path / "pred" / "images" / "image" / "overlay.png").stat().st_size > 1000
     with pytest.raises(InputError, match="heatmap_resolution must be one of"):
         predict_images(model_dir, [image], out=tmp_path / "p2", progress=False, heatmap_resolution="coarse")
+
+
+def test_read_ahead_gives_the_same_outputs_and_surfaces_a_bad_file(model_dir, tmp_path):
+    paths = [write_ome_tiff(tmp_path / f"img{i}.ome.tif", Image(_halves(seed=i, swap=i == 1), ("a", "b")))
+             for i in range(3)]
+    plain = predict_images(model_dir, paths, out=tmp_path / "plain", progress=False, precision="fp32")
+    ahead = predict_images(model_dir, paths, out=tmp_path / "ahead", progress=False, precision="fp32",
+                           read_ahead=True)
+    pd.testing.assert_frame_equal(plain, ahead)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "plain" / "patches.parquet"),
+                                  pd.read_parquet(tmp_path / "ahead" / "patches.parquet"))
+    for name in ("img0", "img1", "img2"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "plain" / "images" / name / "heatmap.tif"),
+                                      tifffile.imread(tmp_path / "ahead" / "images" / name / "heatmap.tif"))
+        assert (tmp_path / "ahead" / "images" / name / "overlay.png").stat().st_size > 1000
+    # a truncated third file is read in the background; its error reaches the caller and no folder is left
+    bad = tmp_path / "bad.ome.tif"
+    bad.write_bytes(paths[2].read_bytes()[:200])
+    with pytest.raises(InputError, match="bad.ome.tif is truncated"):
+        predict_images(model_dir, [paths[0], paths[1], bad], out=tmp_path / "broken", progress=False,
+                       precision="fp32", read_ahead=True)
+    assert not (tmp_path / "broken").exists()
+    assert not list(tmp_path.glob(".broken*"))

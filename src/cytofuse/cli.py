@@ -214,6 +214,8 @@ def predict(
     axes: Optional[str] = typer.Option(None, help="Axis order of .npy files, e.g. YXC."),
     heatmap_resolution: str = typer.Option("full", help="full (image pixels) | stride (one value per patch-grid "
                                            "cell, far smaller files)."),
+    read_ahead: bool = typer.Option(False, help="Read and preprocess the next image while the model runs on "
+                                    "the current one: faster on many images, two images in memory."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Classify whole images: per-image probabilities and decision, per-patch table, per-class heat maps."""
@@ -225,7 +227,7 @@ def predict(
         summary = predict_images(
             model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
-            heatmap_resolution=heatmap_resolution,
+            heatmap_resolution=heatmap_resolution, read_ahead=read_ahead,
         )
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)

@@ -109,7 +109,7 @@ class _Parsed:
 
 
 def read_image(
-    path: str | Path, *, axes: str | None = None, channel_names: Sequence[str] | None = None
+    path: str | Path, *, axes: str | None = None, channel_names: Sequence[str] | None = None, mmap: bool = False
 ) -> Image:
     """Read one image file into (C, Z, Y, X) with channel names and pixel sizes.
 
@@ -117,10 +117,13 @@ def read_image(
     required for .npy and overrides the order stored in a TIFF. Channels are ``C`` and
     ``S`` (RGB samples); one other axis longer than 1 (Z, T, I, Q, ...) becomes Z.
     ``channel_names`` replaces the names in the file (default "ch0", "ch1", ...).
-    A .npy file is memory-mapped read-only: copy the data before changing it.
+    A .npy file is memory-mapped read-only: copy the data before changing it. With ``mmap``
+    an uncompressed, contiguous TIFF is memory-mapped read-only too (its pixels are read on
+    first use, with no copy); other TIFFs are read into memory as usual.
     """
     path = _check_file(path)
-    parsed = _FORMATS[path.suffix.lower()](path, axes, True)
+    reader = _FORMATS[path.suffix.lower()]
+    parsed = reader(path, axes, True, mmap=True) if mmap and reader is _tiff else reader(path, axes, True)
     names = _channel_names(parsed.shape[0], parsed.names, channel_names, path)
     return Image(parsed.data, names, parsed.pixel_size_um, str(path), parsed.metadata)
 
@@ -255,7 +258,7 @@ def _tifffile_log() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def _tiff(path: Path, axes: str | None, load: bool) -> _Parsed:
+def _tiff(path: Path, axes: str | None, load: bool, *, mmap: bool = False) -> _Parsed:
     import tifffile
 
     with _tifffile_log() as log, _reading(path, "TIFF"), tifffile.TiffFile(path) as tif:
@@ -264,7 +267,12 @@ def _tiff(path: Path, axes: str | None, load: bool) -> _Parsed:
         file_axes = (axes or series.axes).upper()
         _, shape, z_axis = _axes_plan(series.shape, file_axes, path)
         names, pixel = _tiff_metadata(tif, file_axes, shape)
-        data = _to_czyx(series.asarray(), file_axes, path) if load else None
+        data = None
+        if load and mmap and series.dataoffset is not None:  # uncompressed and contiguous
+            raw = np.asarray(tifffile.memmap(path, series=tif.series.index(series), mode="r"))
+            data = _to_czyx(raw.reshape(series.shape), file_axes, path)
+        elif load:
+            data = _to_czyx(series.asarray(), file_axes, path)
         _check_tiff_complete(tif, series, path, log)
         meta = {"format": "tiff", "axes": file_axes, "z_axis": z_axis, "n_series": len(tif.series)}
     return _Parsed(shape, series.dtype, data, names, pixel, meta)

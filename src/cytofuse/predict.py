@@ -37,6 +37,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -44,6 +45,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import InputError, RunFolderError
+from .patches import NORM_EPS as _EPS
+from .patches import cut_patches
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
     from .modelfolder import ModelCard
     from .patches import ImagePatches
 
-_EPS = 1e-6  # as in cytofuse.data: (raw - lo) / max(hi - lo, eps)
 SUMMARY_FILE = "summary.csv"
 _OVERLAY_PX = 512
 
@@ -83,19 +85,6 @@ def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
     return extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
 
 
-def cut_patches(stack: np.ndarray, origins: np.ndarray, low: np.ndarray, high: np.ndarray, *, size: int,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """Normalised float32 patches (N, C, size, size) at ``origins`` (z, y, x): (raw - low) / max(high - low, eps)."""
-    n, c = len(origins), stack.shape[0]
-    out = np.empty((n, c, size, size), np.float32) if out is None else out[:n]
-    scale = (1.0 / np.maximum(high - low, _EPS)).astype(np.float32)[:, None, None]
-    offset = np.asarray(low, np.float32)[:, None, None]
-    for k, (z, y, x) in enumerate(origins):
-        np.subtract(stack[:, z, y : y + size, x : x + size], offset, out=out[k], dtype=np.float32)
-        out[k] *= scale
-    return out
-
-
 def _batches(stack: np.ndarray, res: "ImagePatches", *, size: int, batch_size: int, pin: bool,
              prefetch: int) -> Iterator[tuple[int, "torch.Tensor"]]:
     """(start, batch) pairs, cut by a background thread ``prefetch`` batches ahead (0: inline)."""
@@ -103,7 +92,7 @@ def _batches(stack: np.ndarray, res: "ImagePatches", *, size: int, batch_size: i
 
     def make(start: int) -> "torch.Tensor":
         origins = res.origins[start : start + batch_size]
-        x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size))
+        x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size, channels_last=True))
         return x.pin_memory() if pin else x
 
     starts = range(0, len(res.origins), batch_size)
@@ -516,7 +505,7 @@ def write_overlay_png(path: Path, projection: np.ndarray, heat_max: np.ndarray, 
         ax.set_axis_off()
     fig.colorbar(shown, ax=axes[-1], fraction=0.046, label="probability")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100, format="png")
+    fig.savefig(path, dpi=100, format="png", pil_kwargs={"compress_level": 1})
 
 
 # --------------------------------------------------------------------------- the command
@@ -566,17 +555,26 @@ def _z_ordered(res: "ImagePatches") -> "ImagePatches":
     return replace(res, origins=res.origins[order], ratios=res.ratios[order])
 
 
-def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
-                  folder: Path, batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
-                  heatmap_resolution: str = "full") -> ImageResult:
-    """Preprocess one image as in training, predict its patches, and stream its heat maps into ``folder``."""
-    import pandas as pd
-
+def prepare_image(image: "Image", card: "ModelCard", *, name: str) -> tuple[np.ndarray, "ImagePatches"]:
+    """The model's channels of one image and its kept patches in z order, preprocessed as in training."""
     stack = select_model_channels(image, card.channel_names)
     settings = card.patch_settings()
     res = _z_ordered(preprocess(stack, card))
     if settings.empty_filter is not None:
         res = apply_empty_filter(stack, res, settings.empty_filter, size=settings.size, name=name)
+    return stack, res
+
+
+def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
+                  folder: Path, batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
+                  heatmap_resolution: str = "full",
+                  prepared: tuple[np.ndarray, "ImagePatches"] | None = None) -> ImageResult:
+    """Preprocess one image as in training (unless ``prepared`` by ``prepare_image``), predict its
+    patches, and stream its heat maps into ``folder``."""
+    import pandas as pd
+
+    stack, res = prepared if prepared is not None else prepare_image(image, card, name=name)
+    settings = card.patch_settings()
     writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
                            size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
                            resolution=heatmap_resolution, project=image.data)
@@ -625,7 +623,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str]) -> None:
+def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str], *, background: bool = False) -> None:
+    if background:
+        _lower_priority(_WRITER_NICE)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
     tmp = folder / ".overlay.png.partial"
     try:
@@ -647,7 +647,7 @@ def _read(item, channel_names: Sequence[str] | None, axes: str | None) -> "Image
 
     if isinstance(item, Image):
         return item
-    return read_image(item, axes=axes, channel_names=channel_names)
+    return read_image(item, axes=axes, channel_names=channel_names, mmap=True)
 
 
 def predict_images(
@@ -665,6 +665,7 @@ def predict_images(
     axes: str | None = None,
     device: str = "cpu",
     heatmap_resolution: Literal["full", "stride"] = "full",
+    read_ahead: bool = False,
 ) -> "pd.DataFrame":
     """Predict every image (file path or ``cytofuse.io.Image``) and write the folder ``out``; return the summary.
 
@@ -673,6 +674,8 @@ def predict_images(
     precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
     channel_names / axes: passed to ``cytofuse.io.read_image`` (names for files that store none).
     heatmap_resolution: "full" (image pixels) or "stride" (one pixel per stitching cell; see the module notes).
+    read_ahead: read and preprocess the next image while the model runs on the current one (faster on
+        folders of images; two images in memory instead of one).
     The image decision is the class with the highest mean patch probability.
     """
     import pandas as pd
@@ -692,26 +695,49 @@ def predict_images(
     out = Path(out)
     tmp = _prepare_out(out, overwrite)
     rows, tables = [], []
+    names = _image_names(images)
+
+    def load(i: int, background: bool) -> tuple["Image", tuple[np.ndarray, "ImagePatches"]]:
+        if background:
+            _lower_priority(_WRITER_NICE)
+        image = _read(images[i], channel_names, axes)
+        return image, prepare_image(image, card, name=names[i])
+
+    # Two helper threads, both below the model's priority: one reads and preprocesses the next
+    # image (read_ahead), one draws the finished image's overlay while the model runs on the next.
+    pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
+    ahead, overlay = None, None
     try:
         with Progress(disable=not progress) as bar:
             task = bar.add_task("predicting images", total=len(images))
-            for item, name in zip(images, _image_names(images)):
-                image = _read(item, channel_names, axes)
+            for i, name in enumerate(names):
+                image, prepared = ahead.result() if ahead is not None else load(i, False)
+                ahead = pool.submit(load, i + 1, True) if read_ahead and i + 1 < len(images) else None
                 folder = tmp / "images" / name
                 folder.mkdir(parents=True)
                 result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
-                                       bf16=bf16, prefetch=2 * workers, heatmap_resolution=heatmap_resolution)
-                _write_overlay(folder, result, card.class_names)
+                                       bf16=bf16, prefetch=2 * workers, heatmap_resolution=heatmap_resolution,
+                                       prepared=prepared)
+                del image, prepared
+                if overlay is not None:
+                    overlay.result()  # at most one overlay waits: its projections are image-sized
+                overlay = pool.submit(_write_overlay, folder, result, card.class_names, background=True)
                 rows.append(_summary_row(result, card.class_names))
                 tables.append(result.patches)
-                del image, result
+                del result
                 bar.advance(task)
+            if overlay is not None:
+                overlay.result()
         summary = pd.DataFrame(rows)
         summary.to_csv(tmp / SUMMARY_FILE, index=False)
         summary.to_parquet(tmp / "summary.parquet", index=False)
         pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
         _replace(tmp, out)
     finally:
+        for job in (ahead, overlay):
+            if job is not None:
+                job.cancel()
+        pool.shutdown(wait=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
