@@ -9,6 +9,7 @@ from PIL import Image as PILImage
 from typer.testing import CliRunner
 
 from cytofuse.cli import app
+from cytofuse.errors import InputError
 
 
 def _labelled_folder(root, *, n=24, size=32, seed=0):
@@ -109,3 +110,49 @@ def test_predict_applies_the_models_empty_filter(tmp_path):
     with pytest.raises(Exception, match="which is missing here"):
         apply_empty_filter(stack, res, tmp_path / "nowhere", size=32, name="img")
     del Image
+
+
+def test_a_model_folder_carries_its_empty_filter(tmp_path):
+    """The folder holds a copy of the filter: moving the original away changes nothing."""
+    import shutil
+
+    import yaml
+
+    from cytofuse.emptyfilter import EmptyFilter
+    from cytofuse.io import Image
+    from cytofuse.modelfolder import card_for, read_model_folder, write_model_folder
+    from cytofuse.models import create_model
+    from cytofuse.patches import PatchSettings
+    from cytofuse.predict import predict_images
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :128]
+    stack = rng.normal(100, 3, (1, 1, 64, 128)).astype(np.float32)
+    for cy, cx in ((16, 16), (16, 48), (48, 16), (48, 48)):
+        stack[0, 0] += 400 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 49)
+    py, px = np.mgrid[:32, :32]
+    centres = rng.integers(8, 24, (40, 2))
+    blobs = rng.normal(100, 3, (40, 1, 32, 32)) + 400 * (((py - centres[:, :1, None]) ** 2
+                                                           + (px - centres[:, 1:, None]) ** 2) < 49)[:, None]
+    flat = rng.normal(100, 3, (40, 1, 32, 32))
+    EmptyFilter(encoder="intensity").fit(np.r_[flat, blobs].astype(np.float32),
+                                         np.r_[np.zeros(40, bool), np.ones(40, bool)]).save(tmp_path / "flt")
+    model = create_model("early", in_channels=1, num_classes=2, encoder="smallcnn").eval()
+    settings = PatchSettings(size=32, stride=16, min_ratio=0.0, empty_filter=tmp_path / "flt")
+    card = card_for([model], class_names=["a", "b"], channel_names=["BF"], patches=settings)
+    folder = write_model_folder(tmp_path / "model", [model], card)
+    assert yaml.safe_load((folder / "model.yaml").read_text())["patches"]["empty_filter"] == "empty_filter"
+    shutil.move(tmp_path / "flt", tmp_path / "moved")
+    _, read = read_model_folder(folder)
+    assert read.patch_settings().empty_filter == folder / "empty_filter"
+    image = Image(stack, ("BF",), source="field.tif")
+    summary = predict_images(folder, [image], out=tmp_path / "pred", progress=False, precision="fp32")
+    assert 0 < summary.loc[0, "patches"] < 7 * 3  # the filter dropped the empty right half's patches
+    assert "empty-patch filter dropped" in summary.loc[0, "notes"]
+    # a copy of a model folder is rewritten with its own filter; a card naming a missing filter is refused
+    models, read = read_model_folder(folder)
+    again = write_model_folder(tmp_path / "again", models, read)
+    assert (again / "empty_filter").is_dir()
+    with pytest.raises(InputError, match="does not exist; a model folder carries a copy"):
+        write_model_folder(tmp_path / "bad", models, read.model_copy(
+            update={"patches": read.patches | {"empty_filter": str(tmp_path / "nowhere")}}))

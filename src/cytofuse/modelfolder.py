@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 FORMAT = "cytofuse-model"
 FORMAT_VERSION = 1
 CARD_FILE = "model.yaml"
+FILTER_DIR = "empty_filter"  # a model's copy of its learned empty-patch filter
 
 
 def software_versions() -> dict[str, str]:
@@ -127,7 +128,9 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     """Write ``models`` (one, or the folds of an ensemble) and ``card`` to the folder ``out``.
 
     Written to a temporary folder beside ``out`` and renamed into place; an existing ``out``
-    is replaced only with ``overwrite`` and only when it is empty or a model folder.
+    is replaced only with ``overwrite`` and only when it is empty or a model folder. A learned
+    empty-patch filter named by the card is copied into the folder (``empty_filter/``), so the
+    folder predicts as in training wherever it is moved.
     """
     from .models import save_weights
 
@@ -139,10 +142,17 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     card = card.model_copy(update={"weights": names})
     for k, model in enumerate(models):
         _check_config(dict(getattr(model, "config", None) or {}), card, f"write_model_folder: models[{k}]")
+    source_filter = card.patches.get("empty_filter")
+    if source_filter is not None and not Path(source_filter).is_dir():
+        raise InputError(f"write_model_folder: the model's empty-patch filter {source_filter} (patches.empty_filter) "
+                         "does not exist; a model folder carries a copy of it")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if source_filter is not None:  # the card names the copy, relative to the folder
+            shutil.copytree(source_filter, tmp / FILTER_DIR)
+            card = card.model_copy(update={"patches": card.patches | {"empty_filter": FILTER_DIR}})
         for model, name in zip(models, names):
             save_weights(model, tmp / name)
         (tmp / CARD_FILE).write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
@@ -210,6 +220,9 @@ def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
     card = read_card(path)
     if not card.weights:
         raise InputError(f"{path / CARD_FILE} lists no weight files")
+    own_filter = card.patches.get("empty_filter")
+    if own_filter is not None and not Path(own_filter).is_absolute():  # the folder's copy, relative to it
+        card = card.model_copy(update={"patches": card.patches | {"empty_filter": str(path / own_filter)}})
     models = []
     for name in card.weights:
         file = path / name
