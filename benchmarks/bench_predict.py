@@ -38,6 +38,7 @@ import pandas as pd  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
+from bench_patches import synthetic_stack  # noqa: E402  (benchmarks/ is on the path of its scripts)
 from cytofuse.io import Image, write_ome_tiff  # noqa: E402
 from cytofuse.modelfolder import card_for, read_model_folder, write_model_folder  # noqa: E402
 from cytofuse.models import create_model  # noqa: E402
@@ -45,16 +46,6 @@ from cytofuse.patches import PatchSettings  # noqa: E402
 from cytofuse.predict import ensemble_proba, predict_images, prepare_models, preprocess  # noqa: E402
 
 NAMES = ["mito", "early_endosome", "recycling_endosome"]
-
-
-def synthetic_stack(z: int, yx: int, seed: int = 0) -> np.ndarray:
-    """Dark noisy background with bright cell-sized blobs, as a confocal stack looks."""
-    rng = np.random.default_rng(seed)
-    stack = rng.integers(90, 130, size=(3, z, yx, yx), dtype=np.uint16)
-    for _ in range(12):
-        y, x = rng.integers(0, yx - 200, size=2)
-        stack[:, :, y : y + 200, x : x + 200] += rng.integers(500, 2000, dtype=np.uint16)
-    return stack
 
 
 def timed(fn) -> tuple[float, object]:

@@ -11,6 +11,8 @@ Arrays are (C, Z, Y, X); patch origins are the top-left corner (z, y, x).
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -191,9 +193,6 @@ def channel_statistics(
 
 def _per_channel(fn, n_channels: int) -> None:
     """``fn(c)`` for every channel, on up to one thread per core (the compiled kernels release the GIL)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     workers = min(n_channels, os.cpu_count() or 1)
     if workers <= 1:
         for c in range(n_channels):
