@@ -374,3 +374,17 @@ def test_read_ahead_gives_the_same_outputs_and_surfaces_a_bad_file(model_dir, tm
                        precision="fp32", read_ahead=True)
     assert not (tmp_path / "broken").exists()
     assert not list(tmp_path.glob(".broken*"))
+
+
+def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
+    """3 or 4 cells along x once made tifffile read the last axis as colour samples and refuse the shape."""
+    from cytofuse.predict import HeatMapWriter
+
+    shape, size = (4, 64, 64), 16  # 4 x 4 cells
+    origins, probs = _overlapping_patches(shape, size, size)
+    with HeatMapWriter(tmp_path / "h.tif", shape=shape, class_names=["a", "b", "c"], size=size, stride=size,
+                       resolution="stride") as writer:
+        writer.add(origins, probs)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "h.tif"),
+                                  stitch(origins, probs, shape=shape, size=size, stride=size).values)
+    assert tifffile.imread(tmp_path / "h_max.tif").shape == (3, 4, 4)

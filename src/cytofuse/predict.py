@@ -363,7 +363,7 @@ class HeatMapWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         full_shape = (len(class_names), shape[0], *self._plane_shape)
         self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
-                                           metadata=self._meta("CZYX"), returnoffset=True)
+                                           photometric="minisblack", metadata=self._meta("CZYX"), returnoffset=True)
         self._file = open(self._tmp, "r+b", buffering=0)
         self._project = project
         self.projection = None if project is None or not project.shape[1] else project[:, 0].copy()
@@ -390,7 +390,7 @@ class HeatMapWriter:
             self._raise_error()
         os.replace(self._tmp, self.path)
         _write_tiff_atomic(self.path.with_name(self.path.stem + "_max.tif"), self.max_projection(full=False),
-                           ome=True, metadata=self._meta("CYX"))
+                           ome=True, photometric="minisblack", metadata=self._meta("CYX"))
 
     def abort(self) -> None:
         """Stop the thread and remove the temporary file (nothing is left under ``path``)."""
@@ -467,9 +467,9 @@ def write_heatmap_tiff(path: Path, heat: HeatMap, class_names: Sequence[str], pi
     k, (n_z, n_y, n_x) = len(class_names), heat.shape
     planes = (heat.plane(c, z) for c in range(k) for z in range(n_z))
     # one strip per plane: from an iterator, tifffile's default strips write ~7x slower
-    tifffile.imwrite(path, planes, shape=(k, n_z, n_y, n_x), dtype=np.float32, ome=True,
+    tifffile.imwrite(path, planes, shape=(k, n_z, n_y, n_x), dtype=np.float32, ome=True, photometric="minisblack",
                      metadata=_ome_metadata("CZYX", class_names, pixel_size_um), rowsperstrip=n_y)
-    tifffile.imwrite(path.with_name(path.stem + "_max.tif"), heat.max_projection(), ome=True,
+    tifffile.imwrite(path.with_name(path.stem + "_max.tif"), heat.max_projection(), ome=True, photometric="minisblack",
                      metadata=_ome_metadata("CYX", class_names, pixel_size_um))
 
 
