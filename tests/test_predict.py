@@ -388,3 +388,32 @@ def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "h.tif"),
                                   stitch(origins, probs, shape=shape, size=size, stride=size).values)
     assert tifffile.imread(tmp_path / "h_max.tif").shape == (3, 4, 4)
+
+
+def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(tmp_path):
+    from PIL import Image as PILImage
+
+    from cytofuse.predict import _inferno, _sample_cells, _upsample, overlay_step, write_overlay_png
+
+    projection = np.zeros((1, 300, 400), np.uint16)
+    projection[0, :, 200:] = 1000  # left half dark, right half bright
+    heat = np.full((2, 300, 400), np.nan, np.float32)
+    heat[0, :150] = 1.0  # class 0: probability 1 on the top half, no patch below
+    heat[1, :150] = 0.0
+    write_overlay_png(tmp_path / "o.png", projection, heat, ["a", "b"], title="t")
+    png = np.asarray(PILImage.open(tmp_path / "o.png").convert("RGB")).astype(float) / 255
+    pad, top, bar = 10, 48, 14  # the layout: three 400 px panels, then the colour bar
+    assert png.shape == (top + 300 + pad, pad + 3 * (400 + pad) + bar + 48, 3)
+    panel_a = png[top : top + 300, pad + 410 : pad + 810]
+    np.testing.assert_allclose(panel_a[200, 100], [0, 0, 0], atol=1 / 255)  # NaN over dark: the image alone
+    np.testing.assert_allclose(panel_a[200, 300], [1, 1, 1], atol=1 / 255)  # NaN over bright: the image alone
+    np.testing.assert_allclose(panel_a[50, 100], 0.6 * _inferno()[255], atol=1 / 255)  # P = 1 over dark
+    np.testing.assert_allclose(panel_a[50, 300], 0.4 + 0.6 * _inferno()[255], atol=1 / 255)
+    panel_b = png[top : top + 300, pad + 820 : pad + 1220]
+    np.testing.assert_allclose(panel_b[50, 100], 0.6 * _inferno()[0], atol=1 / 255)  # P = 0
+    # the overlay's heat map is sampled from the cells exactly as the image-resolution plane would be
+    cells = np.random.default_rng(0).random((21, 21)).astype(np.float32)
+    step = overlay_step((1364, 1364))
+    assert step == 3
+    np.testing.assert_array_equal(_sample_cells(cells, 64, (1364, 1364), step),
+                                  _upsample(cells, 64, (1364, 1364))[::step, ::step])
