@@ -9,14 +9,15 @@ run just before it (the machine's speed drifts), and the median is printed:
 - preprocessing (Otsu thresholds, percentiles, sparsity filter on that stack) vs ``np.max``
   over the stack; target <= 1 s;
 - end-to-end ``predict_images`` on the file (reading, patching, streamed batches, stitching,
-  TIFF/PNG/parquet writing) vs the pure model forward over the same number of patches, for
-  fp32 and bf16 with full-resolution heat maps and for bf16 with ``heatmap_resolution="stride"``;
-  target <= 1.2;
+  TIFF/PNG/parquet writing) vs the pure model forward over the same number of patches with
+  the same threading (``workers`` batches side by side, or ``workers=0``: torch's intra-op
+  threads), for fp32 and bf16 with the default stride-resolution heat maps, and for bf16
+  with full-resolution heat maps and with ``workers=0``; target <= 1.2;
 - three images in one call (bf16, stride heat maps), with and without ``read_ahead`` (the next
   image read and preprocessed while the model runs), from the uncompressed file (memory-mapped,
   so reading costs almost nothing) and from a zlib-compressed tiled copy (decoding is slow);
-- bf16 autocast vs fp32 forward speed, with the max |probability difference| and the
-  decision agreement over every patch;
+- the forward with batches side by side vs intra-op threads, and bf16 autocast vs fp32, with
+  the max |probability difference| and the decision agreement over every patch;
 - peak resident memory during prediction above the resident memory before it, vs the stack.
 
     python benchmarks/bench_predict.py [--z 100] [--yx 1364] [--size 64] [--batch 64] [--reps 3]
@@ -43,7 +44,15 @@ from cytofuse.io import Image, write_ome_tiff  # noqa: E402
 from cytofuse.modelfolder import card_for, read_model_folder, write_model_folder  # noqa: E402
 from cytofuse.models import create_model  # noqa: E402
 from cytofuse.patches import PatchSettings  # noqa: E402
-from cytofuse.predict import ensemble_proba, predict_images, prepare_models, preprocess  # noqa: E402
+from cytofuse.predict import (  # noqa: E402
+    _in_order,
+    _single_threaded_ops,
+    default_workers,
+    ensemble_proba,
+    predict_images,
+    prepare_models,
+    preprocess,
+)
 
 NAMES = ["mito", "early_endosome", "recycling_endosome"]
 
@@ -68,14 +77,22 @@ def reset_peak() -> None:
         pass
 
 
-def forward_only(models, n: int, *, size: int, batch: int, bf16: bool) -> float:
-    """Seconds for the model forward over ``n`` patches from one ready-made batch (no cutting, no copy)."""
+def forward_only(models, n: int, *, size: int, batch: int, bf16: bool, workers: int) -> float:
+    """Seconds for the model forward over ``n`` patches from one ready-made batch (no cutting, no copy),
+    threaded as predict threads it: ``workers`` batches side by side with one intra-op thread each
+    (0: one batch at a time, torch's own intra-op threads)."""
     x = torch.randn(batch, len(NAMES), size, size).contiguous(memory_format=torch.channels_last)
-    ensemble_proba(models, x, bf16=bf16)  # warm-up
-    t = time.perf_counter()
-    for start in range(0, n, batch):
-        ensemble_proba(models, x[: min(batch, n - start)], bf16=bf16)
-    return time.perf_counter() - t
+
+    def run(start: int) -> np.ndarray:
+        return ensemble_proba(models, x[: min(batch, n - start)], bf16=bf16)
+
+    with _single_threaded_ops(workers > 0):
+        for _ in _in_order(run, range(0, 4 * batch * max(workers, 1), batch), workers):  # warm-up
+            pass
+        t = time.perf_counter()
+        for _ in _in_order(run, range(0, n, batch), workers):
+            pass
+        return time.perf_counter() - t
 
 
 def main() -> None:
@@ -126,37 +143,46 @@ def run(args: argparse.Namespace, work: Path) -> None:
         t, _ = timed(lambda: predict_images(folder, paths, out=work / out, batch_size=args.batch, progress=False, **kw))
         return t, rss_mb("VmHWM") - before
 
-    cases = {  # name: (precision, images (negative: the compressed file), keyword arguments)
-        "fp32, full heat maps": ("fp32", 1, {}),
-        "bf16, full heat maps": ("bf16", 1, {}),
-        "bf16, stride heat maps": ("bf16", 1, {"heatmap_resolution": "stride"}),
-        "3 images, bf16, stride": ("bf16", 3, {"heatmap_resolution": "stride"}),
-        "3 images, bf16, stride, read_ahead": ("bf16", 3, {"heatmap_resolution": "stride", "read_ahead": True}),
-        "3 zlib images, bf16, stride": ("bf16", -3, {"heatmap_resolution": "stride"}),
-        "3 zlib images, bf16, stride, read_ahead": ("bf16", -3, {"heatmap_resolution": "stride", "read_ahead": True}),
+    w = default_workers()
+    cases = {  # name: (precision, workers, images (negative: the compressed file), keyword arguments)
+        "fp32": ("fp32", w, 1, {}),
+        "bf16": ("bf16", w, 1, {}),
+        "bf16, full-resolution heat maps": ("bf16", w, 1, {"heatmap_resolution": "full"}),
+        "bf16, workers=0 (intra-op threads)": ("bf16", 0, 1, {}),
+        "3 images, bf16": ("bf16", w, 3, {}),
+        "3 images, bf16, read_ahead": ("bf16", w, 3, {"read_ahead": True}),
+        "3 zlib images, bf16": ("bf16", w, -3, {}),
+        "3 zlib images, bf16, read_ahead": ("bf16", w, -3, {"read_ahead": True}),
     }
     ratios: dict[str, list[float]] = {c: [] for c in cases}
     peaks: dict[str, float] = {}
-    fwd: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    fwd: dict[tuple[str, int], list[float]] = {(p, k): [] for p, k, _, _ in cases.values()}
     for rep in range(args.reps):
-        for precision in fwd:
-            fwd[precision].append(forward_only(models, n, size=args.size, batch=args.batch, bf16=precision == "bf16"))
-        for name, (precision, k, kw) in cases.items():
+        for (precision, workers), times in fwd.items():
+            times.append(forward_only(models, n, size=args.size, batch=args.batch, bf16=precision == "bf16",
+                                      workers=workers))
+        for name, (precision, workers, k, kw) in cases.items():
             files = [path] * k if k > 0 else [packed] * -k
-            t, peak = predict(name.replace(" ", "_").replace(",", ""), files, precision=precision, **kw)
-            ratios[name].append(t / (len(files) * fwd[precision][-1]))
+            out = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
+            t, peak = predict(out, files, precision=precision, workers=workers, **kw)
+            ratios[name].append(t / (len(files) * fwd[precision, workers][-1]))
             peaks[name] = max(peak, peaks.get(name, 0.0))
-        print(f"  rep {rep + 1}: forward fp32 {fwd['fp32'][-1]:.2f} s, bf16 {fwd['bf16'][-1]:.2f} s; ratios "
-              + ", ".join(f"{r[-1]:.2f}" for r in ratios.values()), flush=True)
+        print(f"  rep {rep + 1}: forward " + ", ".join(f"{p} workers={k} {t[-1]:.2f} s" for (p, k), t in fwd.items())
+              + "; ratios " + ", ".join(f"{r[-1]:.2f}" for r in ratios.values()), flush=True)
+    print(f"(workers={w}: {w} batches side by side, one intra-op thread each; workers=0: one batch at a time "
+          f"over torch's {torch.get_num_threads()} intra-op threads. Each ratio is against the forward threaded "
+          "the same way; heat maps at stride resolution unless named)")
     for name, r in ratios.items():
         med = float(np.median(r))
         print(f"end-to-end / forward-only  {name:41s} median {med:5.2f}  (reps {', '.join(f'{x:.2f}' for x in r)}; "
               f"target <= 1.2: {'ok' if med <= 1.2 else 'MISSED'})")
-    f32, f16 = float(np.median(fwd["fp32"])), float(np.median(fwd["bf16"]))
-    print(f"bf16 vs fp32 forward {f16:7.2f} s   vs {f32:.2f} s   speed-up {f32 / f16:5.2f}x (medians)")
+    med = {key: float(np.median(t)) for key, t in fwd.items()}
+    f32, f16, intra = med["fp32", w], med["bf16", w], med["bf16", 0]
+    print(f"forward, bf16        workers={w} {f16:6.2f} s   workers=0 {intra:.2f} s   speed-up {intra / f16:5.2f}x (medians)")
+    print(f"bf16 vs fp32 forward {f16:7.2f} s   vs {f32:.2f} s   speed-up {f32 / f16:5.2f}x (medians, workers={w})")
     cols = ["prob_a", "prob_b"]
-    p32 = pd.read_parquet(work / "fp32_full_heat_maps" / "patches.parquet")[cols].to_numpy()
-    p16 = pd.read_parquet(work / "bf16_full_heat_maps" / "patches.parquet")[cols].to_numpy()
+    p32 = pd.read_parquet(work / "fp32" / "patches.parquet")[cols].to_numpy()
+    p16 = pd.read_parquet(work / "bf16" / "patches.parquet")[cols].to_numpy()
     agree = float((p32.argmax(1) == p16.argmax(1)).mean())
     print(f"bf16 accuracy        max |prob diff| {np.abs(p32 - p16).max():.4f}   mean {np.abs(p32 - p16).mean():.5f}   "
           f"patch decision agreement {agree:.4f}   (probability range {p32[:, 0].min():.3f}-{p32[:, 0].max():.3f})")

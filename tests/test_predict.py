@@ -53,8 +53,10 @@ def test_heat_maps_match_patch_probabilities_and_the_known_answer(model_dir, tmp
     mostly_b[1, :, :, 32:] = mostly_b[1, :, :, 96:97]  # channel b bright on 3/4 of the width
     mostly_b[0, :, :, 32:] = mostly_b[0, :, :, 100:101]
     right = Image(mostly_b, ("a", "b"), source="set/right.tif")
-    summary = predict_images(model_dir, [left, right], out=tmp_path / "pred", progress=False, precision="fp32")
+    summary = predict_images(model_dir, [left, right], out=tmp_path / "pred", progress=False, precision="fp32",
+                             heatmap_resolution="full")
     assert summary["decision"].tolist() == ["a_bright", "b_bright"]
+    assert summary["heatmap_cell_px"].tolist() == [1, 1]
     assert summary["patches"].tolist() == [3 * 4 * 6, 3 * 4 * 8]
     assert summary.loc[0, "prob_a_bright"] == pytest.approx(0.5, abs=1e-3)  # half the patches each way
     assert summary.loc[1, "prob_b_bright"] == pytest.approx(0.75, abs=1e-3)
@@ -128,10 +130,11 @@ def test_filtered_patches_leave_nan_and_an_empty_image_gets_no_decision(tmp_path
     assert summary["patches"].tolist() == [4, 0]  # 2 patches x slices 0 and 2
     assert summary["decision"].tolist() == ["a_bright", ""]
     assert "no decision" in summary.loc[1, "notes"] and np.isnan(summary.loc[1, "prob_a_bright"])
-    heat = tifffile.imread(tmp_path / "pred" / "images" / "cells" / "heatmap.tif")
+    heat = tifffile.imread(tmp_path / "pred" / "images" / "cells" / "heatmap.tif")  # one pixel per 16 px cell
+    assert heat.shape == (2, 3, 4, 4) and summary["heatmap_cell_px"].tolist() == [16, 16]
     covered = ~np.isnan(heat[0])
-    assert covered[0, :16, :32].all() and covered[2, :16, :32].all()
-    assert covered.sum() == 2 * 16 * 32  # slice 1 is skipped (z_step=2) and the rest was filtered out
+    assert covered[0, 0, :2].all() and covered[2, 0, :2].all()
+    assert covered.sum() == 2 * 2  # slice 1 is skipped (z_step=2) and the rest was filtered out
 
 
 def test_stitch_averages_overlapping_patches():
@@ -341,13 +344,23 @@ def test_an_interrupted_prediction_leaves_no_output(model_dir, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_predict_images_writes_stride_resolution_heat_maps(model_dir, tmp_path):
+def test_predict_images_writes_stride_resolution_heat_maps_by_default(model_dir, tmp_path):
+    from cytofuse.predict import upsample_cells
+
     image = Image(_halves(), ("a", "b"), pixel_size_um=(1.0, 0.5, 0.5))
-    predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, precision="fp32",
-                   heatmap_resolution="stride")
+    summary = predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, precision="fp32")
     heat = tifffile.imread(tmp_path / "pred" / "images" / "image" / "heatmap.tif")
-    assert heat.shape == (2, 3, 4, 6)  # one pixel per 16 px patch
+    assert heat.shape == (2, 3, 4, 6) and summary.loc[0, "heatmap_cell_px"] == 16  # one pixel per 16 px patch
     assert (heat[0, :, :, :3] > 0.99).all() and (heat[1, :, :, 3:] > 0.99).all()
+    with tifffile.TiffFile(tmp_path / "pred" / "images" / "image" / "heatmap.tif") as tif:
+        assert 'PhysicalSizeX="8.0"' in tif.ome_metadata  # 0.5 um pixels x 16
+    predict_images(model_dir, [image], out=tmp_path / "full", progress=False, precision="fp32",
+                   heatmap_resolution="full")
+    full = tifffile.imread(tmp_path / "full" / "images" / "image" / "heatmap.tif")
+    np.testing.assert_array_equal(upsample_cells(heat, 16, (64, 96)), full)  # the same values, per pixel
+    np.testing.assert_array_equal(upsample_cells(tifffile.imread(tmp_path / "pred" / "images" / "image" /
+                                                                 "heatmap_max.tif"), 16, (64, 96)),
+                                  tifffile.imread(tmp_path / "full" / "images" / "image" / "heatmap_max.tif"))
     assert (tmp_path / "pred" / "images" / "image" / "overlay.png").stat().st_size > 1000
     with pytest.raises(InputError, match="heatmap_resolution must be one of"):
         predict_images(model_dir, [image], out=tmp_path / "p2", progress=False, heatmap_resolution="coarse")
@@ -393,7 +406,7 @@ def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
 def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(tmp_path):
     from PIL import Image as PILImage
 
-    from cytofuse.predict import _inferno, _sample_cells, _upsample, overlay_step, write_overlay_png
+    from cytofuse.predict import _inferno, _sample_cells, overlay_step, upsample_cells, write_overlay_png
 
     projection = np.zeros((1, 300, 400), np.uint16)
     projection[0, :, 200:] = 1000  # left half dark, right half bright
@@ -416,4 +429,49 @@ def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(t
     step = overlay_step((1364, 1364))
     assert step == 3
     np.testing.assert_array_equal(_sample_cells(cells, 64, (1364, 1364), step),
-                                  _upsample(cells, 64, (1364, 1364))[::step, ::step])
+                                  upsample_cells(cells, 64, (1364, 1364))[::step, ::step])
+
+
+def test_batches_run_side_by_side_give_the_same_probabilities_and_restore_torch_threads(model_dir, tmp_path):
+    image = Image(_halves(), ("a", "b"))
+    before = torch.get_num_threads()
+    inline = predict_images(model_dir, [image], out=tmp_path / "w0", progress=False, precision="fp32", workers=0,
+                            batch_size=4)
+    side = predict_images(model_dir, [image], out=tmp_path / "w3", progress=False, precision="fp32", workers=3,
+                          batch_size=4)
+    assert torch.get_num_threads() == before
+    a, b = (pd.read_parquet(tmp_path / w / "patches.parquet") for w in ("w0", "w3"))
+    pd.testing.assert_frame_equal(a[["image", "z", "y", "x"]], b[["image", "z", "y", "x"]])  # same order
+    np.testing.assert_allclose(a["prob_a_bright"], b["prob_a_bright"], atol=1e-6)
+    np.testing.assert_allclose(inline["prob_a_bright"], side["prob_a_bright"], atol=1e-6)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "w0" / "images" / "image" / "heatmap.tif"),
+                                  tifffile.imread(tmp_path / "w3" / "images" / "image" / "heatmap.tif"))
+    with pytest.raises(InputError, match="workers >= 0, got batch_size=64, workers=-1"):
+        predict_images(model_dir, [image], out=tmp_path / "bad", progress=False, workers=-1)
+
+
+def test_in_order_keeps_the_order_and_raises_the_first_error():
+    import threading
+    import time
+
+    from cytofuse.predict import _in_order
+
+    def slow_first(i):
+        time.sleep(0.02 if i % 3 == 0 else 0.0)  # later items finish first
+        return i, threading.get_ident()
+
+    results = list(_in_order(slow_first, range(20), 3))
+    assert [i for i, _ in results] == list(range(20))
+    assert len({t for _, t in results}) > 1 and threading.get_ident() not in {t for _, t in results}
+    assert [i for i, t in _in_order(slow_first, range(5), 0)] == list(range(5))
+
+    def fails_at_7(i):
+        if i == 7:
+            raise ValueError("item 7")
+        return i
+
+    seen = []
+    with pytest.raises(ValueError, match="item 7"):
+        for i in _in_order(fails_at_7, range(100), 2):
+            seen.append(i)
+    assert seen == list(range(7))

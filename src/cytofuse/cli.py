@@ -208,12 +208,14 @@ def predict(
     out: Path = typer.Option(..., help="Output folder (summary, per-patch table, heat maps)."),
     model: Optional[str] = typer.Option(None, help="Model name inside a CV run folder."),
     batch_size: int = typer.Option(64, help="Patches per forward pass."),
-    workers: int = typer.Option(1, help="Threads that cut and normalise batches ahead of the model."),
+    workers: Optional[int] = typer.Option(None, help="Threads that each cut a batch and run the model on it "
+                                          "(default: one per core; 0: one batch at a time)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 where the CPU has it natively)."),
     channel_names: Optional[str] = typer.Option(None, help="Comma-separated channel names for files that store none."),
     axes: Optional[str] = typer.Option(None, help="Axis order of .npy files, e.g. YXC."),
-    heatmap_resolution: str = typer.Option("full", help="full (image pixels) | stride (one value per patch-grid "
-                                           "cell, far smaller files)."),
+    heatmap_resolution: str = typer.Option("stride", help="stride (one value per patch-grid cell, the summary's "
+                                           "heatmap_cell_px image pixels) | full (one value per image pixel, "
+                                           "files cell**2 times larger)."),
     read_ahead: bool = typer.Option(False, help="Read and preprocess the next image while the model runs on "
                                     "the current one: faster on many images, two images in memory."),
     overwrite: bool = OverwriteOpt,

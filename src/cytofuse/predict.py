@@ -4,18 +4,20 @@ Every image gets exactly the training preprocessing, computed on that image: the
 channels selected by name, the global Otsu thresholds and the normalisation percentiles of
 that stack, the same patch grid and sparsity filter (``cytofuse.patches.extract_patches``;
 only the training cap ``max_per_image`` is lifted, so every kept position is predicted).
-Patches are cut, normalised and batched by a background thread while the model runs, so
-at most a few batches exist beside the stack. An ensemble averages class probabilities.
+Batches are cut, normalised and run through the model by a few threads side by side (one
+per core, each with one intra-op thread), so at most a few batches exist beside the stack.
+An ensemble averages class probabilities.
 
 Outputs (``out``)::
 
-    summary.csv, summary.parquet   one row per image: patches, prob_<class> (mean of the
-                                   patch probabilities), decision (the most probable class)
+    summary.csv, summary.parquet   one row per image: patches, heatmap_cell_px, prob_<class>
+                                   (mean of the patch probabilities), decision (the most
+                                   probable class), notes
     patches.parquet                one row per kept patch: image, z, y, x, prob_<class>
-    images/<name>/heatmap.tif      (classes, Z, Y, X) float32 OME-TIFF: each pixel the mean
+    images/<name>/heatmap.tif      (classes, Z, y, x) float32 OME-TIFF: each pixel the mean
                                    probability of the patches covering it; NaN where no kept
                                    patch covers it (filtered out, skipped slice, image border)
-    images/<name>/heatmap_max.tif  (classes, Y, X) maximum over z (NaN-aware)
+    images/<name>/heatmap_max.tif  (classes, y, x) maximum over z (NaN-aware)
     images/<name>/overlay.png      the image (max projection) beside each class's heat map
 
 The heat map is streamed: patches come in z order, so each slice is stitched as soon as the
@@ -23,14 +25,22 @@ model has moved past it and written by a background thread into its place in a c
 uncompressed OME-TIFF (``HeatMapWriter``) while the model runs on later slices. Memory holds
 one slice of heat map per class, never the whole (classes, Z, Y, X) array. The file is
 written under a hidden temporary name and renamed when complete; a writer error is raised
-in the caller. ``heatmap_resolution="stride"`` stores one pixel per stitching cell (the
-greatest common divisor of patch size and stride, e.g. 64 x 64 image pixels for
-non-overlapping 64 px patches) instead of image resolution: the same values, a file
-``cell**2`` times smaller, pixel sizes in the OME metadata scaled by the cell.
+in the caller.
+
+Heat-map pixels: every value is constant over a stitching cell (the greatest common divisor
+of patch size and stride, e.g. 64 x 64 image pixels for non-overlapping 64 px patches), so
+by default (``heatmap_resolution="stride"``) one pixel is stored per cell, with the OME pixel
+sizes scaled by the cell and the cell in the summary (``heatmap_cell_px``); y, x of the
+outputs above are then the cell grid, and ``upsample_cells`` gives image pixels.
+``heatmap_resolution="full"`` stores one value per image pixel (y, x = Y, X): the same
+values in a file ``cell**2`` times larger (for a 100 x 1364 x 1364 stack and two classes,
+1.5 GB instead of 0.4 MB, and writing it took longer than the model).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import math
 import os
@@ -86,48 +96,47 @@ def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
     return extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
 
 
-def _batches(stack: np.ndarray, res: "ImagePatches", *, size: int, batch_size: int, pin: bool,
-             prefetch: int) -> Iterator[tuple[int, "torch.Tensor"]]:
-    """(start, batch) pairs, cut by a background thread ``prefetch`` batches ahead (0: inline)."""
+def default_workers() -> int:
+    """Model threads by default: as many as torch would use for one forward (one per core)."""
     import torch
 
-    def make(start: int) -> "torch.Tensor":
-        origins = res.origins[start : start + batch_size]
-        x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size, channels_last=True))
-        return x.pin_memory() if pin else x
+    return max(1, torch.get_num_threads())
 
-    starts = range(0, len(res.origins), batch_size)
-    if prefetch <= 0:
-        yield from ((s, make(s)) for s in starts)
-        return
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
 
-    def produce() -> None:
-        try:
-            for s in starts:
-                if stop.is_set():
-                    return
-                q.put((s, make(s)))
-        except BaseException as err:  # handed to the consumer, which raises it
-            q.put(err)
-        q.put(None)
+@contextlib.contextmanager
+def _single_threaded_ops(enabled: bool = True) -> Iterator[None]:
+    """torch's intra-op thread count set to 1 inside the block (process-wide), restored after."""
+    import torch
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    before = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
     try:
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield
     finally:
-        stop.set()
-        while thread.is_alive():  # drain so the producer is never blocked on a full queue
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
+        if enabled:
+            torch.set_num_threads(before)
+
+
+def _in_order(fn: Callable[[int], object], items: Sequence[int], workers: int) -> Iterator:
+    """``fn(item)`` for every item, run by ``workers`` threads (0: in the calling thread), yielded
+    in the items' order. At most ``2 * workers`` calls are under way or waiting to be taken."""
+    if workers <= 0:
+        yield from (fn(i) for i in items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cytofuse-model")
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for job in pending:
+            job.cancel()
+        pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- inference
@@ -167,31 +176,49 @@ def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf
 
 
 def predict_patches(stack: np.ndarray, res: "ImagePatches", models: Sequence["torch.nn.Module"], *, size: int,
-                    batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
+                    batch_size: int = 64, bf16: bool = False, workers: int | None = None,
                     on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """Class probabilities (N, K) of the kept patches of one stack, streamed in batches.
 
-    on_batch: called with each batch's origins (B, 3) and probabilities (B, K) as they come."""
+    workers: threads that each cut a batch and run the models on it with one intra-op thread
+        (default ``default_workers()``; 0: everything in the calling thread with torch's own
+        threading). Small CNNs on small patches split poorly over threads within an operation;
+        whole batches side by side keep every core busy (on 2 cores about 1.5x the patches per
+        second) and leave no thread waiting on another.
+    on_batch: called in the calling thread with each batch's origins (B, 3) and probabilities
+        (B, K), in patch order."""
+    import torch
+
+    workers = default_workers() if workers is None else workers
     n_classes = int(models[0].num_classes)
     out = np.empty((len(res.origins), n_classes), np.float32)
     pin = next(models[0].parameters()).device.type == "cuda"
-    for start, x in _batches(stack, res, size=size, batch_size=batch_size, pin=pin, prefetch=prefetch):
-        out[start : start + len(x)] = ensemble_proba(models, x, bf16=bf16)
-        if on_batch is not None:
-            on_batch(res.origins[start : start + len(x)], out[start : start + len(x)])
+
+    def run(start: int) -> tuple[int, np.ndarray]:
+        origins = res.origins[start : start + batch_size]
+        x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size, channels_last=True))
+        return start, ensemble_proba(models, x.pin_memory() if pin else x, bf16=bf16)
+
+    with _single_threaded_ops(workers > 0):
+        for start, probs in _in_order(run, range(0, len(res.origins), batch_size), workers):
+            out[start : start + len(probs)] = probs
+            if on_batch is not None:
+                on_batch(res.origins[start : start + len(probs)], probs)
     return out
 
 
 # --------------------------------------------------------------------------- stitching
 
 
-def _upsample(cells: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
-    """(Y, X) float32 image of a (ny, nx) cell grid, each cell ``block`` x ``block`` pixels; NaN beyond the grid."""
+def upsample_cells(cells: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """Image pixels (..., Y, X) float32 of a (..., ny, nx) cell grid, each cell ``block`` x ``block``
+    pixels; NaN beyond the grid. Turns a stride-resolution heat map (its cell size is the summary's
+    ``heatmap_cell_px``) into one value per image pixel: ``upsample_cells(heat, cell, image_yx)``."""
     n_y, n_x = shape
-    c_y, c_x = cells.shape
-    out = np.full((n_y, n_x), np.nan, np.float32)
-    rows = np.repeat(cells.astype(np.float32, copy=False), block, axis=1)  # (c_y, c_x * block)
-    out[: c_y * block].reshape(c_y, block, n_x)[:, :, : c_x * block] = rows[:, None, :]
+    *lead, c_y, c_x = cells.shape
+    out = np.full((*lead, n_y, n_x), np.nan, np.float32)
+    rows = np.repeat(cells.astype(np.float32, copy=False), block, axis=-1)  # (..., c_y, c_x * block)
+    out[..., : c_y * block, :].reshape(*lead, c_y, block, n_x)[..., : c_x * block] = rows[..., :, None, :]
     return out
 
 
@@ -226,14 +253,14 @@ class HeatMap:
 
     def plane(self, k: int, z: int) -> np.ndarray:
         """One class and slice at image resolution (Y, X), float32."""
-        return _upsample(self.values[k, z], self.block, self.shape[1:])
+        return upsample_cells(self.values[k, z], self.block, self.shape[1:])
 
     def max_projection(self) -> np.ndarray:
         """(K, Y, X) maximum over z at image resolution; NaN where no slice has a value."""
         cells = np.full((len(self.values), *self.values.shape[2:]), np.nan, np.float32)
         for z in range(self.values.shape[1]):
             np.fmax(cells, self.values[:, z], out=cells)  # fmax skips NaN: uncovered cells stay NaN
-        return np.stack([_upsample(c, self.block, self.shape[1:]) for c in cells])
+        return np.stack([upsample_cells(c, self.block, self.shape[1:]) for c in cells])
 
     def full(self) -> np.ndarray:
         """(K, Z, Y, X) at image resolution (large: for tests and small images)."""
@@ -299,10 +326,17 @@ class SliceStitcher:
 
 HEATMAP_RESOLUTIONS = ("full", "stride")
 _DONE = object()
-# The writer thread runs at a lower priority: on a few cores an equal-priority writer preempts the
-# model's OpenMP threads, and every parallel region then waits for the preempted one (measured
-# on 2 cores: 0.3 s of writing slowed a 1.9 s forward to 3.6 s; at nice 19 the forward kept its speed).
+# When the model splits each operation over OpenMP threads (workers=0), the background threads
+# (heat-map writer, overlay, read-ahead) run at a lower priority: on a few cores an equal-priority
+# thread preempts one OpenMP thread and every parallel region then waits for it (measured on 2
+# cores: 0.3 s of writing slowed a 1.9 s forward to 3.6 s; at nice 19 the forward kept its speed).
+# With single-threaded batches side by side nothing waits on a preempted thread, and a low-priority
+# writer would only starve until the last batch: background threads keep the normal priority.
 _WRITER_NICE = int(os.environ.get("CYTOFUSE_WRITER_NICE", "19"))
+
+
+def _background_nice(workers: int) -> int:
+    return _WRITER_NICE if workers == 0 else 0
 
 
 def _lower_priority(nice: int) -> None:
@@ -347,18 +381,19 @@ class HeatMapWriter:
 
     resolution: "full" (image pixels) or "stride" (one pixel per stitching cell).
     project: optional (C, Z, Y, X) stack whose max over z is kept as ``projection`` on the way.
+    nice: the writer thread's nice value (see ``_background_nice``).
     """
 
     def __init__(self, path: str | Path, *, shape: tuple[int, int, int], class_names: Sequence[str], size: int,
                  stride: int, pixel_size_um=(None, None, None), resolution: str = "full",
-                 project: np.ndarray | None = None, max_pending: int = 1024) -> None:
+                 project: np.ndarray | None = None, max_pending: int = 1024, nice: int = _WRITER_NICE) -> None:
         import tifffile
 
         if resolution not in HEATMAP_RESOLUTIONS:
             raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {resolution!r}")
         self.path, self.class_names, self.resolution = Path(path), list(class_names), resolution
         self.stitcher = SliceStitcher(shape, len(class_names), size=size, stride=stride)
-        scale = 1 if resolution == "full" else self.stitcher.block
+        scale = self.cell = 1 if resolution == "full" else self.stitcher.block  # image pixels per stored pixel
         self._plane_shape = tuple(shape[1:]) if resolution == "full" else self.stitcher.cells_shape
         self._meta = lambda axes: _ome_metadata(axes, class_names, pixel_size_um, scale)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
@@ -366,7 +401,7 @@ class HeatMapWriter:
         self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
                                            photometric="minisblack", metadata=self._meta("CZYX"), returnoffset=True)
         self._file = open(self._tmp, "r+b", buffering=0)
-        self._project = project
+        self._project, self._nice = project, nice
         self.projection = None if project is None or not project.shape[1] else project[:, 0].copy()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -406,7 +441,7 @@ class HeatMapWriter:
         cells, block = self.stitcher.max_cells, self.stitcher.block
         if not full and self.resolution == "stride":
             return cells.copy()
-        return np.stack([_upsample(c, block, self.stitcher.shape[1:]) for c in cells])
+        return np.stack([upsample_cells(c, block, self.stitcher.shape[1:]) for c in cells])
 
     def sampled_max_projection(self, step: int) -> np.ndarray:
         """``max_projection()[:, ::step, ::step]``, computed from the cells (for the overlay)."""
@@ -439,7 +474,7 @@ class HeatMapWriter:
 
     # ----- writer thread
     def _run(self) -> None:
-        _lower_priority(_WRITER_NICE)
+        _lower_priority(self._nice)
         try:
             while (item := self._queue.get()) is not _DONE:
                 if self._stop.is_set():
@@ -457,7 +492,7 @@ class HeatMapWriter:
     def _write_slice(self, z: int, cells: np.ndarray) -> None:
         n_z = self.stitcher.shape[0]
         for k, values in enumerate(cells):
-            plane = _upsample(values, self.stitcher.block, self.stitcher.shape[1:]) if self.resolution == "full" else values
+            plane = upsample_cells(values, self.stitcher.block, self.stitcher.shape[1:]) if self.resolution == "full" else values
             self._file.seek(self._offset + (k * n_z + z) * plane.nbytes)
             view = memoryview(np.ascontiguousarray(plane)).cast("B")
             while view:
@@ -496,7 +531,7 @@ def overlay_step(shape_yx: Sequence[int]) -> int:
 
 
 def _sample_cells(cells: np.ndarray, block: int, shape: tuple[int, int], step: int) -> np.ndarray:
-    """``_upsample(cells, block, shape)[::step, ::step]`` without building the image-sized plane."""
+    """``upsample_cells(cells, block, shape)[::step, ::step]`` without building the image-sized plane."""
     rows, cols = np.arange(0, shape[0], step) // block, np.arange(0, shape[1], step) // block
     in_y, in_x = rows < cells.shape[0], cols < cells.shape[1]
     out = np.full((len(rows), len(cols)), np.nan, np.float32)
@@ -567,6 +602,7 @@ class ImageResult:
     heat_max: np.ndarray  # (K, h, w) max over z of the heat maps, every overlay_step-th pixel
     projection: np.ndarray  # (C, h, w) max over z of the image, all its channels, the same pixels
     notes: list[str]
+    heatmap_cell: int = 1  # image pixels per heat-map pixel along y and x
 
 
 def apply_empty_filter(stack: np.ndarray, res: "ImagePatches", filter_dir: Path, *, size: int, name: str,
@@ -610,8 +646,8 @@ def prepare_image(image: "Image", card: "ModelCard", *, name: str) -> tuple[np.n
 
 
 def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
-                  folder: Path, batch_size: int = 64, bf16: bool = False, prefetch: int = 2,
-                  heatmap_resolution: str = "full",
+                  folder: Path, batch_size: int = 64, bf16: bool = False, workers: int | None = None,
+                  heatmap_resolution: str = "stride",
                   prepared: tuple[np.ndarray, "ImagePatches"] | None = None) -> ImageResult:
     """Preprocess one image as in training (unless ``prepared`` by ``prepare_image``), predict its
     patches, and stream its heat maps into ``folder``."""
@@ -622,10 +658,11 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
     step = overlay_step(stack.shape[2:])  # the overlay needs every step-th pixel only
     writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
                            size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
-                           resolution=heatmap_resolution, project=image.data[:, :, ::step, ::step])
+                           resolution=heatmap_resolution, project=image.data[:, :, ::step, ::step],
+                           nice=_background_nice(default_workers() if workers is None else workers))
     with writer:
         probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16,
-                                prefetch=prefetch, on_batch=writer.add)
+                                workers=workers, on_batch=writer.add)
     classes = card.class_names
     table = pd.DataFrame(res.origins, columns=["z", "y", "x"])
     table.insert(0, "image", name)
@@ -640,7 +677,7 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
         notes.append("no patch passed the sparsity filter: no decision")
     projection = writer.projection if writer.projection is not None else image.data[:, :, ::step, ::step].max(axis=1)
     return ImageResult(name, image.source, mean, decision, table, writer.sampled_max_projection(step), projection,
-                       notes)
+                       notes, writer.cell)
 
 
 def _image_names(images: Sequence) -> list[str]:
@@ -669,9 +706,8 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str], *, background: bool = False) -> None:
-    if background:
-        _lower_priority(_WRITER_NICE)
+def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str], *, nice: int = 0) -> None:
+    _lower_priority(nice)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
     tmp = folder / ".overlay.png.partial"
     try:
@@ -683,7 +719,8 @@ def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str]
 
 
 def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:
-    row = {"image": result.name, "source": result.source, "patches": len(result.patches)}
+    row = {"image": result.name, "source": result.source, "patches": len(result.patches),
+           "heatmap_cell_px": result.heatmap_cell}
     row |= {f"prob_{c}": float(p) for c, p in zip(class_names, result.probabilities)}
     return row | {"decision": result.decision, "notes": "; ".join(result.notes)}
 
@@ -703,23 +740,25 @@ def predict_images(
     out: str | Path,
     model_name: str | None = None,
     batch_size: int = 64,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
     precision: Literal["fp32", "bf16", "auto"] = "auto",
     channel_names: Sequence[str] | None = None,
     axes: str | None = None,
     device: str = "cpu",
-    heatmap_resolution: Literal["full", "stride"] = "full",
+    heatmap_resolution: Literal["full", "stride"] = "stride",
     read_ahead: bool = False,
 ) -> "pd.DataFrame":
     """Predict every image (file path or ``cytofuse.io.Image``) and write the folder ``out``; return the summary.
 
     model_dir_or_run: a model folder, or a CV run folder (its ``model_name`` folds form an ensemble).
-    workers: background threads cutting batches ahead of the model (0: cut inline).
+    workers: threads that each cut a batch and run the model on it, one intra-op thread each (default:
+        torch's thread count, one per core; 0: one batch at a time with torch's own threading).
     precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
     channel_names / axes: passed to ``cytofuse.io.read_image`` (names for files that store none).
-    heatmap_resolution: "full" (image pixels) or "stride" (one pixel per stitching cell; see the module notes).
+    heatmap_resolution: "stride" (one pixel per stitching cell, the default) or "full" (image pixels); see
+        the module notes.
     read_ahead: read and preprocess the next image while the model runs on the current one (faster on
         folders of images; two images in memory instead of one).
     The image decision is the class with the highest mean patch probability.
@@ -731,6 +770,7 @@ def predict_images(
 
     if not images:
         raise InputError("predict_images: images is empty; give at least one image file")
+    workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got batch_size={batch_size}, workers={workers}")
     if heatmap_resolution not in HEATMAP_RESOLUTIONS:
@@ -743,31 +783,31 @@ def predict_images(
     rows, tables = [], []
     names = _image_names(images)
 
-    def load(i: int, background: bool) -> tuple["Image", tuple[np.ndarray, "ImagePatches"]]:
-        if background:
-            _lower_priority(_WRITER_NICE)
+    def load(i: int, nice: int) -> tuple["Image", tuple[np.ndarray, "ImagePatches"]]:
+        _lower_priority(nice)
         image = _read(images[i], channel_names, axes)
         return image, prepare_image(image, card, name=names[i])
 
-    # Two helper threads, both below the model's priority: one reads and preprocesses the next
-    # image (read_ahead), one draws the finished image's overlay while the model runs on the next.
+    # Two helper threads (see _background_nice for their priority): one reads and preprocesses the
+    # next image (read_ahead), one draws the finished image's overlay while the model runs on the next.
+    nice = _background_nice(workers)
     pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
     ahead, overlay = None, None
     try:
         with Progress(disable=not progress) as bar:
             task = bar.add_task("predicting images", total=len(images))
             for i, name in enumerate(names):
-                image, prepared = ahead.result() if ahead is not None else load(i, False)
-                ahead = pool.submit(load, i + 1, True) if read_ahead and i + 1 < len(images) else None
+                image, prepared = ahead.result() if ahead is not None else load(i, 0)
+                ahead = pool.submit(load, i + 1, nice) if read_ahead and i + 1 < len(images) else None
                 folder = tmp / "images" / name
                 folder.mkdir(parents=True)
                 result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
-                                       bf16=bf16, prefetch=2 * workers, heatmap_resolution=heatmap_resolution,
+                                       bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
                                        prepared=prepared)
                 del image, prepared
                 if overlay is not None:
                     overlay.result()  # at most one overlay waits
-                overlay = pool.submit(_write_overlay, folder, result, card.class_names, background=True)
+                overlay = pool.submit(_write_overlay, folder, result, card.class_names, nice=nice)
                 rows.append(_summary_row(result, card.class_names))
                 tables.append(result.patches)
                 del result
