@@ -239,3 +239,27 @@ def test_cut_patches_refuses_origins_outside_the_stack():
     with pytest.raises(InputError, match="outside"):
         cut_patches(stack, np.array([[2, 0, 0]]), np.zeros(1), np.ones(1), size=8)
     assert cut_patches(stack, np.zeros((0, 3), int), np.zeros(1), np.ones(1), size=8).shape == (0, 1, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_duplicate_rule_matches_a_brute_force_count(dtype):
+    from collections import Counter
+
+    from cytofuse.patches import _first_occurrences
+
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 4, (2, 8, 8)).astype(dtype) for _ in range(5)]
+    img = np.zeros((2, 3, 64, 64), dtype)
+    for z in range(3):  # 8 x 8 tiles per slice, most of them copies of 5 contents
+        for a in range(8):
+            for b in range(8):
+                tile = tiles[rng.integers(0, 5)] if rng.random() < 0.7 else rng.integers(0, 4, (2, 8, 8))
+                img[:, z, a * 8 : (a + 1) * 8, b * 8 : (b + 1) * 8] = tile
+    keep = np.arange(3 * 64)
+    got = _first_occurrences(img, keep, (3, 8, 8), np.arange(3), np.arange(0, 64, 8), np.arange(0, 64, 8), 8)
+    content = [img[:, k // 64, (k % 64) // 8 * 8 :][:, : 8, (k % 8) * 8 : (k % 8) * 8 + 8].tobytes() for k in keep]
+    copies, first = Counter(content), {}
+    for k, c in zip(keep, content):
+        first.setdefault(c, k)
+    expected = sorted(k for c, k in first.items() if copies[c] < 3)  # first copies of content seen < 3 times
+    assert 10 < len(expected) < 150 and got.tolist() == expected

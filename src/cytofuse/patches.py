@@ -147,8 +147,11 @@ def channel_histogram(channel: np.ndarray, *, hist_samples: int | None = 8_000_0
         from ._kernels import histogram_int
 
         info = np.iinfo(channel.dtype)
-        counts = np.zeros(int(info.max) - int(info.min) + 1, np.int64)
-        histogram_int(np.ascontiguousarray(channel), int(info.min), step, counts)
+        channel = np.ascontiguousarray(channel)
+        parts = _z_parts(len(channel))
+        sub = np.zeros((len(parts), int(info.max) - int(info.min) + 1), np.int64)
+        _parallel(lambda i: histogram_int(channel[parts[i]], int(info.min), step, sub[i]), len(parts))
+        counts = sub.sum(axis=0)
         values = np.arange(int(info.min), int(info.max) + 1)
         nz = np.flatnonzero(counts)
         return counts[nz[0] : nz[-1] + 1], values[nz[0] : nz[-1] + 1]
@@ -181,25 +184,28 @@ def channel_statistics(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global Otsu threshold and normalisation percentiles of each channel of a (C, Z, Y, X) stack."""
     thr, low, high = (np.zeros(stack.shape[0]) for _ in range(3))
-
-    def one(c: int) -> None:
+    for c in range(stack.shape[0]):  # each histogram is split over the cores along z
         counts, values = channel_histogram(stack[c], hist_samples=hist_samples)
         thr[c] = otsu_from_histogram(counts, values)
         low[c], high[c] = percentiles_from_histogram(counts, values, percentiles)
-
-    _per_channel(one, stack.shape[0])
     return thr, low, high
 
 
-def _per_channel(fn, n_channels: int) -> None:
-    """``fn(c)`` for every channel, on up to one thread per core (the compiled kernels release the GIL)."""
-    workers = min(n_channels, os.cpu_count() or 1)
+def _z_parts(n_z: int) -> list[slice]:
+    """``n_z`` slices cut into one contiguous range per core (fewer for short stacks)."""
+    bounds = np.linspace(0, n_z, min(n_z, os.cpu_count() or 1) + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _parallel(fn, n: int) -> None:
+    """``fn(i)`` for i in range(n), on up to one thread per core (the compiled kernels release the GIL)."""
+    workers = min(n, os.cpu_count() or 1)
     if workers <= 1:
-        for c in range(n_channels):
-            fn(c)
+        for i in range(n):
+            fn(i)
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="cytofuse-channel") as pool:
-        for done in [pool.submit(fn, c) for c in range(n_channels)]:
+    with ThreadPoolExecutor(workers, thread_name_prefix="cytofuse-patches") as pool:
+        for done in [pool.submit(fn, i) for i in range(n)]:
             done.result()
 
 
@@ -228,11 +234,15 @@ def foreground_ratios(stack: np.ndarray, thresholds: Sequence[float], *, size: i
     out = np.empty((len(zs), len(ys), len(xs), n_c), np.float32)
     by, bx = np.arange(len(ys)) * s, np.arange(len(xs)) * s
 
-    def one(c: int) -> None:
+    parts = [(c, part) for c in range(n_c) for part in _z_parts(len(zs))]  # balanced over the cores
+
+    def one(unit: int) -> None:
+        c, part = parts[unit]
         counts = np.zeros((n_by, n_bx), np.int32)
         table = np.zeros((n_by + 1, n_bx + 1), np.int64)
         thr = _typed_threshold(thresholds[c], stack.dtype)
-        for i, z in enumerate(zs):
+        for i in range(len(zs))[part]:
+            z = zs[i]
             block_counts(stack[c, z], thr, block, counts)
             table[1:, 1:] = counts.cumsum(0).cumsum(1)
             total = (
@@ -240,7 +250,7 @@ def foreground_ratios(stack: np.ndarray, thresholds: Sequence[float], *, size: i
             )
             out[i, :, :, c] = total / float(size * size)
 
-    _per_channel(one, n_c)
+    _parallel(one, len(parts))
     return out
 
 
@@ -335,28 +345,50 @@ def extract_patches(stack: np.ndarray, *, channel_names: Sequence[str], settings
     )
 
 
+def _sample_hashes(stack, z, y, x, size, *, chunk: int = 65_536) -> np.ndarray:
+    """A 64-bit hash (N,) of a sparse pixel grid (every ``size // 8``-th row and column, all
+    channels) of each patch at (z, y, x); equal patches get equal hashes."""
+    off = np.arange(0, size, max(1, size // 8))
+    weights = np.random.default_rng(0).integers(1, 2**63, (stack.shape[0], len(off), len(off)), dtype=np.uint64) | 1
+    out = np.empty(len(z), np.uint64)
+    for a in range(0, len(z), chunk):
+        zz, yy, xx = z[a : a + chunk], y[a : a + chunk], x[a : a + chunk]
+        samples = stack[:, zz[:, None, None], (yy[:, None] + off)[:, :, None], (xx[:, None] + off)[:, None, :]]
+        bits = np.ascontiguousarray(samples).view(f"u{stack.dtype.itemsize}").astype(np.uint64)  # (C, n, m, m)
+        with np.errstate(over="ignore"):  # wrapping arithmetic is the hash
+            out[a : a + chunk] = np.einsum("cnij,cij->n", bits, weights, dtype=np.uint64)
+    return out
+
+
 def _first_occurrences(stack, keep, grid_shape, zs, ys, xs, size) -> np.ndarray:
     """The flat patch indices of ``keep`` without pixel-exact repeats (all channels compared).
 
     A later copy of an earlier patch is dropped; content that occurs three or more times is fill
-    (montage padding, blank tiles) and is dropped entirely, first occurrence included. A sparse
-    pixel sample keys each patch; only patches whose keys collide are compared in full.
+    (montage padding, blank tiles) and is dropped entirely, first occurrence included. A hash of
+    a sparse pixel sample keys each patch (vectorised); only patches whose keys collide are
+    compared in full, in ``keep`` order.
     """
     iz, iy, ix = np.unravel_index(keep, grid_shape)
-    step = max(1, size // 8)
-    seen: dict[bytes, list[list]] = {}  # key -> [[origin, first index, count], ...]
-    for k, z, y, x in zip(keep, zs[iz], ys[iy], xs[ix]):
-        key = stack[:, z, y : y + size : step, x : x + size : step].tobytes()
-        patch = stack[:, z, y : y + size, x : x + size]
-        for entry in seen.setdefault(key, []):
-            z0, y0, x0 = entry[0]
-            if np.array_equal(patch, stack[:, z0, y0 : y0 + size, x0 : x0 + size]):
-                entry[2] += 1
+    z, y, x = zs[iz], ys[iy], xs[ix]
+    keys = _sample_hashes(stack, z, y, x, size)
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse] > 1)  # the only patches that can repeat one another
+    drop = np.zeros(len(keep), bool)
+    seen: dict[int, list[list]] = {}  # key -> [[position of the first copy, count], ...]
+    for i in shared:
+        patch = stack[:, z[i], y[i] : y[i] + size, x[i] : x[i] + size]
+        for entry in seen.setdefault(int(keys[i]), []):
+            j = entry[0]
+            if np.array_equal(patch, stack[:, z[j], y[j] : y[j] + size, x[j] : x[j] + size]):
+                entry[1] += 1
+                drop[i] = True  # a later copy
                 break
         else:
-            seen[key].append([(z, y, x), k, 1])
-    firsts = [k for entries in seen.values() for _, k, count in entries if count < 3]
-    return np.sort(np.asarray(firsts, dtype=keep.dtype))
+            seen[int(keys[i])].append([i, 1])
+    for entries in seen.values():
+        for j, count in entries:
+            drop[j] |= count >= 3  # fill: the first copy goes too
+    return np.sort(keep[~drop])
 
 
 # --------------------------------------------------------------------------- the patch stage
