@@ -18,12 +18,13 @@ TorchScript graphs are traced. Every file is written to a temporary name and ren
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 
@@ -98,13 +99,17 @@ def _example(wrapped: ProbabilityModel, patch_size: int) -> torch.Tensor:
     return torch.rand(2, wrapped.in_channels, patch_size, patch_size, generator=generator)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _publish(tmp: Path, path: Path) -> Path:
-    os.replace(tmp, path)
-    return path
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds,
+    removed when it fails (an existing ``path`` is never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_onnx(model: nn.Module | Sequence[nn.Module], path: str | Path, *, patch_size: int,
@@ -121,9 +126,7 @@ def export_onnx(model: nn.Module | Sequence[nn.Module], path: str | Path, *, pat
         raise InputError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     wrapped = as_probability_model(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with _atomic(path) as tmp:
         with torch.no_grad():
             torch.onnx.export(
                 wrapped, (_example(wrapped, patch_size),), str(tmp), dynamo=False,
@@ -134,9 +137,7 @@ def export_onnx(model: nn.Module | Sequence[nn.Module], path: str | Path, *, pat
         graph.doc_string = "cytofuse: class probabilities (softmax; ensembles: mean over members)"
         onnx.helper.set_model_props(graph, _string_metadata(metadata))
         onnx.save(graph, str(tmp))
-        return _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
 
 
 def export_torchscript(model: nn.Module | Sequence[nn.Module], path: str | Path, *, patch_size: int,
@@ -148,17 +149,13 @@ def export_torchscript(model: nn.Module | Sequence[nn.Module], path: str | Path,
     patch_size = _check_patch_size(patch_size)
     wrapped = as_probability_model(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with _atomic(path) as tmp:
         with torch.no_grad():
             # torch's own check_trace reruns both graphs; parity is checked by ``max_abs_difference``
             traced = torch.jit.trace(wrapped, (_example(wrapped, patch_size),), check_trace=False)
         extra = {_EXTRA_FILE: json.dumps(dict(metadata or {}))}
         torch.jit.save(traced, str(tmp), _extra_files=extra)
-        return _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _string_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
@@ -353,12 +350,9 @@ def write_rdf(path: str | Path, card: object, files: Mapping[str, str | Path], *
     """
     path = Path(path)
     text = yaml.safe_dump(rdf_dict(card, files, folder=path.parent, opset=opset), sort_keys=False)
-    tmp = _tmp_name(path)
-    try:
+    with _atomic(path) as tmp:
         tmp.write_text(text)
-        return _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------- a whole model folder

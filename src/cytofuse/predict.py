@@ -655,11 +655,12 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
 
     stack, res = prepared if prepared is not None else prepare_image(image, card, name=name)
     settings = card.patch_settings()
+    workers = default_workers() if workers is None else workers
     step = overlay_step(stack.shape[2:])  # the overlay needs every step-th pixel only
     writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
                            size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
                            resolution=heatmap_resolution, project=image.data[:, :, ::step, ::step],
-                           nice=_background_nice(default_workers() if workers is None else workers))
+                           nice=_background_nice(workers))
     with writer:
         probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16,
                                 workers=workers, on_batch=writer.add)
