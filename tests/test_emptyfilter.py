@@ -179,7 +179,7 @@ def test_save_load_round_trip_gives_identical_decisions(tmp_path):
     xtr, ytr, _, xte, _, _ = _split()
     filt = EmptyFilter(encoder="resnet18", seed=3).fit(xtr, ytr)
     folder = filt.save(tmp_path / "filter")
-    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "encoder.safetensors", "svm.joblib"]
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "encoder.safetensors", "svm.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["filter"]  # no temporary folder left
     card = json.loads((folder / "card.json").read_text())
     assert card["encoder"] == "resnet18" and card["n_channels"] == 1 and card["patch_size"] == [32, 32]

@@ -34,6 +34,7 @@ import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,10 @@ NORMALISE_RULES = ("image", "set", "patch", "none")
 MIN_ENCODER_SIZE = 64
 INTENSITY_QUANTILES = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
 CARD_NAME = "card.json"
-MODEL_NAME = "svm.joblib"
+MODEL_NAME = "svm.safetensors"
+LEGACY_MODEL_NAME = "svm.joblib"  # card_version 1: a pickle, never read
 ENCODER_NAME = "encoder.safetensors"
-CARD_VERSION = 1
+CARD_VERSION = 2
 _GREY_MEAN, _GREY_STD = 0.449, 0.226  # ImageNet mean / std averaged over RGB
 
 
@@ -234,6 +236,103 @@ def _fit_svm(features: np.ndarray, labels: np.ndarray | None, *, C: float, nu: f
     return model.fit(features, labels)
 
 
+_SVM_ARRAYS = ("mean", "scale", "support_vectors", "dual_coef", "intercept", "gamma")
+
+
+@dataclass(frozen=True)
+class SVMArrays:
+    """A fitted standardised RBF SVM as plain arrays: what prediction needs, and nothing that runs.
+
+    ``decision_function`` reproduces the fitted scikit-learn pipeline (StandardScaler + SVC
+    or OneClassSVM): ``sum_i dual_coef_i * exp(-gamma * |z - sv_i|^2) + intercept`` with
+    ``z = (x - mean) / scale``. ``kind`` is "svc" (``classes`` = the SVC's two classes, the
+    second where the decision is > 0) or "one_class" (+1 inliers, -1 outliers).
+    """
+
+    kind: str
+    classes: tuple
+    mean: np.ndarray
+    scale: np.ndarray
+    support_vectors: np.ndarray
+    dual_coef: np.ndarray
+    intercept: float
+    gamma: float
+
+    @classmethod
+    def from_pipeline(cls, pipeline) -> "SVMArrays":
+        """The arrays of a fitted ``make_pipeline(StandardScaler(), SVC | OneClassSVM)`` (RBF kernel)."""
+        from sklearn.svm import SVC
+
+        scaler, svm = pipeline[0], pipeline[-1]
+        if svm.kernel != "rbf" or len(pipeline) != 2:
+            raise InputError(f"SVMArrays needs a StandardScaler + RBF SVM pipeline, got {pipeline!r}")
+        two = isinstance(svm, SVC)
+        if two and len(svm.classes_) != 2:
+            raise InputError(f"SVMArrays needs a two-class SVC, got classes {list(svm.classes_)}")
+        n = scaler.n_features_in_
+        return cls(
+            kind="svc" if two else "one_class",
+            classes=tuple(svm.classes_.tolist()) if two else (-1, 1),
+            mean=_float64(scaler.mean_, n), scale=_float64(scaler.scale_, n),
+            support_vectors=np.asarray(svm.support_vectors_, np.float64),
+            dual_coef=np.asarray(svm.dual_coef_, np.float64).reshape(-1),
+            intercept=float(np.ravel(svm.intercept_)[0]),
+            gamma=float(svm._gamma),  # the fitted value of gamma="scale"
+        )
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        """Signed score per row of ``features`` (N, D): > 0 is ``classes[1]`` (svc) or an inlier."""
+        from scipy.spatial.distance import cdist
+
+        x = np.asarray(features)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise InputError(f"features must have shape (N, {len(self.mean)}), got {x.shape}")
+        z = np.array(x, dtype=np.result_type(x.dtype, np.float32), copy=True)
+        z -= self.mean  # in the input's precision, as StandardScaler.transform does
+        z /= self.scale
+        kernel = np.exp(-self.gamma * cdist(z.astype(np.float64), self.support_vectors, "sqeuclidean"))
+        return kernel @ self.dual_coef + self.intercept
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The SVM's class per row (svc: one of ``classes``; one_class: +1 inlier, -1 outlier)."""
+        positive = self.decision_function(features) > 0
+        return np.where(positive, self.classes[1], self.classes[0])
+
+    def card(self) -> dict:
+        """The JSON part (the arrays go to a safetensors file)."""
+        return {"kind": self.kind, "classes": list(self.classes), "n_support": len(self.support_vectors)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array part, every entry float64 and contiguous."""
+        scalars = {"intercept": np.array([self.intercept]), "gamma": np.array([self.gamma])}
+        named = {k: getattr(self, k) for k in _SVM_ARRAYS[:4]} | scalars
+        return {k: np.ascontiguousarray(v, np.float64) for k, v in named.items()}
+
+    @classmethod
+    def from_arrays(cls, card: dict, arrays: dict[str, np.ndarray], *, where: str) -> "SVMArrays":
+        """Rebuild from :meth:`card` and :meth:`arrays`; shapes and values are checked (``where`` names the file)."""
+        if sorted(arrays) != sorted(_SVM_ARRAYS):
+            raise InputError(f"{where}: expected arrays {sorted(_SVM_ARRAYS)}, got {sorted(arrays)}")
+        if card.get("kind") not in ("svc", "one_class") or len(card.get("classes", ())) != 2:
+            raise InputError(f"{where}: card 'svm' must give kind svc|one_class and two classes, got {card}")
+        sv, dual = arrays["support_vectors"], arrays["dual_coef"]
+        d = len(arrays["mean"])
+        shapes_ok = (sv.ndim == 2 and sv.shape[1] == d and dual.shape == (len(sv),)
+                     and arrays["scale"].shape == (d,) and arrays["intercept"].shape == arrays["gamma"].shape == (1,))
+        if not shapes_ok:
+            raise InputError(f"{where}: inconsistent SVM array shapes {({k: v.shape for k, v in arrays.items()})}")
+        if not all(np.isfinite(v).all() for v in arrays.values()) or arrays["gamma"][0] <= 0:
+            raise InputError(f"{where}: SVM arrays hold NaN / infinite values or gamma <= 0")
+        return cls(kind=card["kind"], classes=tuple(card["classes"]), mean=arrays["mean"], scale=arrays["scale"],
+                   support_vectors=sv, dual_coef=dual, intercept=float(arrays["intercept"][0]),
+                   gamma=float(arrays["gamma"][0]))
+
+
+def _float64(values: np.ndarray | None, n: int) -> np.ndarray:
+    """A scaler attribute as float64 (None, as with_mean=False leaves it, is the identity)."""
+    return np.asarray(values, np.float64) if values is not None else np.zeros(n)
+
+
 class EmptyFilter:
     """Learned empty-patch filter: ``predict`` is True for patches to keep (they have cells).
 
@@ -286,7 +385,7 @@ class EmptyFilter:
                 stacklevel=2,
             )
         features = self._features(patches, groups)
-        self.model_ = _fit_svm(features, labels, C=self.C, nu=self.nu, seed=self.seed)
+        self.model_ = SVMArrays.from_pipeline(_fit_svm(features, labels, C=self.C, nu=self.nu, seed=self.seed))
         self.card_ = self._card(patches, features, labels)
         return self
 
@@ -306,6 +405,7 @@ class EmptyFilter:
             "feature_dim": int(features.shape[1]),
             "class_counts": {"empty": len(patches) - n_cells, "cells": n_cells},
             "params": {"nu": self.nu, "C": self.C, "seed": self.seed},
+            "svm": self.model_.card(),
             "sklearn_version": sklearn.__version__,
         }
 
@@ -337,7 +437,7 @@ class EmptyFilter:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a folder: card.json, svm.joblib and (CNN encoders) encoder.safetensors."""
+        """Write a folder: card.json, svm.safetensors and (CNN encoders) encoder.safetensors."""
         if self.model_ is None:
             raise InputError("EmptyFilter is not fitted: nothing to save")
         path = Path(path)
@@ -356,9 +456,9 @@ class EmptyFilter:
         return path
 
     def _write(self, folder: Path) -> None:
-        import joblib
+        from safetensors.numpy import save_file as save_arrays
 
-        joblib.dump(self.model_, folder / MODEL_NAME)
+        save_arrays(self.model_.arrays(), str(folder / MODEL_NAME))
         if self.encoder != "intensity":
             from safetensors.torch import save_file
 
@@ -368,22 +468,37 @@ class EmptyFilter:
 
     @classmethod
     def load(cls, path: str | Path) -> "EmptyFilter":
-        """Read a folder written by :meth:`save`; the card is checked against the files."""
-        import joblib
+        """Read a folder written by :meth:`save`; the card is checked against the files.
 
+        Only data is read (JSON and safetensors): a folder of the old format, whose SVM is a
+        pickle (``svm.joblib``), is refused without opening it.
+        """
         path = Path(path)
         card = _read_card(path)
         p = card["params"]
         self = cls(encoder=card["encoder"], normalise=card["normalise"], nu=p["nu"], C=p["C"], seed=p["seed"])
-        self.card_, self.model_ = card, joblib.load(path / MODEL_NAME)
+        self.card_, self.model_ = card, _load_svm(path, card)
         if card["encoder"] != "intensity":
             self._net = _load_encoder(path, card)
         return self
 
 
-def _read_card(path: Path) -> dict:
+def check_filter_folder(path: str | Path) -> Path:
+    """``path`` if it is an empty-filter folder of the current format; clear errors otherwise."""
+    path = Path(path)
+    if (path / LEGACY_MODEL_NAME).exists() and not (path / MODEL_NAME).is_file():
+        raise InputError(
+            f"{path} is an empty-filter folder of an older cytofuse whose SVM is a pickle ({LEGACY_MODEL_NAME}), "
+            f"which cytofuse does not open because loading it could run code; re-run `cytofuse emptyfilter` "
+            f"on your labelled patches to write it again as data ({MODEL_NAME})"
+        )
     if not (path / CARD_NAME).is_file() or not (path / MODEL_NAME).is_file():
         raise InputError(f"{path} is not an empty-filter folder: {CARD_NAME} and {MODEL_NAME} are required")
+    return path
+
+
+def _read_card(path: Path) -> dict:
+    check_filter_folder(path)
     try:
         card = json.loads((path / CARD_NAME).read_text())
     except json.JSONDecodeError as err:
@@ -394,19 +509,23 @@ def _read_card(path: Path) -> dict:
         raise InputError(f"{path / CARD_NAME}: not an empty-filter card (missing {missing}, kind {card.get('kind')!r})")
     if card["card_version"] != CARD_VERSION:
         raise InputError(f"{path / CARD_NAME}: card_version {card['card_version']} is not supported ({CARD_VERSION})")
-    _warn_sklearn_version(card, path)
     return card
 
 
-def _warn_sklearn_version(card: dict, path: Path) -> None:
-    import sklearn
+def _load_svm(path: Path, card: dict) -> SVMArrays:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file as load_arrays
 
-    if card.get("sklearn_version") != sklearn.__version__:
-        warnings.warn(
-            f"{path}: saved with scikit-learn {card.get('sklearn_version')}, loaded with {sklearn.__version__}",
-            UserWarning,
-            stacklevel=3,
-        )
+    file = path / MODEL_NAME
+    try:
+        arrays = load_arrays(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f"{file}: not a readable safetensors file: {err}") from err
+    svm = SVMArrays.from_arrays(card.get("svm") or {}, arrays, where=str(file))
+    if svm.support_vectors.shape[1] != card["feature_dim"]:
+        raise InputError(f"{file}: support vectors have {svm.support_vectors.shape[1]} features, "
+                         f"the card's feature_dim is {card['feature_dim']}")
+    return svm
 
 
 def _load_encoder(path: Path, card: dict):

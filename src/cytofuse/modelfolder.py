@@ -146,6 +146,10 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     if source_filter is not None and not Path(source_filter).is_dir():
         raise InputError(f"write_model_folder: the model's empty-patch filter {source_filter} (patches.empty_filter) "
                          "does not exist; a model folder carries a copy of it")
+    if source_filter is not None:
+        from .emptyfilter import check_filter_folder
+
+        check_filter_folder(source_filter)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -223,6 +227,10 @@ def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
     own_filter = card.patches.get("empty_filter")
     if own_filter is not None and not Path(own_filter).is_absolute():  # the folder's copy, relative to it
         card = card.model_copy(update={"patches": card.patches | {"empty_filter": str(path / own_filter)}})
+    if own_filter is not None and Path(card.patches["empty_filter"]).is_dir():  # a missing one is named at predict time
+        from .emptyfilter import check_filter_folder
+
+        check_filter_folder(card.patches["empty_filter"])
     models = []
     for name in card.weights:
         file = path / name

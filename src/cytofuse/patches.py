@@ -10,8 +10,10 @@ Arrays are (C, Z, Y, X); patch origins are the top-left corner (z, y, x).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -546,39 +548,72 @@ def read_patch_index(run_dir: str | Path) -> PatchIndex:
     return PatchIndex(patches, images, attrition_table(images), names, sparse)
 
 
+_PART_ARRAYS = ("origins", "ratios", "thresholds", "low", "high")
+_PARTS_FORMAT = "npz-1"  # part of the key: parts of another format are never read
+
+
+def _part_arrays(item: dict) -> dict[str, np.ndarray]:
+    """One image's result as arrays only: the numbers as they are, the rest as a JSON string."""
+    res: ImagePatches = item["result"]
+    meta = {"image_id": item["image_id"], "shape": [int(v) for v in item["shape"]], "dtype": item["dtype"],
+            "channel_names": list(res.channel_names), "n_candidates": int(res.n_candidates),
+            "n_passing": int(res.n_passing), "n_duplicates": int(res.n_duplicates),
+            "fallback_used": bool(res.fallback_used), "notes": list(res.notes)}
+    return {k: np.asarray(getattr(res, k)) for k in _PART_ARRAYS} | {"meta": np.array(json.dumps(meta))}
+
+
+def _part_item(data) -> dict:
+    """The inverse of :func:`_part_arrays`."""
+    meta = json.loads(str(data["meta"]))
+    arrays = {k: data[k] for k in _PART_ARRAYS}
+    result = ImagePatches(**arrays, channel_names=tuple(meta["channel_names"]), n_candidates=meta["n_candidates"],
+                          n_passing=meta["n_passing"], n_duplicates=meta["n_duplicates"],
+                          fallback_used=meta["fallback_used"], notes=list(meta["notes"]))
+    return {"image_id": meta["image_id"], "shape": tuple(meta["shape"]), "dtype": meta["dtype"], "result": result}
+
+
 class _Parts:
-    """Per-image results of an unfinished patch stage, tied to the settings that made them."""
+    """Per-image results of an unfinished patch stage, tied to the settings that made them.
+
+    Each image is one ``.npz`` of plain arrays (read with ``allow_pickle=False``); a part that
+    cannot be read as such is ignored and its image patched again.
+    """
 
     def __init__(self, folder: Path, settings: PatchSettings) -> None:
         import hashlib
 
         self.folder = folder
-        self.key = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+        self.key = hashlib.sha256((_PARTS_FORMAT + settings.model_dump_json()).encode()).hexdigest()[:16]
 
     def load(self) -> dict[str, dict]:
-        import pickle
-
         if not (self.folder / self.key).is_dir():
             self.clear()
             return {}
         out = {}
-        for f in (self.folder / self.key).glob("*.pkl"):
-            with open(f, "rb") as fh:
-                item = pickle.load(fh)
-            out[item["image_id"]] = item
+        for f in (self.folder / self.key).glob("*.npz"):
+            item = self._read(f)
+            if item is not None:
+                out[item["image_id"]] = item
         return out
+
+    @staticmethod
+    def _read(file: Path) -> dict | None:
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                return _part_item(data)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile):
+            return None  # unreadable or not ours: the image is patched again
 
     def save(self, item: dict) -> None:
         import hashlib
-        import pickle
 
         folder = self.folder / self.key
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(item["image_id"].encode()).hexdigest()[:24]
         tmp = folder / f".{name}.partial"
         with open(tmp, "wb") as fh:
-            pickle.dump(item, fh)
-        tmp.replace(folder / f"{name}.pkl")
+            np.savez(fh, **_part_arrays(item))
+        tmp.replace(folder / f"{name}.npz")
 
     def clear(self) -> None:
         import shutil
