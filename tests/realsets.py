@@ -13,12 +13,13 @@ JURKAT_CHANNELS = {"Ch3": "BF", "Ch4": "DNA", "Ch6": "DF"}
 def jurkat_cells(root: Path, out: Path, *, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
     """One OME-TIFF per cell (40 x 40, channels BF, DNA, DF) in ``out/<phase>/``; returns ``out``.
 
-    The montages are cut column by column and the first N tiles of each class are its cells
-    (the folder's documented counts, so padding tiles and Anaphase's repeated 16th tile are
-    left out). ``counts`` can take a random subset per class (seeded) to keep a run short.
+    The montages are cut column by column and the first N tiles of each class are examined
+    (the folder's documented counts); padding and repeated tiles are rejected as by
+    ``cytofuse montage``. ``counts`` can take a random subset per class (seeded) to keep a run short.
     """
     from cytofuse.dataset import ImageSet
-    from cytofuse.io import Image, split_montage, write_ome_tiff
+    from cytofuse.io import Image, write_ome_tiff
+    from cytofuse.montage import cut_montage, rename_channels, tile_status
 
     if (out / ".complete").is_file():
         return out
@@ -26,17 +27,16 @@ def jurkat_cells(root: Path, out: Path, *, counts: dict[str, int] | None = None,
     rng = np.random.default_rng(seed)
     for record in image_set:
         montage = image_set.read(record.image_id)
-        cells = split_montage(montage, tile_size=40, n_tiles=JURKAT_COUNTS[record.label])
-        keep = np.arange(len(cells))
-        if counts is not None and counts.get(record.label, len(cells)) < len(cells):
-            keep = np.sort(rng.choice(len(cells), counts[record.label], replace=False))
+        tiles = cut_montage(montage.data, tile_size=40, source=montage.source).tiles[: JURKAT_COUNTS[record.label]]
+        keep = np.flatnonzero(tile_status(tiles) == "cell")
+        if counts is not None and counts.get(record.label, len(keep)) < len(keep):
+            keep = np.sort(rng.choice(keep, counts[record.label], replace=False))
         folder = out / record.label
         folder.mkdir(parents=True, exist_ok=True)
-        names = tuple(JURKAT_CHANNELS[c] for c in montage.channel_names)
+        names = rename_channels(montage.channel_names, JURKAT_CHANNELS, source=montage.source)
         for i in keep:
-            cell = cells[i]
-            write_ome_tiff(folder / f"cell_{i:04d}.ome.tif",
-                           Image(np.ascontiguousarray(cell.data), names, cell.pixel_size_um, cell.source, {}), overwrite=True)
+            cell = Image(np.ascontiguousarray(tiles[i]), names, montage.pixel_size_um, f"{montage.source}#{i}")
+            write_ome_tiff(folder / f"cell_{i:04d}.ome.tif", cell, overwrite=True)
     (out / ".complete").write_text("ok")
     return out
 

@@ -298,6 +298,53 @@ def emptyfilter(
 
 
 @app.command()
+def montage(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="Folder with one sub-folder per class holding montage "
+                                      "files (one per channel, Ch3_X.tif ...), or one montage file."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: <class>/cell_<i>.ome.tif and cells.csv."),
+    tile: int = typer.Option(..., "--tile", help="Tile side in pixels (40 for the Jurkat exports)."),
+    order: str = typer.Option("column", help="Fill order of the tiles: column (down each column first) or row."),
+    count: Optional[int] = typer.Option(None, help="Cells per montage file: tiles after the first N are ignored."),
+    counts: Optional[Path] = typer.Option(None, help="YAML (name: count) or CSV (name,count) of tiles per class folder "
+                                          "or per montage (class/key)."),
+    channels: Optional[str] = typer.Option(None, help="Rename channels, e.g. Ch3=BF,Ch4=DNA,Ch6=DF."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder made by cytofuse."),
+) -> None:
+    """Cut imaging flow cytometry montages into one OME-TIFF per cell; padding and repeated tiles are left out."""
+    from .errors import CytofuseError
+    from .montage import MANIFEST, parse_channel_map, read_counts, write_montage_cells
+
+    try:
+        if order not in ("column", "row"):
+            raise CytofuseError(f"--order must be column or row, got {order!r}")
+        summary = write_montage_cells(
+            input_path, out, tile_size=tile, order=order, count=count,  # type: ignore[arg-type]
+            counts=read_counts(counts) if counts is not None else None,
+            channels=parse_channel_map(channels), overwrite=overwrite)
+    except (CytofuseError, ValueError, FileExistsError) as exc:
+        _fail(exc)
+    _print_montage_summary(summary, out / MANIFEST)
+
+
+def _print_montage_summary(summary, manifest: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Montage tiles per class (seen: within the count; padding and duplicates: rejected)")
+    columns = ("class", "montages", "tiles", "after count", "seen", "cells", "padding", "duplicates")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for s in summary:
+        table.add_row(s.label, *(str(v) for v in (s.montages, s.tiles, s.ignored, s.seen, s.cells, s.padding, s.duplicates)))
+    console = Console()
+    console.print(table)
+    for s in (s for s in summary if s.cells_after_padding):
+        console.print(f"[yellow]{s.label}: {s.cells_after_padding} cell tile(s) come after padding in their montage; "
+                      "check --order[/]")
+    console.print(f"{sum(s.cells for s in summary)} cells written; manifest {manifest} (use it as data.manifest)")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("cytofuse-demo"), help="Folder for the synthetic data and the run."),
     overwrite: bool = OverwriteOpt,
