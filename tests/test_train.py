@@ -109,18 +109,21 @@ class EpochRecorder(Callback):
 
 
 class Scripted(Callback):
-    """Overwrites the monitored metric with a scripted sequence (to test early stopping)."""
+    """Overwrites the smoothed monitored metric with a scripted sequence (to test early stopping)."""
 
     def __init__(self, scores):
         self.scores = scores
 
     def on_validation_end(self, trainer, pl_module):
-        trainer.callback_metrics["val_balanced_accuracy"] = torch.tensor(self.scores[trainer.current_epoch])
+        trainer.callback_metrics["val_smoothed"] = torch.tensor(self.scores[trainer.current_epoch])
 
 
 def test_settings_defaults_follow_the_paper_and_reject_unknown_fields():
     s = TrainSettings()
-    assert (s.max_epochs, s.batch_size, s.optimizer, s.decay_rate, s.decay_steps, s.patience) == (100, 32, "adam", 0.95, 175, 15)
+    assert (s.max_epochs, s.batch_size, s.optimizer, s.schedule, s.ema, s.early_stopping) == (30, 32, "adamw", "cosine", True, False)
+    assert (s.resolved_weight_decay, s.precision, s.tta, s.select) == (0.01, "auto", True, "last")
+    assert (s.decay_rate, s.decay_steps, s.patience) == (0.95, 175, 15)  # the paper's staircase and patience, as options
+    assert s.model_copy(update={"optimizer": "adam"}).resolved_weight_decay == 0.0
     assert s.monitor == "val_balanced_accuracy" and s.class_weighting == "inverse"
     assert all(f.description for f in TrainSettings.model_fields.values())
     with pytest.raises(ValueError, match="extra"):
@@ -137,7 +140,7 @@ def test_fit_learns_separable_toy_problem(toy, tmp_path):
     result = fit(model, train_ds, val_ds, settings=_settings(max_epochs=8, augment=aug), out_dir=tmp_path)
     assert isinstance(result, FitResult)
     assert result.best_score >= 0.9
-    assert list(result.history.columns) == ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr"]
+    assert list(result.history.columns) == ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
     assert result.history["epoch"].tolist() == list(range(8))
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), result.history, check_dtype=False)
@@ -147,21 +150,23 @@ def test_fit_learns_separable_toy_problem(toy, tmp_path):
     bacc = np.mean([(proba.argmax(1)[val_ds.labels == k] == k).mean() for k in range(3)])
     assert bacc == pytest.approx(result.best_score)  # the model holds the best epoch's weights
     assert model.training  # predict_proba restores the mode
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "best.safetensors", "fit.json", "history.csv", "last.ckpt"]
+    # no early stopping: the end of the budget is evaluated, and no best.ckpt is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "fit.json", "history.csv", "last.ckpt"]
+    assert result.best_epoch == 7
 
 
 def test_early_stopping_restores_best_epoch(toy, tmp_path):
     train_ds, val_ds = toy
     scores = [0.2, 0.5, 0.9, 0.4, 0.6, 0.8, 0.85, 0.3, 0.3, 0.3]
     model = _model()
-    result = fit(model, train_ds, val_ds, settings=_settings(max_epochs=10, patience=3), out_dir=tmp_path,
-                 callbacks=[Scripted(scores)])
+    settings = _settings(max_epochs=10, patience=3, early_stopping=True, smoothing=1, min_epochs=1)
+    result = fit(model, train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[Scripted(scores)])
     assert result.stopped_early and result.best_epoch == 2 and result.best_score == pytest.approx(0.9)
     assert result.history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]  # 3 epochs without improvement after epoch 2
-    best = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
     assert best["epoch"] == 2
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, best["state_dict"][f"model.{name}"])
+    for name, value in model.state_dict().items():  # the model holds the best epoch's weight average
+        torch.testing.assert_close(value, best["state_dict"][f"ema.{name}"])
     reloaded = load_weights(_model(seed=5), result.weights_path)
     for name, value in reloaded.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[name])
@@ -227,7 +232,7 @@ def test_fit_with_registry_models(toy, tmp_path):
 
 def test_learning_rate_step_decay(toy, tmp_path):
     train_ds, val_ds = toy
-    settings = _settings(max_epochs=4, lr=0.1, decay_rate=0.5, decay_steps=3, monitor="val_loss")
+    settings = _settings(max_epochs=4, lr=0.1, decay_rate=0.5, decay_steps=3, schedule="staircase", ema=False)
     result = fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path)
     steps = (result.history["epoch"] + 1) * 4  # 64 patches / batch 16
     np.testing.assert_allclose(result.history["lr"], 0.1 * 0.5 ** (steps // 3), rtol=1e-12)

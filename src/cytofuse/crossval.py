@@ -307,12 +307,15 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
         fit_idx, val_idx = train[fit_rel], train[val_rel]
         check_fold_classes(labels, fit_idx, classes, fold=k)
-        model = _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
-        parts.append(_predict(model, cache, rows, folds, test, classes, fold=k, channels=inputs))
+        view = normalised_view(cfg.patches, cache, index, rows[train], out / f"fold_{k}", seed=cfg.cv.seed + k,
+                               measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)")
+        model = _fit_fold(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
+        tta = settings.tta
+        parts.append(_predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta))
         if cfg.cv.positive_class is not None:
-            val_parts.append(_predict(model, cache, rows, folds, val_idx, classes, fold=k, channels=inputs))
+            val_parts.append(_predict(model, view, rows, folds, val_idx, classes, fold=k, channels=inputs, tta=tta))
         if len(test_pool):
-            test_probs.append(_predict(model, cache, rows, folds, test_pool, classes, fold=-1, channels=inputs))
+            test_probs.append(_predict(model, view, rows, folds, test_pool, classes, fold=-1, channels=inputs, tta=tta))
         on_fold()
     predictions = _units(pd.concat(parts, ignore_index=True), cfg)
     predictions.to_parquet(out / "predictions.parquet", index=False)
@@ -327,12 +330,51 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
 
     metrics["model"] = model_cfg.model_dump(mode="json") | {
         "parameters": count_parameters(model), "input_channels": [index.channel_names[i] for i in inputs],
-        "auxiliary_channels": [index.channel_names[i] for i in aux]}
+        "auxiliary_channels": [index.channel_names[i] for i in aux],
+        "normalisation": cfg.patches.normalise_scope(index.images)}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)
     tmp = out / ".metrics.json.partial"
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out / "metrics.json")
     return predictions, metrics
+
+
+NORMALISATION_FILE = "normalisation.json"
+
+
+def cache_image_ids(cache, index: PatchIndex) -> np.ndarray:
+    """The image of every cache row (rows whose patch a later filter dropped get a placeholder image)."""
+    ids = index.patches.set_index("patch_id")["image_id"].reindex(cache.patch_ids)
+    return ids.fillna(ids.dropna().iloc[0]).to_numpy()
+
+
+def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, folder: Path | None, *,
+                    seed: int = 0, measured_on: str = ""):
+    """The cache as a model of this fold sees it: per-image scope as cached, dataset scope with percentiles
+    of ``train_rows`` only (never a test patch), fixed scope with ``settings.fixed_range``.
+
+    The normalisation is written to ``folder/normalisation.json`` (when a folder is given).
+    """
+    from .data import Normalisation, NormalisedCache, dataset_normalisation
+
+    scope = settings.normalise_scope(index.images)
+    channels = list(cache.channels)
+    if scope == "image":
+        norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
+    elif scope == "fixed":
+        low, high = settings.fixed_bounds(len(channels))
+        norm = Normalisation(scope="fixed", channels=channels, low=low.tolist(), high=high.tolist(),
+                             measured_on="patches.fixed_range")
+    else:
+        image_ids = cache_image_ids(cache, index)
+        norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
+                                     percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{NORMALISATION_FILE}.partial"
+        tmp.write_text(norm.model_dump_json(indent=1))
+        tmp.replace(folder / NORMALISATION_FILE)
+    return cache if scope == "image" else NormalisedCache(cache, cache_image_ids(cache, index), index.images, norm)
 
 
 def _plot_curves(out: Path, n_folds: int) -> None:
@@ -412,13 +454,13 @@ def _validation_weights(model, val_ds, settings) -> None:
 
 
 def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int,
-             channels: list[int] | None = None) -> pd.DataFrame:
+             channels: list[int] | None = None, tta: bool = False) -> pd.DataFrame:
     """Class probabilities of patches ``idx`` from the model's input ``channels`` only (never auxiliary ones)."""
     from .data import PatchDataset
     from .train import predict_proba
 
     ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx], channels=channels)
-    proba, _ = predict_proba(model, ds, batch_size=128)
+    proba, _ = predict_proba(model, ds, batch_size=128, tta=tta)
     frame = folds.iloc[idx][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
     frame.insert(3, "fold", fold)
     for c, name in enumerate(classes):
@@ -501,10 +543,11 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     """A full CV per swept value in ``run_dir/sweep/<label>``; returns and writes ``sweep.csv``."""
     from .runs import mark_finished, prepare_run_dir
 
+    subs = sweep_configs(cfg)  # every swept config is valid before an old run is replaced
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
     dump_config(cfg.resolved(), run_dir / "config.yaml")
     tables = []
-    for label, sub in sweep_configs(cfg):
+    for label, sub in subs:
         result = run_cv(sub, run_dir / "sweep" / _safe(label), progress=progress)
         table = result.summary.copy()
         table.insert(0, cfg.sweep.parameter, label.split("=", 1)[1])

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, WeightedRandomSampler
 
@@ -122,6 +124,101 @@ class CacheChannels:
 
     def __repr__(self) -> str:
         return f"CacheChannels({self.cache!r}, channels={self.channels})"
+
+
+class Normalisation(BaseModel):
+    """How raw intensities become model inputs: ``(raw - low) / max(high - low, eps)`` per channel.
+
+    scope 'image': each image's own percentiles (``low``/``high`` unset: the patch cache holds
+    them already); 'dataset': percentiles of the training images' patch pixels; 'fixed': given.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["image", "dataset", "fixed"] = Field("image", description="Where low and high come from.")
+    percentiles: tuple[float, float] = Field((1.0, 99.8), description="Percentiles mapped to 0 and 1.")
+    channels: list[str] = Field(default_factory=list, description="Channel of each low / high entry.")
+    low: list[float] | None = Field(None, description="Per channel (dataset and fixed scopes).")
+    high: list[float] | None = Field(None, description="Per channel (dataset and fixed scopes).")
+    measured_on: str = Field("", description="What the dataset percentiles were computed from.")
+
+
+def raw_rows(cache, rows: np.ndarray, image_lo: np.ndarray, image_hi: np.ndarray) -> np.ndarray:
+    """Cache rows (N, C, P, P) back to raw intensities with each row's image percentiles (N, C)."""
+    block = np.asarray(cache[rows], dtype=np.float32)
+    span = np.maximum(image_hi - image_lo, _EPS).astype(np.float32)
+    return block * span[:, :, None, None] + image_lo.astype(np.float32)[:, :, None, None]
+
+
+def image_bounds(images: pd.DataFrame, image_ids: Sequence[str], channels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per item of ``image_ids``: that image's ``lo_<ch>`` and ``hi_<ch>`` (N, C) from the image table."""
+    table = images.drop_duplicates("image_id").set_index("image_id").loc[list(image_ids)]
+    lo = table[[f"lo_{c}" for c in channels]].to_numpy(np.float64)
+    hi = table[[f"hi_{c}" for c in channels]].to_numpy(np.float64)
+    return lo, hi
+
+
+def dataset_normalisation(cache, rows: np.ndarray, image_ids: Sequence[str], images: pd.DataFrame, *,
+                          percentiles: tuple[float, float] = (1.0, 99.8), max_patches: int = 4000, seed: int = 0,
+                          measured_on: str = "") -> Normalisation:
+    """Percentiles of each channel over the raw pixels of cache ``rows`` (the training patches only).
+
+    ``image_ids`` gives each row's image (for its cache scaling); at most ``max_patches`` rows,
+    drawn with ``seed``, are read.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        raise InputError("dataset_normalisation: rows is empty (no training patch to take percentiles from)")
+    pick = np.arange(len(rows))
+    if len(rows) > max_patches:
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), max_patches, replace=False))
+    channels = list(cache.channels)
+    lo_img, hi_img = image_bounds(images, [image_ids[i] for i in pick], channels)
+    order = np.argsort(rows[pick], kind="stable")  # memory maps read fastest in order
+    raw = raw_rows(cache, rows[pick][order], lo_img[order], hi_img[order])
+    flat = raw.transpose(1, 0, 2, 3).reshape(len(channels), -1)
+    low, high = np.percentile(flat, percentiles, axis=1)
+    return Normalisation(scope="dataset", percentiles=tuple(percentiles), channels=channels, low=low.tolist(),
+                         high=high.tolist(), measured_on=measured_on or f"{len(pick)} training patches")
+
+
+class NormalisedCache:
+    """A patch cache seen with one ``low``/``high`` per channel for every patch (dataset or fixed scope).
+
+    The cache holds ``(raw - lo_img) / (hi_img - lo_img)``; each row is mapped to
+    ``(raw - low) / (high - low)`` by a per-row affine transform, so nothing is copied or rebuilt.
+    Same interface as :class:`PatchCache` (``cache[rows]``, ``positions``, ``channels``).
+    """
+
+    def __init__(self, cache, image_ids: Sequence[str], images: pd.DataFrame, norm: Normalisation) -> None:
+        channels = list(cache.channels)
+        if norm.channels != channels or norm.low is None or norm.high is None:
+            raise InputError(f"NormalisedCache: normalisation for channels {norm.channels} does not fit the cache "
+                             f"channels {channels}")
+        if len(image_ids) != len(cache):
+            raise InputError(f"NormalisedCache: image_ids has {len(image_ids)} entries for {len(cache)} cache rows")
+        lo_img, hi_img = image_bounds(images, image_ids, channels)
+        low, high = np.asarray(norm.low), np.asarray(norm.high)
+        span = np.maximum(high - low, _EPS)
+        self.scale = (np.maximum(hi_img - lo_img, _EPS) / span).astype(np.float32)
+        self.shift = ((lo_img - low) / span).astype(np.float32)
+        self.cache, self.norm = cache, norm
+        self.path, self.size, self.dtype = cache.path, cache.size, np.dtype(np.float32)
+        self.patch_ids, self.channels = cache.patch_ids, tuple(channels)
+        self.fingerprint = f"{cache.fingerprint}:{norm.scope}:{np.round(low, 6).tolist()}:{np.round(high, 6).tolist()}"
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, item):
+        block = np.asarray(self.cache[item], dtype=np.float32)
+        return block * self.scale[item][..., None, None] + self.shift[item][..., None, None]
+
+    def positions(self, patch_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.cache.positions(patch_ids)
+
+    def __repr__(self) -> str:
+        return f"NormalisedCache({self.cache!r}, scope={self.norm.scope})"
 
 
 def index_fingerprint(index: pd.DataFrame, stats: pd.DataFrame, *, channels: Sequence[str], dtype) -> str:
@@ -305,11 +402,16 @@ class Augment(BaseModel):
     flip: bool = Field(True, description="Random horizontal and vertical flips (p=0.5 each).")
     rot90: bool = Field(True, description="Random rotation by 0, 90, 180 or 270 degrees.")
     crop_scale: float = Field(
-        0.85, gt=0.0, le=1.0, description="Random crop of this to 1.0 times the side, resized back; 1.0 disables."
-    )
-    rotate_deg: float = Field(15.0, ge=0.0, le=180.0, description="Random rotation within +-this angle (reflect padding); 0 disables.")
-    gain: float = Field(0.1, ge=0.0, lt=1.0, description="Intensity gain drawn from 1 +- gain, same for all channels; 0 disables.")
-    offset: float = Field(0.05, ge=0.0, description="Intensity offset drawn from +-offset, same for all channels; 0 disables.")
+        1.0, gt=0.0, le=1.0, description="Random crop of this to 1.0 times the side, resized back; 1.0 (default) "
+        "disables. Off by default: on 40-64 px cell tiles a crop cuts the cell and the resize blurs it; "
+        "0.85-0.9 suits patches of 128 px and more.")
+    rotate_deg: float = Field(
+        0.0, ge=0.0, le=180.0, description="Random rotation within +-this angle (reflect padding); 0 (default) "
+        "disables. Quarter turns and flips already cover the symmetries without interpolation.")
+    gain: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Intensity gain drawn from 1 +- gain, same for all channels; 0 (default) "
+        "disables. Intensity carries biology (DNA content, viability); jitter only for batch-to-batch exposure drift.")
+    offset: float = Field(0.0, ge=0.0, description="Intensity offset drawn from +-offset, same for all channels; 0 disables.")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -57,7 +57,17 @@ class PatchSettings(BaseModel):
         None, gt=0, description="Keep at most this many patches per image (random, seeded); default all."
     )
     percentiles: tuple[float, float] = Field(
-        (1.0, 99.8), description="Per-image, per-channel intensity percentiles used for normalisation."
+        (1.0, 99.8), description="Intensity percentiles (low, high) of each channel mapped to 0 and 1."
+    )
+    normalise: Literal["auto", "image", "dataset", "fixed"] = Field(
+        "auto", description="Scope of the normalisation percentiles: 'image' (each image its own, for whole fields "
+        "and stacks, the paper's case), 'dataset' (the pixels of the training images only, the same for every "
+        "patch: keeps intensity and size differences between single-cell tiles), 'fixed' (fixed_range), or "
+        "'auto': 'dataset' when every image is a single tile (smaller than two patches per side), else 'image'.",
+    )
+    fixed_range: list[float] | None = Field(
+        None, min_length=2, description="normalise 'fixed': raw intensities mapped to 0 and 1, as [low, high] for "
+        "every channel or [low1, high1, low2, high2, ...] per channel.",
     )
     hist_samples: int | None = Field(
         8_000_000,
@@ -85,7 +95,29 @@ class PatchSettings(BaseModel):
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if self.normalise == "fixed" and self.fixed_range is None:
+            raise ValueError("normalise 'fixed' needs fixed_range: [low, high] (or one pair per channel)")
+        r = self.fixed_range or []
+        if len(r) % 2 or any(a >= b for a, b in zip(r[::2], r[1::2])):
+            raise ValueError(f"fixed_range must be [low, high] pairs with low < high, got {self.fixed_range}")
         return self
+
+    def normalise_scope(self, images: "pd.DataFrame") -> str:
+        """The normalisation scope for an image table (``y``, ``x`` columns): 'auto' resolved."""
+        if self.normalise != "auto":
+            return self.normalise
+        tiles = bool(len(images)) and bool(((images["y"] < 2 * self.size) & (images["x"] < 2 * self.size)).all())
+        return "dataset" if tiles else "image"
+
+    def fixed_bounds(self, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) per channel of ``fixed_range``; error when its length fits neither one pair nor C pairs."""
+        r = np.asarray(self.fixed_range, np.float64)
+        if len(r) == 2:
+            r = np.tile(r, n_channels)
+        if len(r) != 2 * n_channels:
+            raise InputError(f"patches.fixed_range must hold 2 or {2 * n_channels} numbers for {n_channels} channels, "
+                             f"got {self.fixed_range}")
+        return r[::2].copy(), r[1::2].copy()
 
     @property
     def step(self) -> int:

@@ -64,9 +64,8 @@ def demo_config(data_dir: Path) -> dict:
         "patches": {"size": 64, "exclude_channels": ["nucleus"], "min_ratio": 0.03, "z_step": 2, "max_per_image": 32},
         "models": [{"fusion": "early"}, {"fusion": "intermediate"}, {"fusion": "late", "late_weights": "validation"}]
         + [{"fusion": "single", "channel": c} for c in channels],
-        # validation folds hold a handful of images: their loss is a steadier guide than their accuracy
-        "train": {"max_epochs": 10, "patience": 10, "monitor": "val_loss", "lr": 0.002, "decay_steps": 100,
-                  "batch_size": 32, "progress": False},
+        # the default recipe (warm-up + cosine over a fixed budget, weight EMA, no early stopping)
+        "train": {"max_epochs": 15, "batch_size": 32, "progress": False},
         "cv": {"n_folds": 5},
     }
 

@@ -1,9 +1,16 @@
-"""One fit of a cytofuse model: weighted loss, step-decayed optimiser, early stopping, checkpoints.
+"""One fit of a cytofuse model: the training recipe, checkpoints and resumption.
+
+The recipe (defaults, each a setting): AdamW with a linear warm-up and a cosine decay to zero
+over a fixed budget (epochs or optimiser steps), class-weighted cross-entropy, random dihedral
+transforms, an exponential moving average (EMA) of the weights as the evaluated model, and
+no early stopping: the model at the end of the budget is the one scored. Early stopping, when
+switched on, watches a moving mean of the validation metric after a minimum number of epochs.
+On CPUs with native bfloat16 the steps run under bf16 autocast, always in channels_last.
 
 ``fit`` drives a :class:`lightning.Trainer`, so the same call trains on a CPU, on a GPU, with
 bf16 mixed precision, or across GPUs and nodes with DDP. It writes into ``out_dir``:
-``last.ckpt`` (every epoch; an interrupted fit resumes from it), ``best.ckpt``,
-``best.safetensors`` (the best epoch's weights), ``history.csv`` and ``fit.json``.
+``last.ckpt`` (every epoch; an interrupted fit resumes from it), ``best.ckpt`` (early stopping
+only), ``best.safetensors`` (the evaluated weights), ``history.csv`` and ``fit.json``.
 
 Distributed training: from a plain Python call (a script, a notebook, pytest) use
 ``strategy="ddp_spawn"``; under ``torchrun`` or ``srun`` (one process per device already
@@ -12,8 +19,10 @@ started) use ``strategy="ddp"``. On CPU, DDP uses the gloo backend.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import logging
 import os
 import warnings
@@ -36,35 +45,55 @@ from torch.utils.data import DataLoader, Dataset
 from cytofuse.data import Augment, AugmentCollate, class_weights as inverse_class_weights, make_sampler
 from cytofuse.errors import InputError
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
 
 
 class TrainSettings(BaseModel):
-    """Hyper-parameters and hardware of one fit (defaults follow Yee et al. 2026)."""
+    """Hyper-parameters and hardware of one fit (see the module docstring for the recipe)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_epochs: int = Field(100, ge=1, description="Upper bound on training epochs.")
+    max_epochs: int = Field(30, ge=1, description="Training budget in epochs: the learning-rate schedule spans it.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Budget in optimiser steps instead of epochs (the schedule then spans these steps).")
     batch_size: int = Field(32, ge=1, description="Patches per optimiser step (per device under DDP).")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (L2 via weight_decay) or AdamW (decoupled).")
-    lr: float = Field(1e-3, gt=0, description="Initial learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2 regularisation) of the optimiser.")
-    decay_rate: float = Field(0.95, gt=0, le=1, description="Learning-rate factor applied every decay_steps steps.")
-    decay_steps: int = Field(175, ge=1, description="Optimiser steps between learning-rate decays (staircase).")
+    optimizer: Literal["adam", "adamw"] = Field("adamw", description="AdamW (decoupled weight decay) or Adam (L2).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (reached after the warm-up).")
+    weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay; default 0.01 with AdamW (decoupled), 0 with Adam (L2).")
+    schedule: Literal["cosine", "staircase", "constant"] = Field(
+        "cosine", description="'cosine': linear warm-up, then cosine decay to zero at the end of the budget; "
+        "'staircase': x decay_rate every decay_steps steps (Yee et al.); 'constant'.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warm-up, in epochs (cosine schedule).")
+    decay_rate: float = Field(0.95, gt=0, le=1, description="Staircase: learning-rate factor every decay_steps steps.")
+    decay_steps: int = Field(175, ge=1, description="Staircase: optimiser steps between learning-rate decays.")
+    ema: bool = Field(True, description="Evaluate (and save) an exponential moving average of the weights.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay per step; default 1 - 1/steps per epoch (an average over about "
+        "the last epoch), within [0.9, 0.999].")
+    bn_recalibrate: bool = Field(
+        False, description="Re-estimate BatchNorm statistics of the evaluated model on the training patches after the fit.")
     class_weighting: Literal["inverse", "none"] = Field(
         "inverse", description="Cross-entropy class weights inverse to training class frequency, or none."
     )
     sampler: Literal["none", "weighted"] = Field(
         "none", description="'weighted' draws classes equally often (with replacement) instead of shuffling."
     )
+    early_stopping: bool = Field(
+        False, description="Stop when the smoothed validation metric stops improving (patience, min_epochs) and "
+        "evaluate the best epoch; off: train the whole budget and evaluate the end.")
     monitor: Literal["val_balanced_accuracy", "val_loss"] = Field(
-        "val_balanced_accuracy", description="Validation metric for early stopping and the best epoch."
-    )
-    patience: int = Field(15, ge=1, description="Epochs without improvement of the monitor before stopping.")
+        "val_balanced_accuracy", description="Validation metric of early stopping and of the best epoch.")
+    smoothing: int = Field(3, ge=1, description="Early stopping watches the mean of the monitor over this many epochs.")
+    min_epochs: int | None = Field(
+        None, ge=1, description="Early stopping: never stop before this epoch; default a third of max_epochs.")
+    patience: int = Field(15, ge=1, description="Early stopping: epochs without improvement of the smoothed monitor.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitor that counts as improvement.")
     augment: Augment = Field(
         default_factory=Augment, description="Augmentation of training batches (applied in the loader workers)."
     )
+    tta: bool = Field(
+        True, description="Evaluate and predict with the mean class probability over the 8 dihedral transforms.")
     late_branch_loss: float = Field(
         0.0, ge=0, description="Weight of the mean per-branch cross-entropy added to the loss of late-fusion models."
     )
@@ -74,9 +103,34 @@ class TrainSettings(BaseModel):
     devices: int | str = Field(1, description="Number of devices per node (or 'auto').")
     strategy: str = Field("auto", description="'auto', 'ddp' (torchrun/srun), 'ddp_spawn' (plain call), 'fsdp', ...")
     num_nodes: int = Field(1, ge=1, description="Number of machines for distributed training.")
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numeric precision.")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="Numeric precision; 'auto': bf16-mixed where the device computes bfloat16 natively "
+        "(CPUs with AVX512-BF16 or AMX, recent GPUs), else 32-true.")
     deterministic: bool = Field(False, description="Use only deterministic torch algorithms (needed for bitwise GPU reproducibility).")
     progress: bool = Field(True, description="Show progress bars and the model summary.")
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.01 if self.optimizer == "adamw" else 0.0
+
+    @property
+    def select(self) -> Literal["best", "last"]:
+        """Which weights a fit returns: the best (smoothed) epoch with early stopping, else the end of the budget."""
+        return "best" if self.early_stopping else "last"
+
+
+def resolve_precision(settings: TrainSettings) -> str:
+    """The Lightning precision of ``settings``: 'auto' becomes bf16-mixed where bf16 is native, else 32-true."""
+    if settings.precision != "auto":
+        return settings.precision
+    gpu = settings.accelerator == "gpu" or (settings.accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    from .predict import bf16_supported
+
+    return "bf16-mixed" if bf16_supported() else "32-true"
 
 
 @dataclass
@@ -100,8 +154,28 @@ class _StepDecay:
         return self.rate ** (step // self.every)
 
 
+class _WarmupCosine:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0 at step ``total``."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = max(0, warmup), max(1, total)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        span = max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup) / span)))
+
+
+def ema_decay_for(steps_per_epoch: int, given: float | None) -> float:
+    """The EMA decay: ``given``, else 1 - 1/steps_per_epoch clipped to [0.9, 0.999]."""
+    if given is not None:
+        return given
+    return float(min(0.999, max(0.9, 1.0 - 1.0 / max(1, steps_per_epoch))))
+
+
 class ClassifierModule(L.LightningModule):
-    """Wraps any cytofuse model: weighted cross-entropy, step-decayed Adam, epoch history."""
+    """Wraps any cytofuse model: weighted cross-entropy, AdamW with warm-up + cosine, weight EMA, epoch history."""
 
     def __init__(self, model: nn.Module, *, settings: TrainSettings, class_weight: np.ndarray | None = None,
                  history_path: Path | None = None) -> None:
@@ -111,6 +185,8 @@ class ClassifierModule(L.LightningModule):
         self.history_path = history_path
         weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight), dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
+        self.ema = _frozen_copy(model) if settings.ema else None
+        self._ema_decay = settings.ema_decay or 0.99
         self.history: list[dict] = []
         self._late = settings.late_branch_loss > 0 and getattr(model, "fusion", "") == "late"
         self._reset_sums()
@@ -119,8 +195,33 @@ class ClassifierModule(L.LightningModule):
         self._sums: dict[str, torch.Tensor | float] = {"train": 0.0, "train_w": 0.0, "val": 0.0, "val_w": 0.0}
         self._confusion: torch.Tensor | None = None
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, saved and returned: the EMA when on, else the trained model."""
+        return self.ema if self.ema is not None else self.model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_fit_start(self) -> None:
+        for m in (self.model, self.ema):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+        self._ema_decay = ema_decay_for(self.trainer.num_training_batches, self.settings.ema_decay)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is None:
+            return
+        step = self.global_step  # optimiser steps taken, this one included
+        decay = min(self._ema_decay, (1.0 + step) / (10.0 + step))  # short memory while the weights move fast
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            if e.is_floating_point():
+                e.lerp_(b, 1.0 - decay)
+            else:
+                e.copy_(b)
 
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
@@ -136,6 +237,7 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        x = x.contiguous(memory_format=torch.channels_last)
         if self._late and hasattr(self.model, "forward_all"):
             logits, branches = self.model.forward_all(x)
         elif self._late:
@@ -153,7 +255,7 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self.evaluated(x.contiguous(memory_format=torch.channels_last))
         total, weight = self._loss_terms(logits, y)
         self._sums["val"] += total
         self._sums["val_w"] += weight
@@ -168,6 +270,12 @@ class ClassifierModule(L.LightningModule):
         t = torch.as_tensor(value, dtype=torch.float64, device=self.device)
         return float(self.trainer.strategy.reduce(t, reduce_op="sum"))
 
+    def _smoothed(self, value: float) -> float:
+        """Mean of the monitor over the last ``smoothing`` epochs, this one included."""
+        past = [r[self.settings.monitor] for r in self.history if r["epoch"] < self.current_epoch]
+        window = (past + [value])[-self.settings.smoothing:]
+        return float(np.mean(window))
+
     def on_validation_epoch_end(self) -> None:
         conf = self._confusion
         if conf is None:
@@ -178,12 +286,13 @@ class ClassifierModule(L.LightningModule):
         val_loss = self._reduced(self._sums["val"]) / max(self._reduced(self._sums["val_w"]), 1e-12)
         train_w = self._reduced(self._sums["train_w"])
         train_loss = self._reduced(self._sums["train"]) / train_w if train_w > 0 else float("nan")
-        self.log_dict({"val_loss": val_loss, "val_balanced_accuracy": bacc}, prog_bar=True)
+        smooth = self._smoothed(bacc if self.settings.monitor == "val_balanced_accuracy" else val_loss)
+        self.log_dict({"val_loss": val_loss, "val_balanced_accuracy": bacc, "val_smoothed": smooth}, prog_bar=True)
         if self.trainer.sanity_checking:
             return
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         row = {"epoch": self.current_epoch, "train_loss": train_loss, "val_loss": val_loss,
-               "val_balanced_accuracy": bacc, "lr": lr}
+               "val_balanced_accuracy": bacc, "lr": lr, "val_smoothed": smooth}
         self.history = [r for r in self.history if r["epoch"] < self.current_epoch] + [row]
         if self.trainer.is_global_zero and self.history_path is not None:
             _write_csv(pd.DataFrame(self.history, columns=HISTORY_COLUMNS), self.history_path)
@@ -192,8 +301,16 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         s = self.settings
         opt_cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _StepDecay(s.decay_rate, s.decay_steps))
+        opt = opt_cls(self.model.parameters(), lr=s.lr, weight_decay=s.resolved_weight_decay, **_fused_kwargs(opt_cls))
+        if s.schedule == "staircase":
+            factor = _StepDecay(s.decay_rate, s.decay_steps)
+        elif s.schedule == "cosine":
+            total = int(self.trainer.estimated_stepping_batches)
+            per_epoch = max(1, int(self.trainer.num_training_batches)) if s.max_steps else max(1, total // s.max_epochs)
+            factor = _WarmupCosine(int(round(s.warmup_epochs * per_epoch)), total)
+        else:
+            factor = _constant
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -201,6 +318,22 @@ class ClassifierModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("cytofuse_history", []))
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+def _fused_kwargs(opt_cls) -> dict:
+    """``foreach`` multi-tensor updates (one kernel per step for all parameters on a CPU)."""
+    return {"foreach": True}
 
 
 # --------------------------------------------------------------------------- files
@@ -242,13 +375,17 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _best_checkpoint(path: Path) -> tuple[dict, int, float]:
-    """Model state dict, epoch and monitored score stored in ``best.ckpt``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+def _checkpoint_state(path: Path, *, prefix: str) -> tuple[dict, int, float]:
+    """Model state dict (keys under ``prefix``), epoch and monitored score stored in a Lightning checkpoint.
+
+    Read with ``weights_only=True``: a checkpoint is data, and one that would run code is refused.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     scores = [v["best_model_score"] for k, v in ckpt.get("callbacks", {}).items()
               if k.startswith("ModelCheckpoint") and v.get("monitor")]
-    return state, int(ckpt["epoch"]), float(scores[0]) if scores else float("nan")
+    score = float(scores[0]) if scores and scores[0] is not None else float("nan")
+    return state, int(ckpt["epoch"]), score
 
 
 # --------------------------------------------------------------------------- fit
@@ -290,22 +427,32 @@ def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tup
 def _callbacks(settings: TrainSettings, out_dir: Path, extra: Sequence[L.Callback]) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    mode = "max" if settings.monitor == "val_balanced_accuracy" else "min"
-    stop = EarlyStopping(monitor=settings.monitor, mode=mode, patience=settings.patience, min_delta=settings.min_delta)
-    best = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=settings.monitor, mode=mode, save_top_k=1,
-                           enable_version_counter=False)
     last = ModelCheckpoint(dirpath=out_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    if not settings.early_stopping:
+        return [*extra, last]
+    mode = "max" if settings.monitor == "val_balanced_accuracy" else "min"
+    stop = EarlyStopping(monitor="val_smoothed", mode=mode, patience=settings.patience, min_delta=settings.min_delta)
+    best = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_smoothed", mode=mode, save_top_k=1,
+                           enable_version_counter=False)
     return [*extra, stop, best, last]  # user callbacks see each epoch before the stopping decision
+
+
+def _min_epochs(settings: TrainSettings) -> int | None:
+    if not settings.early_stopping:
+        return None
+    return settings.min_epochs or max(1, settings.max_epochs // 3)
 
 
 def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     return L.Trainer(
-        max_epochs=settings.max_epochs,
+        max_epochs=-1 if settings.max_steps else settings.max_epochs,
+        max_steps=settings.max_steps or -1,
+        min_epochs=_min_epochs(settings),
         accelerator=settings.accelerator,
         devices=settings.devices,
         strategy=settings.strategy,
         num_nodes=settings.num_nodes,
-        precision=settings.precision,
+        precision=resolve_precision(settings),
         deterministic=settings.deterministic,
         callbacks=callbacks,
         logger=False,
@@ -362,6 +509,7 @@ _NOISE = [
     r".*Checkpoint directory .* exists and is not empty.*",  # expected when resuming
     r".*is smaller than the logging interval.*",  # tiny data sets; no logger is attached
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # raised inside lightning by newer torch
+    r".*Precision bf16-mixed is not supported by the model summary.*",  # the summary's size estimate only
 ]
 
 
@@ -398,8 +546,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         trainer = _trainer(settings, out_dir, _callbacks(settings, out_dir, callbacks))
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last if state and last.is_file() else None)
-    return _finish(model, module, trainer, out_dir, settings, key)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=last if state and last.is_file() else None,
+                    weights_only=True)
+    return _finish(model, module, trainer, out_dir, settings, key, train_loader)
 
 
 @contextmanager
@@ -418,26 +567,80 @@ def _quiet(enabled: bool):
 
 
 def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_dir: Path, settings: TrainSettings,
-            key: str) -> FitResult:
-    """Restore the best epoch's weights, save them and the history, and describe the fit."""
+            key: str, train_loader: DataLoader) -> FitResult:
+    """Load the evaluated weights (EMA or model; end of budget or best epoch), save them and the history."""
     if trainer.interrupted:
         raise RuntimeError(f"fit: training in {out_dir} was interrupted; call fit again to resume from last.ckpt")
-    state, best_epoch, best_score = _best_checkpoint(out_dir / "best.ckpt")
+    prefix = "ema." if settings.ema else "model."
+    source = out_dir / ("best.ckpt" if settings.select == "best" else "last.ckpt")
+    state, best_epoch, best_score = _checkpoint_state(source, prefix=prefix)
     model.load_state_dict(state)
     history = pd.DataFrame(module.history, columns=HISTORY_COLUMNS)
     if history.empty or history["epoch"].max() < best_epoch:  # spawned workers kept the module's history
         history = pd.read_csv(out_dir / "history.csv")
-    stopped_early = _early_stopped(out_dir / "last.ckpt")
+    if settings.select == "last":
+        best_score = float(history.loc[history["epoch"] == best_epoch, "val_smoothed"].iloc[-1])
+    if settings.bn_recalibrate:
+        recalibrate_batchnorm(model, train_loader)
+    stopped_early = settings.early_stopping and _early_stopped(out_dir / "last.ckpt")
     result = FitResult(best_epoch, best_score, history, out_dir / "best.safetensors", stopped_early)
-    completed = stopped_early or int(history["epoch"].max()) + 1 >= settings.max_epochs
+    _warn_if_chance(history, model, out_dir)
     if trainer.is_global_zero:
-        _save_result(model, result, out_dir, settings, key=key, completed=completed)
+        _save_result(model, result, out_dir, settings, key=key, completed=_completed(out_dir, history, settings, stopped_early))
     return result
+
+
+def _completed(out_dir: Path, history: pd.DataFrame, settings: TrainSettings, stopped_early: bool) -> bool:
+    """Whether the budget was spent (or early stopping ended the fit); else a later call resumes it."""
+    if stopped_early:
+        return True
+    if settings.max_steps:
+        ckpt = torch.load(out_dir / "last.ckpt", map_location="cpu", weights_only=True)
+        return int(ckpt.get("global_step", 0)) >= settings.max_steps
+    return int(history["epoch"].max()) + 1 >= settings.max_epochs
+
+
+def _warn_if_chance(history: pd.DataFrame, model: nn.Module, out_dir: Path) -> None:
+    """A fit whose last validation epochs sit at chance is worth a word, not a silent number."""
+    k = int(getattr(model, "num_classes", 0) or 0)
+    if len(history) < 3 or k < 2:
+        return
+    final = float(history["val_smoothed"].iloc[-1]) if "val_smoothed" in history else float("nan")
+    if history["val_balanced_accuracy"].notna().any() and final <= 1.0 / k + 0.02:
+        warnings.warn(f"fit: the validation balanced accuracy at the end of training in {out_dir} is {final:.3f}, "
+                      f"at chance (1/{k}); the model may have learned nothing (more epochs, more data, other lr?)",
+                      ChanceLevelWarning, stacklevel=3)
+
+
+class ChanceLevelWarning(UserWarning):
+    """A fit ended with its validation metric at chance level."""
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, max_batches: int = 200) -> nn.Module:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``loader`` (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        model(x.to(next(model.parameters()).device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
 
 
 def _early_stopped(last: Path) -> bool:
     """Whether EarlyStopping ended the fit (read from the checkpoint, so it also works for spawned workers)."""
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     states = [v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EarlyStopping")]
     return bool(states) and int(states[0].get("stopped_epoch", 0)) > 0
 
@@ -446,7 +649,8 @@ def _save_result(model: nn.Module, result: FitResult, out_dir: Path, settings: T
                  completed: bool) -> None:
     """Best weights, history and ``fit.json`` (a fit not marked completed resumes on the next call)."""
     meta = {"key": key, "completed": completed, "best_epoch": result.best_epoch, "best_score": result.best_score,
-            "monitor": settings.monitor, "stopped_early": result.stopped_early}
+            "monitor": settings.monitor, "stopped_early": result.stopped_early, "selected": settings.select,
+            "ema": settings.ema}
     save_weights(model, result.weights_path, metadata={k: str(v) for k, v in meta.items()})
     _write_csv(result.history, out_dir / "history.csv")
     _write_state(out_dir, meta)
@@ -464,8 +668,15 @@ def _stored_result(model: nn.Module, out_dir: Path, done: dict) -> FitResult:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, ds: Dataset, *, batch_size: int = 64, num_workers: int = 0,
-                  return_features: bool = False, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities (N, K) float32 for every item of ``ds``, and the embeddings when asked."""
+                  return_features: bool = False, device: str | torch.device = "cpu",
+                  tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities (N, K) float32 for every item of ``ds``, and the embeddings when asked.
+
+    ``tta``: the mean probability over the 8 dihedral transforms of each patch (embeddings stay
+    those of the untransformed patch).
+    """
+    from .models.tta import tta_proba
+
     if len(ds) == 0:
         raise InputError("predict_proba: ds is empty")
     was_training = model.training
@@ -476,15 +687,9 @@ def predict_proba(model: nn.Module, ds: Dataset, *, batch_size: int = 64, num_wo
     try:
         for batch in loader:
             x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device).contiguous(memory_format=torch.channels_last)
-            if return_features and hasattr(model, "head"):
-                f = model.forward_features(x)
-                logits = model.head(f)
-                feats.append(f.float().cpu())
-            else:
-                logits = model(x)
-                if return_features:
-                    feats.append(model.forward_features(x).float().cpu())
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            if return_features:
+                feats.append(model.forward_features(x).float().cpu())
+            probs.append(tta_proba(model, x, tta=tta).cpu())
     finally:
         model.to(memory_format=torch.contiguous_format)
         model.train(was_training)

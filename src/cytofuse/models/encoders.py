@@ -57,14 +57,20 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU blocks (16 -> 128 channels), 2x max-pool after the first three,
-    global average pool. A 64 px patch gives an 8x8 map in the last block."""
+def _stage(in_channels: int, out_channels: int, depth: int) -> nn.Sequential:
+    """``depth`` conv-BN-ReLU blocks, the first changing the width."""
+    return nn.Sequential(*(_conv_block(in_channels if i == 0 else out_channels, out_channels) for i in range(depth)))
 
-    def __init__(self, *, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+
+class SmallCNN(nn.Module):
+    """Four stages of ``depth`` conv3x3-BN-ReLU blocks (16 -> 128 channels), 2x max-pool between
+    stages, global average pool (~0.29 M parameters for one input channel with depth 2).
+    A 64 px patch gives an 8x8 map in the last stage; a 40 px tile a 5x5 map."""
+
+    def __init__(self, *, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128), depth: int = 2) -> None:
         super().__init__()
         chans = (in_channels, *widths)
-        self.blocks = nn.ModuleList(_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.blocks = nn.ModuleList(_stage(a, b, depth) for a, b in zip(chans[:-1], chans[1:]))
         self.pool = nn.MaxPool2d(2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_features = widths[-1]
@@ -78,7 +84,7 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def last_block(self) -> nn.Module:
-        """The last conv-BN-ReLU block."""
+        """The last stage."""
         return self.blocks[-1]
 
 

@@ -1,0 +1,176 @@
+"""Accuracy of cytofuse's deep models against its handcrafted baseline and shortcut probes on real data.
+
+Runs ``cytofuse.crossval.run_cv`` (5-fold grouped CV by default) on the public data sets of
+``../shared/data`` (or ``$CYTOFUSE_DATA``) and prints, per task, every model next to the
+handcrafted baseline and the probes of the same folds: fold mean ± sd of balanced accuracy
+and MCC at the task's evaluation level, and the minutes each run took. Tasks whose data are
+missing are skipped with a message.
+
+| task | data | level | models |
+|---|---|---|---|
+| jurkat | Jurkat 7 cell-cycle phases, one 40 px tile per cell (BF, DF; DNA training-only) | patch = cell | intermediate BF+DF; the same with DNA as a training-only channel |
+| bbbc021 | MCF-7 DMSO vs protein synthesis inhibitor, 68 px crops, grouped by field | patch = cell | early and intermediate over DAPI, tubulin, actin |
+| livedead | bright-field live vs dead crops (binned 2x to 64 px), grouped by source field | patch = cell | early |
+| hepg2 | HepG2 vs Huh7 whole fields (blue plane), grouped by image | image | early on 128 px patches |
+| demo | the built-in organelle phantoms (``cytofuse demo``) | image | early, intermediate, late |
+
+``--set section.field=value`` changes a setting in every task's config (e.g.
+``--set train.ema=false``), which is how the ablation table of ``benchmarks/README.md`` is
+made: one change at a time against the defaults, on the same folds.
+
+    python benchmarks/accuracy.py [--tasks jurkat bbbc021 livedead hepg2 demo] [--folds 5] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the real-data builders shared with the slow tests
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CYTOFUSE_DATA", ROOT.parent / "shared" / "data"))
+
+
+def jurkat_config(work: Path) -> dict | None:
+    from realsets import jurkat_cells
+
+    root = data_root() / "jurkat-cellcycle-ifc" / "Experiment_1"
+    if not root.is_dir():
+        return None
+    cells = jurkat_cells(root, work / "jurkat_cells")
+    return {"data": {"images": str(cells)}, "patches": {"size": 40, "min_ratio": 0.0},
+            "models": [{"fusion": "intermediate", "channels": ["BF", "DF"], "name": "BF+DF"},
+                       {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"}],
+            "train": {"max_epochs": 15}, "cv": {"positive_class": "Metaphase"}}
+
+
+def bbbc021_config(work: Path) -> dict | None:
+    root = data_root() / "bbbc021-mcf7-crops"
+    if not root.is_dir():
+        return None
+    return {"data": {"images": str(root), "axes": "YXC", "group_pattern": r"^(.*)_\d+\.npy$"},
+            "patches": {"size": 64, "min_ratio": 0.0},
+            "models": [{"fusion": "early", "name": "early"}, {"fusion": "intermediate", "name": "intermediate"}],
+            "train": {"max_epochs": 30}}
+
+
+def livedead_config(work: Path) -> dict | None:
+    from realsets import livedead_crops
+
+    root = data_root() / "livedead-brightfield"
+    if not root.is_dir():
+        return None
+    crops = livedead_crops(root, work / "livedead_crops")
+    return {"data": {"images": str(crops), "group_pattern": r"^(.*)_(?:live|dead)_"},
+            "patches": {"size": 64, "min_ratio": 0.0},
+            "models": [{"fusion": "early", "name": "early"}], "train": {"max_epochs": 15}}
+
+
+def hepg2_config(work: Path) -> dict | None:
+    import pandas as pd
+
+    root = data_root() / "hepg2-huh7-nuclei"
+    if not (root / "labels.csv").is_file():
+        return None
+    table = pd.read_csv(root / "labels.csv")
+    manifest = pd.DataFrame({"path": [str((root / p).resolve()) for p in table["image"]], "label": table["cell_line"]})
+    work.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(work / "hepg2.csv", index=False)
+    return {"data": {"manifest": str(work / "hepg2.csv")},
+            "patches": {"size": 128, "channels": ["blue"], "min_ratio": 0.05},
+            "models": [{"fusion": "early", "name": "early"}], "train": {"max_epochs": 30}}
+
+
+def demo_config(work: Path) -> dict:
+    from cytofuse.pipeline import DEMO_CLASSES, DEMO_DIFFICULTY, DEMO_IMAGES_PER_CLASS, demo_config as config
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    data = work / "demo_data"
+    if not (data / "labels.csv").is_file():
+        write_synthetic_dataset(data, classes=DEMO_CLASSES, images_per_class=DEMO_IMAGES_PER_CLASS, shape=(8, 256, 256),
+                                seed=0, difficulty=DEMO_DIFFICULTY, progress=False)
+    raw = config(data)
+    raw["models"] = [m for m in raw["models"] if m["fusion"] != "single"]
+    return raw
+
+
+TASKS = {"jurkat": (jurkat_config, "patch"), "bbbc021": (bbbc021_config, "patch"), "livedead": (livedead_config, "patch"),
+         "hepg2": (hepg2_config, "image"), "demo": (demo_config, "image")}
+
+
+def _override(raw: dict, item: str) -> None:
+    import yaml
+
+    key, value = item.split("=", 1)
+    node = raw
+    *path, last = key.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(value)
+
+
+def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str) -> list[dict]:
+    from cytofuse.config import validate_config
+    from cytofuse.crossval import run_cv
+
+    make, level = TASKS[name]
+    raw = make(work)
+    if raw is None:
+        print(f"{name}: data not found under {data_root()}; skipped", flush=True)
+        return []
+    raw.setdefault("train", {})["progress"] = False
+    raw.setdefault("cv", {})["n_folds"] = folds
+    for item in overrides:
+        _override(raw, item)
+    start = time.perf_counter()
+    result = run_cv(validate_config(raw, source=name), work / f"run_{name}_{label}", overwrite=True, progress=False)
+    minutes = (time.perf_counter() - start) / 60
+    rows = []
+    for model, metrics in result.metrics.items():
+        summary = metrics["cv"][level]["summary"]
+        rows.append({"task": name, "variant": label, "model": model, "kind": result.kinds.get(model, "model"),
+                     "level": level, "bacc": summary["balanced_accuracy"]["mean"], "bacc_sd": summary["balanced_accuracy"]["sd"],
+                     "mcc": summary["mcc"]["mean"], "minutes": round(minutes, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--label", default="defaults", help="Name of this variant in the table.")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytofuse-accuracy")
+    parser.add_argument("--json", type=Path, help="Append the rows to this JSON-lines file.")
+    args = parser.parse_args()
+    import pandas as pd
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    rows = []
+    for name in args.tasks:
+        task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label)
+        rows += task_rows
+        if task_rows:
+            print(pd.DataFrame(task_rows).to_string(index=False, float_format="%.3f"), flush=True)
+        if args.json:
+            with args.json.open("a") as fh:
+                for row in task_rows:
+                    fh.write(json.dumps(row) + "\n")
+    if rows:
+        print("\nfold mean ± sd of balanced accuracy and mean MCC, 5-fold grouped CV, models beside the baseline and "
+              "probes of the same folds:")
+        print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Normalisation scope: per image, per data set from training-fold pixels only, or fixed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytofuse.data import NormalisedCache, build_patch_cache, dataset_normalisation
+from cytofuse.patches import PatchSettings
+
+
+def _cache(tmp_path, raw: np.ndarray):
+    """A cache of (N, 1, P, P) raw patches, one image each, normalised per image with lo=min, hi=max."""
+    n = len(raw)
+    ids = [f"img{i}" for i in range(n)]
+    index = pd.DataFrame({"patch_id": np.arange(n, dtype=np.int64), "image_id": ids, "z": 0, "y": 0, "x": 0,
+                          "size": raw.shape[-1]})
+    images = pd.DataFrame({"image_id": ids, "lo_a": raw.reshape(n, -1).min(1).astype(float),
+                           "hi_a": raw.reshape(n, -1).max(1).astype(float)})
+    cache = build_patch_cache(index, images, load_image=lambda i: raw[int(i[3:])][:, None], channels=["a"],
+                              out=tmp_path / "cache", progress=False, dtype=np.float32)
+    return cache, ids, images
+
+
+def test_dataset_percentiles_never_see_test_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 100, size=(10, 1, 8, 8)).astype(np.float32)
+    raw[6:] += 10_000  # the "test" rows are far brighter
+    cache, ids, images = _cache(tmp_path, raw)
+    train = np.arange(6)
+    norm = dataset_normalisation(cache, train, [ids[i] for i in train], images, percentiles=(1.0, 99.8))
+    expected = np.percentile(raw[:6], (1.0, 99.8))
+    np.testing.assert_allclose([norm.low[0], norm.high[0]], expected, rtol=1e-4)
+    assert norm.high[0] < 100  # nothing of the test rows
+    view = NormalisedCache(cache, ids, images, norm)
+    got = view[np.arange(10)]
+    want = (raw - expected[0]) / (expected[1] - expected[0])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # one range for every patch, test rows included
+    assert got[6:].min() > 50  # bright test patches stay bright instead of being stretched to [0, 1]
+
+
+def test_scope_auto_is_dataset_for_single_tiles_and_image_for_fields():
+    tiles = pd.DataFrame({"y": [40, 40], "x": [40, 40]})
+    fields = pd.DataFrame({"y": [40, 768], "x": [40, 1024]})
+    settings = PatchSettings(size=40)
+    assert settings.normalise_scope(tiles) == "dataset" and settings.normalise_scope(fields) == "image"
+    assert PatchSettings(size=40, normalise="image").normalise_scope(tiles) == "image"
+    low, high = PatchSettings(normalise="fixed", fixed_range=[0, 4095]).fixed_bounds(3)
+    assert low.tolist() == [0, 0, 0] and high.tolist() == [4095, 4095, 4095]
+    with pytest.raises(ValueError, match="fixed_range"):
+        PatchSettings(normalise="fixed")
+    with pytest.raises(ValueError, match="low < high"):
+        PatchSettings(fixed_range=[10, 5])
+
+
+def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
+    """Recompute each fold's percentiles from the raw files of its training images: they match the run's."""
+    import torch
+
+    from cytofuse.config import validate_config
+    from cytofuse.crossval import run_cv
+    from cytofuse.pipeline import load_image_set
+    from cytofuse.synthetic import write_synthetic_dataset
+
+    torch.set_num_threads(1)
+    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(1, 32, 32), seed=3, progress=False)
+    cfg = validate_config({
+        "data": {"manifest": str(tmp_path / "data" / "labels.csv")},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn", "name": "cnn"}],
+        "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False, "val_fraction": 0.34},
+    })
+    run_cv(cfg, tmp_path / "run", progress=False)
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    image_set = load_image_set(cfg.data)
+    channels = ["mitochondria", "early_endosome", "recycling_endosome"]
+    every = []
+    for k in (0, 1):
+        norm = json.loads((tmp_path / "run" / "models" / "cnn" / f"fold_{k}" / "normalisation.json").read_text())
+        assert norm["scope"] == "dataset" and norm["channels"] == channels
+        train_images = sorted(folds.loc[folds["fold"] != k, "image_id"].unique())
+        stacks = [image_set.read(i) for i in train_images]
+        pixels = np.stack([np.concatenate([s.data[s.channel_names.index(c)].ravel() for s in stacks]) for c in channels])
+        low, high = np.percentile(pixels.astype(np.float64), (1.0, 99.8), axis=1)
+        np.testing.assert_allclose(norm["low"], low, rtol=2e-3, atol=1e-2)
+        np.testing.assert_allclose(norm["high"], high, rtol=2e-3, atol=1e-2)
+        every.append(norm["high"])
+    assert every[0] != every[1]  # two folds, two training splits, two ranges
+    metrics = json.loads((tmp_path / "run" / "models" / "cnn" / "metrics.json").read_text())
+    assert metrics["model"]["normalisation"] == "dataset"
