@@ -94,7 +94,7 @@ def test_synth_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "syn" / "keep.txt").write_text("mine")
     result = _invoke("synth", tmp_path / "syn", "--classes", "1", "--images-per-class", "1", "--shape", "1,32,32")
     assert result.exit_code == 2
-    assert "exists and is not empty" in result.output
+    assert "is not a cytofuse data folder" in " ".join(result.output.split())
     assert (tmp_path / "syn" / "keep.txt").read_text() == "mine"
 
 

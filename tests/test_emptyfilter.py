@@ -17,7 +17,7 @@ from cytofuse.emptyfilter import (
     read_labelled_patches,
     read_voc_boxes,
 )
-from cytofuse.errors import InputError
+from cytofuse.errors import InputError, RunFolderError
 
 
 def synthetic_patches(n_per_class: int = 60, *, size: int = 32, channels: int = 1, seed: int = 0, signs=(-1, 1)):
@@ -179,14 +179,14 @@ def test_save_load_round_trip_gives_identical_decisions(tmp_path):
     xtr, ytr, _, xte, _, _ = _split()
     filt = EmptyFilter(encoder="resnet18", seed=3).fit(xtr, ytr)
     folder = filt.save(tmp_path / "filter")
-    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "encoder.safetensors", "svm.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".cytofuse-run", "card.json", "encoder.safetensors", "svm.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["filter"]  # no temporary folder left
     card = json.loads((folder / "card.json").read_text())
     assert card["encoder"] == "resnet18" and card["n_channels"] == 1 and card["patch_size"] == [32, 32]
     assert card["normalise"] == "patch" and card["params"]["seed"] == 3
     back = EmptyFilter.load(folder)
     np.testing.assert_array_equal(back.decision_function(xte), filt.decision_function(xte))
-    with pytest.raises(InputError, match="exists; pass overwrite=True"):
+    with pytest.raises(RunFolderError, match="filter folder .*filter exists; pass --overwrite"):
         filt.save(folder)
     with pytest.raises(InputError, match="patches have 2 channels but the filter was fitted on 1"):
         back.predict(np.repeat(xte, 2, axis=1))

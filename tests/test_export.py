@@ -23,6 +23,7 @@ from cytofuse.export import (
     write_rdf,
 )
 from cytofuse.modelfolder import card_for, read_card, write_model_folder
+from cytofuse.runs import MARKER
 from cytofuse.models import create_model
 from cytofuse.patches import PatchSettings, extract_patches
 
@@ -189,7 +190,7 @@ def test_export_model_folder_writes_both_formats_rdf_and_card(tmp_path):
     files = export_model_folder(model_dir, tmp_path / "export")
     assert set(files) == {"onnx", "torchscript", "rdf", "card"}
     written = sorted(p.name for p in (tmp_path / "export").iterdir())
-    assert written == ["model.onnx", "model.pt", "model.yaml", "rdf.yaml"]
+    assert written == [MARKER, "model.onnx", "model.pt", "model.yaml", "rdf.yaml"]
     assert read_card(tmp_path / "export").class_names == CLASSES
     x = _synthetic_patches(7)
     (model,) = [_model("late")]
@@ -248,7 +249,7 @@ def test_export_model_folder_one_format_and_overwrite(tmp_path):
     with pytest.raises(RunFolderError, match=re.escape(f"export folder {tmp_path / 'export'} exists")):
         export_model_folder(model_dir, tmp_path / "export", formats=["onnx"])
     files = export_model_folder(model_dir, tmp_path / "export", formats=["onnx"], overwrite=True, verify=False)
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.onnx", "model.yaml", "rdf.yaml"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [MARKER, "model.onnx", "model.yaml", "rdf.yaml"]
 
 
 def test_export_model_folder_errors(tmp_path):
@@ -266,7 +267,7 @@ def test_export_model_folder_errors(tmp_path):
         export_model_folder(tmp_path / "not-a-model", tmp_path / "export")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match=r"notes exists and is not an export folder \(no rdf.yaml\)"):
+    with pytest.raises(RunFolderError, match=r"notes exists and is not a cytofuse export folder \(it has no \.cytofuse-run"):
         export_model_folder(model_dir, tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "not-a-model", "notes"]

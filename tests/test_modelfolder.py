@@ -65,7 +65,7 @@ def test_existing_folder_is_refused_without_overwrite(tmp_path):
     assert not torch.equal(want["head.1.weight"], model.state_dict()["head.1.weight"])
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("x")
-    with pytest.raises(RunFolderError, match="is not a model folder"):
+    with pytest.raises(RunFolderError, match="data exists and is not a cytofuse model folder"):
         write_model_folder(tmp_path / "data", [model], _card([model]), overwrite=True)
     assert (tmp_path / "data" / "keep.txt").read_text() == "x"
 

@@ -113,7 +113,7 @@ def test_output_folder_is_not_overwritten_without_the_flag(model_dir, tmp_path):
     predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, overwrite=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match="not a prediction folder"):
+    with pytest.raises(RunFolderError, match="other exists and is not a cytofuse prediction folder"):
         predict_images(model_dir, [image], out=tmp_path / "other", progress=False, overwrite=True)
 
 

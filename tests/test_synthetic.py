@@ -264,7 +264,7 @@ def test_write_dataset_refuses_to_overwrite(tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
     write_synthetic_dataset(out, classes=1, images_per_class=1, shape=(2, 32, 32), progress=False)  # empty: fine
-    with pytest.raises(FileExistsError, match="ds exists and is not empty"):
+    with pytest.raises(FileExistsError, match="ds exists; pass --overwrite"):
         write_synthetic_dataset(out, classes=1, images_per_class=1, shape=(2, 32, 32), progress=False)
     write_synthetic_dataset(out, classes=2, images_per_class=1, shape=(2, 32, 32), overwrite=True, progress=False)
     assert len(list((out / "images").iterdir())) == 2

@@ -9,6 +9,7 @@ from sklearn.model_selection import cross_val_score
 
 from cytofuse.errors import InputError, RunFolderError
 from cytofuse.io import read_image
+from cytofuse.runs import MARKER
 from cytofuse.synthetic_cells import (
     CELL_CYCLE_CLASSES,
     DEAD_LOOK,
@@ -150,17 +151,17 @@ def test_field_background_does_not_predict_condition():
 def test_write_livedead_set(tmp_path):
     out = tmp_path / "ld"
     table = write_livedead_set(out, conditions={"a": 0.1, "b": 0.9}, n_fields=2, shape=(96, 128), seed=1)
-    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "cells.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "a", "b", "cells.csv"]
     assert set(table.path) == {"a/field_0.ome.tif", "a/field_1.ome.tif", "b/field_0.ome.tif", "b/field_1.ome.tif"}
     assert list(table.columns) == ["path", "condition", "field", "x", "y", "radius", "dead"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "cells.csv"), table)
     assert table.dead[table.condition == "b"].mean() > table.dead[table.condition == "a"].mean()
     image = read_image(out / "b" / "field_1.ome.tif")
     assert image.channel_names == ("BF", "PI") and image.data.shape == (2, 1, 96, 128)
-    with pytest.raises(RunFolderError, match="not empty"):
+    with pytest.raises(RunFolderError, match="ld exists; pass --overwrite"):
         write_livedead_set(out, n_fields=1, shape=(64, 64))
     table = write_livedead_set(out, conditions={"c": 0.5}, n_fields=1, shape=(64, 64), overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["c", "cells.csv"] and set(table.condition) == {"c"}
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "c", "cells.csv"] and set(table.condition) == {"c"}
 
 
 # --------------------------------------------------------------------------- single cells
@@ -255,17 +256,17 @@ def test_gain_and_background_do_not_predict_class():
 def test_write_single_cell_set(tmp_path):
     out = tmp_path / "cells"
     table = write_single_cell_set(out, counts={"G1": 3, "G2": 2, "M": 1}, seed=2)
-    assert sorted(p.name for p in out.iterdir()) == ["G1", "G2", "M", "cells.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "G1", "G2", "M", "cells.csv"]
     assert table.label.value_counts().to_dict() == {"G1": 3, "G2": 2, "M": 1}
     assert list(table.path[:2]) == ["G1/cell_0.ome.tif", "G1/cell_1.ome.tif"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "cells.csv"), table)
     image = read_image(out / "M" / "cell_0.ome.tif")
     assert image.channel_names == ("BF", "DF", "DNA") and image.data.shape == (3, 1, 48, 48)
     np.testing.assert_array_equal(image.data, make_single_cell("M", seed=int(table.seed[5])).data)
-    with pytest.raises(RunFolderError, match="not empty"):
+    with pytest.raises(RunFolderError, match="exists; pass --overwrite"):
         write_single_cell_set(out, counts={"G1": 1})
     write_single_cell_set(out, counts={"G1": 1}, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["G1", "cells.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "G1", "cells.csv"]
 
 
 # --------------------------------------------------------------------------- bad arguments

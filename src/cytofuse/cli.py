@@ -276,10 +276,10 @@ def emptyfilter(
     """Learn an empty-patch filter (CNN features + SVM) from labelled patches; print its held-out F1; save it."""
     from .emptyfilter import EmptyFilter, evaluate_filter, patches_from_voc_fields, read_labelled_patches
     from .errors import CytofuseError
+    from .runs import check_replaceable
 
     try:
-        if out.exists() and not overwrite:
-            raise CytofuseError(f"--out {out} exists; pass --overwrite to replace it")
+        check_replaceable(out, overwrite=overwrite, what="filter folder")  # before the slow part
         if voc:
             patches, labels, groups, _ = patches_from_voc_fields(examples, size=size, stride=stride, normalise="none")
         else:

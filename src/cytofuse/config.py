@@ -137,6 +137,13 @@ class CVSettings(_Strict):
         0.15, ge=0, le=1, description="Warn when a probe's image-level balanced accuracy exceeds chance by more than this."
     )
 
+    @field_validator("n_folds")
+    @classmethod
+    def _check_n_folds(cls, value: int | str) -> int | str:
+        if value != "loo" and value < 2:
+            raise ValueError(f"n_folds must be >= 2 or 'loo', got {value}")
+        return value
+
 
 class LabelSettings(_Strict):
     """Patch labels from a fluorescence channel through a two-component Gaussian mixture (Pattarone et al.).

@@ -29,8 +29,6 @@ chance on the same data, so fit with both classes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -437,23 +435,18 @@ class EmptyFilter:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a folder: card.json, svm.safetensors and (CNN encoders) encoder.safetensors."""
+        """Write a folder: card.json, svm.safetensors and (CNN encoders) encoder.safetensors.
+
+        Built beside ``path`` and swapped in; an existing ``path`` is replaced only with
+        ``overwrite`` and only if cytofuse made it.
+        """
+        from .runs import replacing_folder
+
         if self.model_ is None:
             raise InputError("EmptyFilter is not fitted: nothing to save")
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise InputError(f"save: {path} exists; pass overwrite=True to replace it")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with replacing_folder(path, overwrite=overwrite, what="filter folder") as tmp:
             self._write(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return Path(path)
 
     def _write(self, folder: Path) -> None:
         from safetensors.numpy import save_file as save_arrays

@@ -33,7 +33,8 @@ import torch
 import yaml
 from torch import nn
 
-from cytofuse.errors import CytofuseError, InputError, RunFolderError
+from cytofuse.errors import CytofuseError, InputError
+from cytofuse.runs import check_replaceable, replacing_folder
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "probabilities"
@@ -374,17 +375,6 @@ def _metadata(card: dict, patch_size: int) -> dict[str, object]:
     }
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"export folder {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not (out / RDF_FILE).is_file():
-        raise RunFolderError(f"{out} exists and is not an export folder (no {RDF_FILE}); choose a new output folder")
-    if not overwrite:
-        raise RunFolderError(f"export folder {out} exists; pass overwrite=True (--overwrite) to replace it")
-
-
 def _verify(wrapped: ProbabilityModel, files: Mapping[str, Path], patch_size: int) -> None:
     """Raise when an exported file disagrees with PyTorch on random patches (batches 1 and 3)."""
     x = np.random.default_rng(0).random((3, wrapped.in_channels, patch_size, patch_size), dtype=np.float32)
@@ -402,26 +392,21 @@ def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequ
 
     An ensemble becomes one graph returning the mean of its members' probabilities.
     verify: check each file against PyTorch on random patches (max abs difference < 1e-4).
-    Returns {format: path} plus "rdf" and "card". Written to a temporary folder, then renamed.
+    Returns {format: path} plus "rdf" and "card". Written beside ``out`` and swapped in; an existing
+    ``out`` is replaced only with ``overwrite`` and only if cytofuse made it.
     """
     from cytofuse.modelfolder import CARD_FILE, read_model_folder
 
     formats, out, model_dir = _check_formats(formats), Path(out), Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist or is not a folder")
-    _check_out(out, overwrite)
+    check_replaceable(out, overwrite=overwrite, what="export folder")
     models, card_model = read_model_folder(model_dir)
     card = _card_dict(card_model)
     patch_size = _check_patch_size(card["patches"].get("size"))
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_folder(out, overwrite=overwrite, what="export folder") as tmp:
         names = _write_export(tmp, models, card, formats, patch_size=patch_size, opset=opset, verify=verify)
         shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {key: out / name for key, name in {**names, "card": CARD_FILE}.items()}
 
 
@@ -438,12 +423,3 @@ def _write_export(folder: Path, models: list[nn.Module], card: dict, formats: li
         _verify(wrapped, files, patch_size)
     write_rdf(folder / RDF_FILE, card, files, opset=opset)
     return {**{f: FILE_NAMES[f] for f in formats}, "rdf": RDF_FILE}
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed afterwards."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

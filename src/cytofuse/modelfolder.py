@@ -14,7 +14,6 @@ or whose weights disagree with the card's channels or classes, is refused with a
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -22,8 +21,9 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputError, RunFolderError
+from .errors import InputError
 from .patches import PatchSettings
+from .runs import check_replaceable, replacing_folder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,8 +127,8 @@ def _check_config(config: dict, card: ModelCard, where: str) -> None:
 def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCard, *, overwrite: bool = False) -> Path:
     """Write ``models`` (one, or the folds of an ensemble) and ``card`` to the folder ``out``.
 
-    Written to a temporary folder beside ``out`` and renamed into place; an existing ``out``
-    is replaced only with ``overwrite`` and only when it is empty or a model folder. A learned
+    Written to a temporary folder beside ``out`` and swapped into place; an existing ``out``
+    is replaced only with ``overwrite`` and only if cytofuse made it. A learned
     empty-patch filter named by the card is copied into the folder (``empty_filter/``), so the
     folder predicts as in training wherever it is moved.
     """
@@ -137,7 +137,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     out = Path(out)
     if not models:
         raise InputError(f"write_model_folder: models must hold at least one model, got {models!r}")
-    _check_target(out, overwrite)
+    check_replaceable(out, overwrite=overwrite, what="model folder")
     names = weight_names(len(models))
     card = card.model_copy(update={"weights": names})
     for k, model in enumerate(models):
@@ -150,40 +150,19 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
         from .emptyfilter import check_filter_folder
 
         check_filter_folder(source_filter)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_folder(out, overwrite=overwrite, what="model folder") as tmp:
         if source_filter is not None:  # the card names the copy, relative to the folder
             shutil.copytree(source_filter, tmp / FILTER_DIR)
             card = card.model_copy(update={"patches": card.patches | {"empty_filter": FILTER_DIR}})
         for model, name in zip(models, names):
             save_weights(model, tmp / name)
         (tmp / CARD_FILE).write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise RunFolderError(f"model folder {out} exists and is not a folder")
-    if any(out.iterdir()) and not (out / CARD_FILE).is_file():
-        raise RunFolderError(f"{out} exists and is not a model folder; choose a new output folder")
-    if not overwrite and any(out.iterdir()):
-        raise RunFolderError(f"model folder {out} exists; pass --overwrite to replace it or choose a new output folder")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed afterwards."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Refuse ``out`` unless it may be written (kept for callers that check before training)."""
+    check_replaceable(out, overwrite=overwrite, what="model folder")
 
 
 def read_card(path: str | Path) -> ModelCard:

@@ -55,9 +55,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import InputError, RunFolderError
+from .errors import InputError
 from .patches import NORM_EPS as _EPS
 from .patches import cut_patches
+from .runs import check_replaceable, mark_finished, swap_in
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -694,13 +695,7 @@ def _image_names(images: Sequence) -> list[str]:
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """A fresh temporary folder beside ``out``, after checking ``out`` may be (re)placed."""
-    if out.exists():
-        if not out.is_dir():
-            raise RunFolderError(f"prediction folder {out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():
-            raise RunFolderError(f"{out} exists and is not a prediction folder; choose a new --out")
-        if any(out.iterdir()) and not overwrite:
-            raise RunFolderError(f"prediction folder {out} exists; pass --overwrite to replace it or choose a new --out")
+    check_replaceable(out, overwrite=overwrite, what="prediction folder")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -819,7 +814,8 @@ def predict_images(
         summary.to_csv(tmp / SUMMARY_FILE, index=False)
         summary.to_parquet(tmp / "summary.parquet", index=False)
         pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
-        _replace(tmp, out)
+        mark_finished(tmp)
+        swap_in(tmp, out, overwrite=overwrite, what="prediction folder")
     finally:
         for job in (ahead, overlay):
             if job is not None:
@@ -827,11 +823,3 @@ def predict_images(
         pool.shutdown(wait=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

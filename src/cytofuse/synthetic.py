@@ -19,16 +19,15 @@ in every channel that :func:`informative_channels` does not name.
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from cytofuse.errors import InputError, RunFolderError
+from cytofuse.errors import InputError
 from cytofuse.io import Image, write_ome_tiff
+from cytofuse.runs import replacing_folder
 
 CHANNELS = ("nucleus", "mitochondria", "early_endosome", "recycling_endosome")
 
@@ -556,7 +555,8 @@ def write_synthetic_dataset(
     """Write phantoms as ``out/images/<class>_<i>.ome.tif`` and a manifest ``out/labels.csv``.
 
     The manifest has columns ``path`` (relative to ``out``), ``label`` (class name) and
-    ``group`` (image id). The folder is built under a temporary name and renamed into place.
+    ``group`` (image id). The folder is built under a temporary name and renamed into place;
+    an existing one is replaced only with ``overwrite`` and only if cytofuse made it.
     """
     from tqdm import tqdm
 
@@ -566,16 +566,10 @@ def write_synthetic_dataset(
     if images_per_class < 1:
         raise InputError(f"images_per_class must be >= 1, got {images_per_class}")
     _check_args(shape, difficulty)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunFolderError(
-            f"write_synthetic_dataset: {out} exists and is not empty; pass overwrite=True to replace it"
-        )
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     rows = []
     jobs = [(label, i) for label in range(classes) for i in range(images_per_class)]
-    try:
+    with replacing_folder(out, overwrite=overwrite, what="data folder") as tmp:
+        (tmp / "images").mkdir()
         for label, i in tqdm(jobs, desc="synthetic images", disable=not progress):
             name = f"{CLASS_NAMES[label]}_{i}"
             image = make_phantom(label, shape=shape, seed=image_seed(seed, label, i), difficulty=difficulty)
@@ -585,11 +579,4 @@ def write_synthetic_dataset(
             writer = csv.DictWriter(fh, fieldnames=["path", "label", "group"])
             writer.writeheader()
             writer.writerows(rows)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -24,8 +24,6 @@ conditions for every class. Ground truth is in code (:data:`LIVE_LOOK`, :data:`D
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -33,8 +31,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, special
 
-from cytofuse.errors import InputError, RunFolderError
+from cytofuse.errors import InputError
 from cytofuse.io import Image, write_ome_tiff
+from cytofuse.runs import replacing_folder
 
 LIVEDEAD_CHANNELS = ("BF", "PI")
 SINGLE_CELL_CHANNELS = ("BF", "DF", "DNA")
@@ -101,24 +100,6 @@ def _check_field_args(shape, n_cells) -> tuple[tuple[int, int], int]:
     if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or not 0 <= n_cells <= most:
         raise InputError(f"n_cells must be an int in [0, Y*X/400] = [0, {most}], got {n_cells!r}")
     return shape, int(n_cells)
-
-
-def _prepare_out(out: str | Path, overwrite: bool, who: str) -> tuple[Path, Path]:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunFolderError(f"{who}: {out} exists and is not empty; pass overwrite=True to replace it")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    tmp.rename(out)
 
 
 def _check_folder_name(name, what: str) -> str:
@@ -309,9 +290,8 @@ def write_livedead_set(
         raise InputError(f"n_fields must be an int >= 1, got {n_fields!r}")
     _check_field_args(shape, None)
     _check_unit("difficulty", difficulty)
-    out, tmp = _prepare_out(out, overwrite, "write_livedead_set")
     tables = []
-    try:
+    with replacing_folder(out, overwrite=overwrite, what="data folder") as tmp:
         for k, (name, fraction) in enumerate(conditions.items()):
             (tmp / name).mkdir()
             for i in range(n_fields):
@@ -322,9 +302,6 @@ def write_livedead_set(
                 tables.append(truth.assign(path=f"{name}/field_{i}.ome.tif", condition=name, field=f"{name}_{i}"))
         table = pd.concat(tables, ignore_index=True)[["path", "condition", "field", "x", "y", "radius", "dead"]]
         table.to_csv(tmp / "cells.csv", index=False)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return table
 
 
@@ -490,9 +467,8 @@ def write_single_cell_set(
             raise InputError(f"count of class {name!r} must be an int >= 0, got {n!r}")
     _check_size(size)
     _check_unit("difficulty", difficulty)
-    out, tmp = _prepare_out(out, overwrite, "write_single_cell_set")
     rows = []
-    try:
+    with replacing_folder(out, overwrite=overwrite, what="data folder") as tmp:
         for name, n in counts.items():
             (tmp / name).mkdir()
             for i in range(n):
@@ -502,7 +478,4 @@ def write_single_cell_set(
                 rows.append({"path": f"{name}/cell_{i}.ome.tif", "label": name, "seed": cell_seed})
         table = pd.DataFrame(rows, columns=["path", "label", "seed"])
         table.to_csv(tmp / "cells.csv", index=False)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return table
