@@ -208,14 +208,17 @@ def test_channels_of_different_shapes(montages, tmp_path):
 def test_existing_output_replaced_only_with_overwrite_and_only_if_cytofuse_made_it(montages, tmp_path):
     out = tmp_path / "cells"
     write_montage_cells(montages, out, tile_size=T)
-    with pytest.raises(RunFolderError, match="exists; pass --overwrite"):
+    with pytest.raises(RunFolderError, match="cell folder .*cells exists; pass --overwrite"):
         write_montage_cells(montages, out, tile_size=T, count=2)
     write_montage_cells(montages, out, tile_size=T, count=2, overwrite=True)
     assert len(pd.read_csv(out / "cells.csv")) == 4 and not (out / "cycling" / "cell_0005.ome.tif").exists()
+    with pytest.raises(InputError, match="Ch9"):  # fails while writing: the old folder stays as it was
+        write_montage_cells(montages, out, tile_size=T, overwrite=True, channels={"Ch9": "BF"})
+    assert len(pd.read_csv(out / "cells.csv")) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["cells", "montages"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(RunFolderError, match="was not made by cytofuse"):
+    with pytest.raises(RunFolderError, match=r"mine exists and is not a cytofuse cell folder \(it has no .cytofuse-run marker\)"):
         write_montage_cells(montages, mine, tile_size=T, overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep"
     with pytest.raises(RunFolderError, match="overlaps the montage input"):

@@ -14,9 +14,7 @@ blank, striped, or a copy of another tile.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,31 +297,23 @@ def write_montage_cells(
     """
     import pandas as pd
 
+    from .runs import replacing_folder
+
     input_path, out = Path(input_path), Path(out)
     montages = find_montages(input_path)
     file_limits, class_limits = resolve_counts(montages, count=count, counts=counts)
-    _check_out(out, input_path, overwrite=overwrite)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    _check_no_overlap(out, input_path)
+    with replacing_folder(out, overwrite=overwrite, what="cell folder") as tmp:
         rows, summary = _write_classes(montages, tmp, tile_size=tile_size, order=order, file_limits=file_limits,
                                        class_limits=class_limits, channel_map=dict(channels or {}))
         pd.DataFrame(rows, columns=["path", "label", "group", "montage", "tile_index", "tile_row", "tile_col"]
                      ).to_csv(tmp / MANIFEST, index=False)
         pd.DataFrame([dataclasses.asdict(s) for s in summary]).to_csv(tmp / SUMMARY, index=False)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
 def _write_classes(montages: Sequence[Montage], tmp: Path, *, tile_size, order, file_limits, class_limits,
                    channel_map) -> tuple[list[dict], list[ClassSummary]]:
-    from .runs import mark_finished
-
-    tmp.mkdir(parents=True)
-    mark_finished(tmp)
     rows, summary, names = [], [], None
     for label in sorted({m.label for m in montages}):
         parts = _cut_class([m for m in montages if m.label == label], tile_size=tile_size, order=order,
@@ -339,25 +329,9 @@ def _write_classes(montages: Sequence[Montage], tmp: Path, *, tile_size, order, 
     return rows, summary
 
 
-def _check_out(out: Path, input_path: Path, *, overwrite: bool) -> None:
-    """Refuse an ``out`` that overlaps the input, or that exists without ``overwrite`` or was not made by cytofuse."""
-    from .runs import MARKER
-
+def _check_no_overlap(out: Path, input_path: Path) -> None:
+    """Refuse an ``out`` inside the input folder (it would be read as montages) or holding the input."""
     target, source = out.resolve(), input_path.resolve()
     if source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
         raise RunFolderError(f"--out {out} overlaps the montage input {input_path}; choose a folder outside it")
-    if not out.exists():
-        return
-    if not overwrite:
-        raise RunFolderError(f"--out {out} exists; pass --overwrite to replace it or choose a new --out")
-    if not out.is_dir() or not (out / MARKER).is_file():
-        raise RunFolderError(f"--out {out} exists and was not made by cytofuse; it is never replaced, choose a new --out")
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed afterwards."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
