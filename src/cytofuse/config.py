@@ -218,6 +218,19 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _distinct_model_names(self) -> "RunConfig":
+        """Each model's results live under its display name: two models with one name would overwrite each other."""
+        first: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            j = first.setdefault(m.display_name, i)
+            if j != i:
+                raise ValueError(
+                    f"models[{j}] and models[{i}] have the same name {m.display_name!r} "
+                    f"({_entry(self.models[j])} and {_entry(m)}); give one of them its own name: field"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _check_train(self) -> "RunConfig":
         if not self.train:  # defaults: nothing to check, and the patch stage need not import torch
             return self
@@ -235,6 +248,11 @@ class RunConfig(_Strict):
     def resolved(self) -> "RunConfig":
         """This config with every training default written out (for the run folder)."""
         return self.model_copy(update={"train": self.train_settings.model_dump(mode="json")})
+
+
+def _entry(model: "ModelSettings") -> dict:
+    """A model entry as written in a config: the fields that differ from their defaults."""
+    return model.model_dump(mode="json", exclude_defaults=True)
 
 
 def load_config(path: str | Path, *, overrides: list[str] = ()) -> RunConfig:
@@ -266,7 +284,7 @@ def validate_config(raw: dict, *, source: str = "<config>") -> RunConfig:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
+            where = ".".join(str(p) for p in err["loc"]) or "config"  # a check across sections has no key
             value = err.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
@@ -284,7 +302,11 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not plain YAML (numbers, strings, lists, mappings; "
+                          f"no tags): {exc}") from None
 
 
 def dump_config(config: RunConfig, path: str | Path) -> Path:

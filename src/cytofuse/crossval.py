@@ -133,7 +133,8 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
 
     image_set = load_image_set(cfg.data)
     n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
-    image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
+                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
     dump_config(cfg.resolved(), run_dir / "config.yaml")
     from .patches import build_patch_index

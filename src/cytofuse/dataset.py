@@ -120,9 +120,12 @@ class ImageSet:
             raise DataSetError(f"image folder {root} does not exist or is not a folder")
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         files = {d.name: sorted(f for f in d.rglob("*") if f.is_file() and _is_image(f)) for d in class_dirs}
-        files = {k: v for k, v in files.items() if v}
-        if not files:
+        if not any(files.values()):
             raise DataSetError(f"image folder {root} has no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)})")
+        empty = [str(root / k) for k, v in files.items() if not v]
+        if empty:
+            raise DataSetError(f"image folder {root}: class folder(s) {empty} hold no image files "
+                               f"({', '.join(IMAGE_SUFFIXES)}); add images or move the folder(s) out")
         all_names = [f.name for v in files.values() for f in v]
         pattern = channel_pattern or (CHANNEL_FILE_PATTERN if all(re.match(CHANNEL_FILE_PATTERN, n) for n in all_names) else None)
         records = []
@@ -148,7 +151,7 @@ class ImageSet:
         csv = Path(csv)
         if not csv.is_file():
             raise DataSetError(f"manifest {csv} does not exist")
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        table = _read_manifest(csv)
         if label_column not in table.columns:
             raise DataSetError(f"manifest {csv} has no label column {label_column!r}; columns: {list(table.columns)}")
         channel_cols = [c for c in table.columns if c.startswith(f"{path_column}_")]
@@ -195,9 +198,15 @@ class ImageSet:
         n_folds: int | None = None,
         channels: Sequence[str | int] | None = None,
         exclude_channels: Sequence[str | int] = (),
+        min_classes: int = 1,
+        patch_size: int | None = None,
     ) -> ValidationReport:
-        """Check every file and the set as a whole before any work; raise one error listing all problems."""
-        problems = _duplicate_paths(self.records)
+        """Check every file and the set as a whole before any work; raise one error listing all problems.
+
+        ``min_classes``: fewer labels than this is a problem (2 to train a classifier);
+        ``patch_size``: every image must be at least that large in Y and X.
+        """
+        problems = _duplicate_paths(self.records) + _too_few_classes(self.classes, min_classes)
         shapes, dtypes, names = {}, {}, {}
         for record in self.records:
             problems += _check_files(record)
@@ -208,6 +217,7 @@ class ImageSet:
             except Exception as exc:  # readers raise InputError naming the file; keep collecting
                 problems.append(f"{record.display}: {exc}")
         problems += _channel_consistency(self.records, names)
+        problems += _smaller_than_patch(self.records, shapes, patch_size)
         channel_names = next(iter(names.values()), ())
         if channel_names and not problems:
             from .patches import select_channels
@@ -241,6 +251,21 @@ class ImageSet:
         for message in report.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
         return report
+
+
+def _read_manifest(csv: Path):
+    """The manifest as a string table; an empty or malformed file is a DataSetError naming it."""
+    import pandas as pd
+
+    if csv.stat().st_size == 0:
+        raise DataSetError(f"manifest {csv} is empty (0 bytes); it needs a header line (path,label[,group]) and one row per image")
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataSetError(f"manifest {csv} is not a readable CSV file: {type(exc).__name__}: {exc}") from None
+    if table.empty:
+        raise DataSetError(f"manifest {csv} has a header {list(table.columns)} but no rows; add one row per image")
+    return table
 
 
 def _is_image(path: Path) -> bool:
@@ -301,6 +326,21 @@ def _manifest_record(row, i, csv, path_column, channel_cols, label_column, group
         rec = dict(channel_paths=chans)
     group = (row.get(group_column) or "").strip() if group_column else ""
     return ImageRecord(image_id=image_id, label=label, group=group or image_id, metadata=meta, **rec)
+
+
+def _too_few_classes(classes: list[str], min_classes: int) -> list[str]:
+    if len(classes) >= min_classes:
+        return []
+    return [f"{len(classes)} class(es) {classes} but a classifier needs at least {min_classes}: add images of "
+            "another class (a folder per class, or the manifest's label column)"]
+
+
+def _smaller_than_patch(records: Sequence[ImageRecord], shapes: dict, patch_size: int | None) -> list[str]:
+    if patch_size is None:
+        return []
+    return [f"{r.display}: image is {shapes[r.image_id][2]}x{shapes[r.image_id][3]} px (Y x X), smaller than "
+            f"patches.size={patch_size}; lower patches.size or leave the image out"
+            for r in records if r.image_id in shapes and min(shapes[r.image_id][2:]) < patch_size]
 
 
 def _duplicate_paths(records: Sequence[ImageRecord]) -> list[str]:

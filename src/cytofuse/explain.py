@@ -503,6 +503,16 @@ def run_models(run_dir: str | Path) -> list[str]:
     return sorted(f.name for f in folders if any(f.glob("fold_*/best.safetensors")))
 
 
+def unfinished_models(run_dir: str | Path) -> list[str]:
+    """Folder names of the run's configured network models that have nothing to explain yet."""
+    from cytofuse.modelfolder import cv_model_names
+
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return []
+    done = set(run_models(run_dir))
+    return [_safe(n) for n in cv_model_names(run_dir) if _safe(n) not in done]
+
+
 def load_fold_models(model_dir: str | Path) -> dict[int, Any]:
     """fold -> model rebuilt from ``fold_<k>/best.safetensors``."""
     from cytofuse.models import load_model
@@ -613,10 +623,22 @@ def explain_run(run_dir: str | Path, *, model: str | Sequence[str] | None = None
 
     run_dir = Path(run_dir)
     available = run_models(run_dir)
+    unfinished = unfinished_models(run_dir)
     names = available if model is None else [model] if isinstance(model, str) else list(model)
     unknown = [m for m in names if m not in available]
+    if not available and not unfinished:
+        raise InputError(f"explain_run: {run_dir} holds no trained model (no models/<name>/predictions.parquet with "
+                         "fold weights); give a CV run folder (`cytofuse cv CONFIG --out RUN`)")
     if unknown or not names:
-        raise InputError(f"explain_run: model {unknown or names} not found in {run_dir / 'models'}; run models are {available}")
+        raise InputError(f"explain_run: model {unknown or names} not found in {run_dir / 'models'}; run models are "
+                         f"{available}" + (f"; {unfinished} have no predictions yet (their CV did not finish: "
+                                           "run `cytofuse cv` again to finish it)" if unfinished else ""))
+    if model is None and unfinished:
+        import warnings
+
+        warnings.warn(f"explain_run: models {unfinished} of {run_dir} have no predictions.parquet with fold weights "
+                      "(their CV did not finish) and are not explained; run `cytofuse cv` again to finish them",
+                      UserWarning, stacklevel=2)
     base = Path(out) if out is not None else run_dir / "explain"
     result = {}
     with Progress(disable=not progress) as bar:

@@ -125,7 +125,24 @@ def read_image(
     reader = _FORMATS[path.suffix.lower()]
     parsed = reader(path, axes, True, mmap=True) if mmap and reader is _tiff else reader(path, axes, True)
     names = _channel_names(parsed.shape[0], parsed.names, channel_names, path)
+    check_finite(parsed.data, path, names)
     return Image(parsed.data, names, parsed.pixel_size_um, str(path), parsed.metadata)
+
+
+def check_finite(data: np.ndarray, source: str | Path, channel_names: Sequence[str]) -> None:
+    """Raise when a floating-point (C, Z, Y, X) stack holds NaN or infinite pixels, counted per channel.
+
+    Checked one plane at a time, so a memory-mapped stack is not loaded whole.
+    """
+    if data.dtype.kind != "f":
+        return
+    bad = [sum(int(np.count_nonzero(~np.isfinite(plane))) for plane in channel) for channel in data]
+    if any(bad):
+        where = ", ".join(f"{name}: {n}" for name, n in zip(channel_names, bad) if n)
+        raise InputError(
+            f"image file {source} has {sum(bad)} NaN or infinite pixel(s) of {data.size} ({where}); "
+            "cytofuse needs finite pixel values: replace them (e.g. with 0) or leave the image out"
+        )
 
 
 def probe_image(path: str | Path, *, axes: str | None = None) -> ImageInfo:

@@ -447,7 +447,10 @@ def _patch_one(image_set, image_id: str, settings: PatchSettings) -> dict:
     image = image_set.read(image_id)
     idx = select_channels(image.channel_names, channels=settings.channels, exclude=settings.exclude_channels)
     names = tuple(image.channel_names[i] for i in idx)
-    result = extract_patches(np.asarray(image.data[idx]), channel_names=names, settings=settings)
+    try:
+        result = extract_patches(np.asarray(image.data[idx]), channel_names=names, settings=settings)
+    except InputError as exc:
+        raise InputError(f"{image_set[image_id].display}: {exc}") from None
     return {"image_id": image_id, "shape": image.shape, "dtype": str(image.data.dtype), "result": result}
 
 

@@ -24,7 +24,8 @@ def load_image_set(data: DataSettings) -> ImageSet:
 def run_patches(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PatchIndex:
     """Validate the image set, then write the patch stage into the run folder ``out``."""
     image_set = load_image_set(cfg.data)
-    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
+                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     out = prepare_run_dir(out, overwrite=overwrite)
     dump_config(cfg, out / "config.yaml")
     index = build_patch_index(image_set, cfg.patches, out, workers=cfg.workers, progress=progress)

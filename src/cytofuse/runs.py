@@ -33,6 +33,7 @@ def check_replaceable(path: str | Path, *, overwrite: bool, what: str = "output 
     """
     path = Path(path)
     if not path.exists():
+        _check_parent(path, what)
         return False
     if not path.is_dir():
         raise RunFolderError(f"{what} {path} exists and is not a folder; choose a new output path")
@@ -46,6 +47,15 @@ def check_replaceable(path: str | Path, *, overwrite: bool, what: str = "output 
     if not overwrite:
         raise RunFolderError(f"{what} {path} exists; pass --overwrite to replace it or choose a new output path")
     return True
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing folder above ``path`` must be a writable folder."""
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise RunFolderError(f"{what} {path} cannot be created: {above} is a file, not a folder; choose another output path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{what} {path} cannot be created: no permission to write in {above}; choose another output path")
 
 
 def swap_in(new: str | Path, path: str | Path, *, overwrite: bool, what: str = "output folder") -> Path:
