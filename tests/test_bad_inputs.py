@@ -52,6 +52,7 @@ CASES = [
     Case(".npy without axes", (*P, "{in}/npy.csv"), 2, "stores no axis order"),
     Case("channels differ", (*P, "{in}/channels_differ.csv"), 2, "1 channels ['x']"),
     Case("image smaller than the patch", (*P, "{in}/small.csv"), 2, "small.ome.tif: image is 16x16 px"),
+    Case("TIFF header claims 4e9 x 4e9 px", (*P, "{in}/huge.csv"), 2, "huge.tif decodes to"),
     Case("NaN and inf pixels", (*P, "{in}/nan.csv"), 2, "nan.ome.tif has 16 NaN or infinite pixel(s)", started=True),
     # image folders
     Case("missing image folder", ("patches", "--out", "{out}", "--images", "{in}/nowhere"), 2,
@@ -101,6 +102,8 @@ CASES = [
          "nowhere.tif does not exist"),
     Case("predict: NaN image", ("predict", "{in}/model", "{in}/files/nan.ome.tif", "--out", "{out}"), 2,
          "NaN or infinite pixel(s)"),
+    Case("predict: TIFF header claims 4e9 x 4e9 px", ("predict", "{in}/model", "{in}/files/huge.tif", "--out", "{out}"),
+         2, "huge.tif decodes to"),
     Case("predict: pickled filter in the model", ("predict", "{in}/legacy_model", "{in}/good/images/control_0.ome.tif",
                                                   "--out", "{out}"), 2, "re-run `cytofuse emptyfilter`"),
     Case("predict: output is a user's folder", ("predict", "{in}/model", "{in}/good/images/control_0.ome.tif", "--out",
@@ -140,12 +143,28 @@ def _image_files(root: Path, rng) -> None:
     (files / "text.png").write_text("this is not a PNG")
     (files / "img.bmp").write_bytes(b"BM")
     np.save(files / "arr.npy", np.zeros((64, 64), np.uint16))
+    _huge_tiff(files / "huge.tif")
     write_ome_tiff(files / "one_channel.ome.tif", _stack(rng, channels=("x",)))
     write_ome_tiff(files / "small.ome.tif", _stack(rng, shape=(1, 1, 16, 16)))
     nan = _stack(rng, dtype=np.float32)
     nan.data[1, 0, :3, :5] = np.nan
     nan.data[2, 0, 7, 7] = np.inf
     write_ome_tiff(files / "nan.ome.tif", nan)
+
+
+def _huge_tiff(path: Path, side: int = 4_000_000_000) -> None:
+    """A 239-byte compressed TIFF whose header claims side x side pixels (more memory than any machine has)."""
+    import struct
+
+    import tifffile
+
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), compression="zlib", rowsperstrip=side, metadata=None)
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        where = {tag.name: tag.valueoffset for tag in tif.pages.first.tags.values()}
+    for name in ("ImageWidth", "ImageLength"):
+        struct.pack_into("<I", raw, where[name], side)
+    path.write_bytes(bytes(raw))
 
 
 def _manifests(root: Path) -> None:
@@ -160,7 +179,8 @@ def _manifests(root: Path) -> None:
     _write_manifest(root / "single_class.csv", good[:2])
     for name, file in (("zero_byte", "zero.tif"), ("truncated", "truncated.tif"), ("garbage", "garbage.tif"),
                        ("textpng", "text.png"), ("unsupported", "img.bmp"), ("npy", "arr.npy"),
-                       ("channels_differ", "one_channel.ome.tif"), ("small", "small.ome.tif"), ("nan", "nan.ome.tif")):
+                       ("channels_differ", "one_channel.ome.tif"), ("small", "small.ome.tif"), ("nan", "nan.ome.tif"),
+                       ("huge", "huge.tif")):
         _write_manifest(root / f"{name}.csv", [*good, (f"files/{file}", "fragmented")])
 
 

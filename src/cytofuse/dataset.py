@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import DataSetError
+from .io import check_fits_in_memory
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
 CHANNEL_FILE_PATTERN = r"^(?P<channel>Ch\d+)_(?P<key>.+)\.[^.]+$"
@@ -214,6 +215,8 @@ class ImageSet:
                 continue
             try:
                 shapes[record.image_id], dtypes[record.image_id], names[record.image_id] = self.probe(record)
+                check_fits_in_memory(_nbytes(shapes[record.image_id], dtypes[record.image_id]), record.display,
+                                     shapes[record.image_id], dtypes[record.image_id])
             except Exception as exc:  # readers raise InputError naming the file; keep collecting
                 problems.append(f"{record.display}: {exc}")
         problems += _channel_consistency(self.records, names)
@@ -326,6 +329,12 @@ def _manifest_record(row, i, csv, path_column, channel_cols, label_column, group
         rec = dict(channel_paths=chans)
     group = (row.get(group_column) or "").strip() if group_column else ""
     return ImageRecord(image_id=image_id, label=label, group=group or image_id, metadata=meta, **rec)
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    import numpy as np
+
+    return int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
 
 
 def _too_few_classes(classes: list[str], min_classes: int) -> list[str]:

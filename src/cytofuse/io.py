@@ -157,6 +157,28 @@ def probe_image(path: str | Path, *, axes: str | None = None) -> ImageInfo:
     return ImageInfo(parsed.shape, np.dtype(parsed.dtype), names, parsed.pixel_size_um, path)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(nbytes: int, source: str | Path, shape: Sequence[int], dtype) -> None:
+    """Raise before decoding an image whose pixels would not fit in the memory available now."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise InputError(
+            f"image file {source} decodes to {nbytes / 2**30:.1f} GiB (shape {tuple(shape)}, {np.dtype(dtype)}) but "
+            f"only {free / 2**30:.1f} GiB of memory is available; split it into smaller files or use a larger machine"
+        )
+
+
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
@@ -289,6 +311,7 @@ def _tiff(path: Path, axes: str | None, load: bool, *, mmap: bool = False) -> _P
             raw = np.asarray(tifffile.memmap(path, series=tif.series.index(series), mode="r"))
             data = _to_czyx(raw.reshape(series.shape), file_axes, path)
         elif load:
+            check_fits_in_memory(series.nbytes, path, series.shape, series.dtype)
             data = _to_czyx(series.asarray(), file_axes, path)
         _check_tiff_complete(tif, series, path, log)
         meta = {"format": "tiff", "axes": file_axes, "z_axis": z_axis, "n_series": len(tif.series)}
