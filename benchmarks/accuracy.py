@@ -118,7 +118,7 @@ def _override(raw: dict, item: str) -> None:
     node[last] = yaml.safe_load(value)
 
 
-def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str) -> list[dict]:
+def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str, models: list[str] = ()) -> list[dict]:
     from cytofuse.config import validate_config
     from cytofuse.crossval import run_cv
 
@@ -131,6 +131,8 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
     raw.setdefault("cv", {})["n_folds"] = folds
     for item in overrides:
         _override(raw, item)
+    if models:
+        raw["models"] = [m for m in raw["models"] if m.get("name", m["fusion"]) in models] or raw["models"]
     start = time.perf_counter()
     result = run_cv(validate_config(raw, source=name), work / f"run_{name}_{label}", overwrite=True, progress=False)
     minutes = (time.perf_counter() - start) / 60
@@ -149,16 +151,21 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--label", default="defaults", help="Name of this variant in the table.")
+    parser.add_argument("--model", action="append", default=[], help="Keep only the models of this name (repeatable).")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytofuse-accuracy")
     parser.add_argument("--json", type=Path, help="Append the rows to this JSON-lines file.")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch intra-op threads (1 when other jobs share the cores: oversubscribed "
+                             "threads wait on each other and slow training many times over).")
     args = parser.parse_args()
     import pandas as pd
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     rows = []
     for name in args.tasks:
-        task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label)
+        task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label,
+                             models=args.model)
         rows += task_rows
         if task_rows:
             print(pd.DataFrame(task_rows).to_string(index=False, float_format="%.3f"), flush=True)

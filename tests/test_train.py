@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -280,3 +282,58 @@ def test_ddp_spawn_two_cpu_processes(toy, tmp_path):
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.weights_path.is_file() and (tmp_path / "fit.json").is_file()
+
+
+def test_a_config_of_the_last_release_gives_the_new_recipe():
+    """Fields of the old recipe (patience, monitor, staircase decay) still validate; the recipe is the new one."""
+    from cytofuse.config import validate_config
+
+    old = {"data": {"images": "x"}, "train": {"max_epochs": 100, "patience": 15, "monitor": "val_loss", "lr": 0.002,
+                                              "decay_steps": 100, "decay_rate": 0.95, "optimizer": "adam"}}
+    s = validate_config(old).train_settings
+    assert (s.max_epochs, s.schedule, s.ema, s.early_stopping, s.select) == (100, "cosine", True, False, "last")
+    assert s.optimizer == "adam" and s.resolved_weight_decay == 0.0  # an explicit choice is kept
+    staircase = validate_config({**old, "train": {**old["train"], "schedule": "staircase", "early_stopping": True}})
+    assert staircase.train_settings.select == "best"
+
+
+def test_warmup_cosine_schedule_reaches_zero_at_the_end_of_the_budget():
+    from cytofuse.train import _WarmupCosine
+
+    f = _WarmupCosine(warmup=4, total=20)
+    values = [f(step) for step in range(21)]
+    assert values[0] == pytest.approx(0.2) and values[3] == pytest.approx(0.8)  # linear warm-up
+    assert values[4] == pytest.approx(1.0) and values[20] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))  # then never increases
+    assert values[12] == pytest.approx(0.5)  # half-way through the decay
+
+
+def test_budget_in_optimiser_steps_and_ema_as_the_evaluated_model(toy, tmp_path):
+    train_ds, val_ds = toy
+    model = _model()
+    result = fit(model, train_ds, val_ds, settings=_settings(max_steps=6, max_epochs=100), out_dir=tmp_path)
+    # 4 steps per epoch (64 patches / batch 16): the budget ends inside epoch 1, validated at epoch ends only
+    assert result.history["epoch"].tolist() == [0]
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    for name, value in model.state_dict().items():  # the returned model holds the weight average, not the last step
+        torch.testing.assert_close(value, last["state_dict"][f"ema.{name}"])
+    assert not torch.equal(last["state_dict"]["ema.head.weight"], last["state_dict"]["model.head.weight"])
+    assert json.loads((tmp_path / "fit.json").read_text())["completed"] is True
+
+
+def test_batchnorm_recalibration_matches_the_training_data_statistics(toy):
+    from cytofuse.models import create_model
+    from cytofuse.train import recalibrate_batchnorm
+
+    train_ds, _ = toy
+    torch.manual_seed(0)
+    model = create_model("early", in_channels=2, num_classes=3, encoder="smallcnn")
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=64)
+    recalibrate_batchnorm(model, loader)
+    first = model.encoder.blocks[0][0]
+    x = torch.stack([train_ds[i][0] for i in range(len(train_ds))])
+    with torch.no_grad():
+        pre = first[0](x)  # the first convolution's output, which the first BatchNorm normalises
+    torch.testing.assert_close(first[1].running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert first[1].momentum == 0.1 and model.training  # settings restored

@@ -187,6 +187,7 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("class_weight", weight, persistent=False)
         self.ema = _frozen_copy(model) if settings.ema else None
         self._ema_decay = settings.ema_decay or 0.99
+        self.loader_batches = 1  # set by fit from the training loader
         self.history: list[dict] = []
         self._late = settings.late_branch_loss > 0 and getattr(model, "fusion", "") == "late"
         self._reset_sums()
@@ -194,6 +195,11 @@ class ClassifierModule(L.LightningModule):
     def _reset_sums(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {"train": 0.0, "train_w": 0.0, "val": 0.0, "val_w": 0.0}
         self._confusion: torch.Tensor | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch on each device (the loader's batches shared over the devices)."""
+        return max(1, math.ceil(self.loader_batches / max(1, self.trainer.world_size)))
 
     @property
     def evaluated(self) -> nn.Module:
@@ -207,7 +213,7 @@ class ClassifierModule(L.LightningModule):
         for m in (self.model, self.ema):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
-        self._ema_decay = ema_decay_for(self.trainer.num_training_batches, self.settings.ema_decay)
+        self._ema_decay = ema_decay_for(self.steps_per_epoch, self.settings.ema_decay)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -301,13 +307,13 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         s = self.settings
         opt_cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(self.model.parameters(), lr=s.lr, weight_decay=s.resolved_weight_decay, **_fused_kwargs(opt_cls))
+        params = list(self.model.parameters())
+        opt = opt_cls(params, lr=s.lr, weight_decay=s.resolved_weight_decay, **_fused_kwargs(params))
         if s.schedule == "staircase":
             factor = _StepDecay(s.decay_rate, s.decay_steps)
         elif s.schedule == "cosine":
             total = int(self.trainer.estimated_stepping_batches)
-            per_epoch = max(1, int(self.trainer.num_training_batches)) if s.max_steps else max(1, total // s.max_epochs)
-            factor = _WarmupCosine(int(round(s.warmup_epochs * per_epoch)), total)
+            factor = _WarmupCosine(int(round(s.warmup_epochs * self.steps_per_epoch)), total)
         else:
             factor = _constant
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -331,8 +337,10 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return ema
 
 
-def _fused_kwargs(opt_cls) -> dict:
-    """``foreach`` multi-tensor updates (one kernel per step for all parameters on a CPU)."""
+def _fused_kwargs(params: list[torch.Tensor]) -> dict:
+    """The fused Adam(W) kernel where torch has one (CPU and CUDA parameters), else multi-tensor ``foreach``."""
+    if params and all(p.device.type in ("cpu", "cuda") for p in params):
+        return {"fused": True}
     return {"foreach": True}
 
 
@@ -541,6 +549,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=out_dir / "history.csv")
     train_loader, val_loader = _loaders(train_ds, val_ds, settings)
+    module.loader_batches = len(train_loader)
     last = out_dir / "last.ckpt"
     with warnings.catch_warnings(), _quiet(not settings.progress):
         for pattern in _NOISE:
@@ -578,8 +587,8 @@ def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_
     history = pd.DataFrame(module.history, columns=HISTORY_COLUMNS)
     if history.empty or history["epoch"].max() < best_epoch:  # spawned workers kept the module's history
         history = pd.read_csv(out_dir / "history.csv")
-    if settings.select == "last":
-        best_score = float(history.loc[history["epoch"] == best_epoch, "val_smoothed"].iloc[-1])
+    if settings.select == "last" and not history.empty:  # the end of the budget: the last validated epoch
+        best_epoch, best_score = int(history["epoch"].iloc[-1]), float(history["val_smoothed"].iloc[-1])
     if settings.bn_recalibrate:
         recalibrate_batchnorm(model, train_loader)
     stopped_early = settings.early_stopping and _early_stopped(out_dir / "last.ckpt")
