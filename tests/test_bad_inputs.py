@@ -112,6 +112,8 @@ CASES = [
     Case("export: output is a user's folder", ("export", "{in}/model", "{in}/mine", "--overwrite"), 2,
          "is not a cytofuse export folder"),
     Case("report: missing run", ("report", "{in}/nowhere"), 2, "does not exist"),
+    Case("report: a model's predictions deleted", ("report", "{in}/orphan_run", "--out", "{out}/report.html"), 2,
+         "['{in}/orphan_run/models/late'] have metrics.json but no predictions.parquet"),
     Case("explain: not a run", ("explain", "{in}/mine"), 2, "holds no trained model"),
     Case("emptyfilter: no cells folder", ("emptyfilter", "{in}/ef_nocells", "--out", "{out}", "--encoder",
                                           "intensity"), 2, "sub-folder cells/ is missing"),
@@ -192,6 +194,11 @@ def _folders(root: Path, rng) -> None:
     (root / "afile").write_text("a file, not a folder")
     (root / "mine").mkdir()
     (root / "mine" / "thesis.docx").write_text("years of work")
+    run = root / "orphan_run"  # a finished run whose second model lost its predictions
+    for name in ("config.yaml", "patches.parquet", "images.parquet", "models/early/predictions.parquet",
+                 "models/early/metrics.json", "models/late/metrics.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
     (root / "ef_nocells" / "empty").mkdir(parents=True)
     write_ome_tiff(root / "ef_nocells" / "empty" / "p.ome.tif", _stack(rng, shape=(1, 1, 32, 32), channels=("x",)))
 

@@ -130,6 +130,12 @@ def _check_cv_folder(run_dir: Path) -> None:
     if not any((p.parent / "metrics.json").is_file() for p in found):
         what = "metrics (models/*/metrics.json; the CV stopped early)" if found else "predictions of any model (models/*/predictions.parquet)"
         raise InputError(f"run folder {run_dir} lacks {what}: {_cv_command(run_dir)}")
+    orphans = [str(p.parent) for base in ("models", "probes") for p in sorted((run_dir / base).glob("*/metrics.json"))
+               if not (p.parent / "predictions.parquet").is_file()]
+    if orphans:
+        raise InputError(f"run folder {run_dir}: {orphans} have metrics.json but no predictions.parquet (moved or "
+                         f"deleted?), which the report's curves are drawn from; restore it or run the CV again "
+                         f"(`cytofuse cv CONFIG --out {run_dir} --overwrite`)")
 
 
 def _run_state(run_dir: Path) -> str:
