@@ -47,8 +47,18 @@ def _model(name: str, *, encoder: str = "smallcnn", seed: int = 0, k: int = 3):
     model = create_model(name, in_channels=3, num_classes=k, encoder=encoder, **extra)
     if name == "late":  # unequal branch weights, so the fusion weights are really exported
         model.set_branch_weights([0.6, 0.3, 0.1])
+    _calibrate(model)
     _sharpen(model)
     return model.eval()
+
+
+def _calibrate(model) -> None:
+    """BatchNorm statistics of the synthetic patches: with the initial ones (mean 0, variance 1) a
+    random deep encoder maps every patch to nearly the same features."""
+    from cytofuse.train import recalibrate_batchnorm
+
+    x = torch.from_numpy(_synthetic_patches(16))
+    recalibrate_batchnorm(model, [(x, None)])
 
 
 def _sharpen(model, gain: float = 200.0) -> None:

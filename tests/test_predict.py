@@ -22,7 +22,7 @@ def _hand_model():
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        for block in model.encoder.blocks:
+        for block in (b for stage in model.encoder.blocks for b in stage):  # conv-BN-ReLU blocks of every stage
             block[0].weight[0, 0, 1, 1] = 1
             block[0].weight[1, 1, 1, 1] = 1
             block[1].weight.fill_(1)

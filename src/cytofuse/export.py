@@ -51,19 +51,25 @@ class ProbabilityModel(nn.Module):
 
     Holds copies, so exporting never changes the caller's models, and stays in eval mode
     (exporters switch modes and back; an inference graph must never see training mode).
+    ``tta``: each member's probability is its mean over the 8 dihedral transforms of the patch,
+    as ``cytofuse predict`` computes it for a card with ``tta``.
     """
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    def __init__(self, models: Sequence[nn.Module], *, tta: bool = False) -> None:
         super().__init__()
+        from cytofuse.models.tta import DihedralTTA
+
         self.in_channels, self.num_classes = _shared_shape(models)
-        self.members = nn.ModuleList(copy.deepcopy(m) for m in models)
+        self.tta = tta
+        members = (copy.deepcopy(m) for m in models)
+        self.members = nn.ModuleList(DihedralTTA(m) if tta else m for m in members)
         self.eval()
 
     def train(self, mode: bool = True) -> "ProbabilityModel":
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = [torch.softmax(member(x), dim=1) for member in self.members]
+        probs = [member(x) if self.tta else torch.softmax(member(x), dim=1) for member in self.members]
         return torch.stack(probs, dim=0).mean(dim=0)
 
 
@@ -78,14 +84,15 @@ def _shared_shape(models: Sequence[nn.Module]) -> tuple[int, int]:
     return next(iter(shapes))
 
 
-def as_probability_model(model: nn.Module | Sequence[nn.Module]) -> ProbabilityModel:
-    """Wrap a model or an ensemble (a list of models) so that it outputs class probabilities."""
+def as_probability_model(model: nn.Module | Sequence[nn.Module], *, tta: bool = False) -> ProbabilityModel:
+    """Wrap a model or an ensemble (a list of models) so that it outputs class probabilities
+    (with ``tta``: averaged over the 8 dihedral transforms)."""
     if isinstance(model, ProbabilityModel):
         return model
     models = [model] if isinstance(model, nn.Module) else list(model)
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise InputError(f"model must be an nn.Module or a non-empty list of them, got {model!r}")
-    return ProbabilityModel(models)
+    return ProbabilityModel(models, tta=tta)
 
 
 def _check_patch_size(patch_size: object) -> int:
@@ -372,6 +379,7 @@ def _metadata(card: dict, patch_size: int) -> dict[str, object]:
         "class_names": card["class_names"], "channel_names": card["channel_names"], "patch_size": patch_size,
         "normalisation": card.get("normalisation"), "output": "class probabilities",
         "ensemble_members": max(len(card.get("weights", [])), 1), "cytofuse_version": card.get("cytofuse_version"),
+        "tta": "mean over the 8 dihedral transforms of each patch" if card.get("tta") else "none",
     }
 
 
@@ -413,7 +421,7 @@ def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequ
 def _write_export(folder: Path, models: list[nn.Module], card: dict, formats: list[str], *, patch_size: int,
                   opset: int, verify: bool) -> dict[str, str]:
     """Write the exported graphs and rdf.yaml into ``folder``; their names by format (and "rdf")."""
-    wrapped, meta = as_probability_model(models), _metadata(card, patch_size)
+    wrapped, meta = as_probability_model(models, tta=bool(card.get("tta"))), _metadata(card, patch_size)
     files = {f: folder / FILE_NAMES[f] for f in formats}
     if "onnx" in files:
         export_onnx(wrapped, files["onnx"], patch_size=patch_size, opset=opset, metadata=meta)

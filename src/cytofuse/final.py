@@ -96,17 +96,10 @@ def _model_settings(cfg: RunConfig, model_name: str | None) -> ModelSettings:
     return cfg.models[names.index(model_name)]
 
 
-def _last_epoch_state(ckpt: Path) -> dict:
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-
-
 def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, cv_run: str | Path | None = None,
                 model_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Fit ``model_name`` of ``cfg`` on all images for ``epochs`` (or the CV run's) and write the model folder ``out``."""
-    from .crossval import _cache, _fit_fold, refine_patch_index
+    from .crossval import _cache, _fit_fold, normalised_view, refine_patch_index
     from .modelfolder import _check_target, card_for, write_model_folder
     from .patches import build_patch_index
     from .pipeline import load_image_set
@@ -135,10 +128,12 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     all_idx = np.arange(len(labels))
     val_idx = np.random.default_rng(0).choice(all_idx, min(_DUMMY_VAL, len(all_idx)), replace=False)
     settings = cfg.train_settings
-    settings = settings.model_copy(update={"max_epochs": epochs, "patience": epochs + 1,
+    settings = settings.model_copy(update={"max_epochs": epochs, "max_steps": None, "early_stopping": False,
                                            "progress": progress and settings.progress})
-    model = _fit_fold(model_cfg, cache, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
-    model.load_state_dict(_last_epoch_state(work / "fit" / "last.ckpt"))
+    # no early stopping: the model at the end of the budget (its EMA when on) is the one kept
+    view = normalised_view(cfg.patches, cache, index, rows, work / "fit", seed=cfg.cv.seed,
+                           measured_on=f"all {len(rows)} training patches of the final model")
+    model = _fit_fold(model_cfg, view, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
     if branch_weights is not None:
         if len(branch_weights) != model.in_channels:
             raise InputError(f"CV run {cv_run} has {len(branch_weights)} late-fusion branches, the final model "
@@ -151,7 +146,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
         trained_on["branch_weights"] = {"values": [round(float(w), 6) for w in branch_weights],
                                         "from": f"mean over the folds of CV run {Path(cv_run).name}"}
     card = card_for([model], class_names=classes, channel_names=list(index.channel_names), patches=cfg.patches,
-                    trained_on=trained_on)
+                    trained_on=trained_on, normalisation=getattr(view, "norm", None), tta=settings.tta)
     write_model_folder(out, [model.eval()], card, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,9 +69,11 @@ class ModelCard(BaseModel):
     patches: dict = Field(default_factory=dict, description="The PatchSettings used in training.")
     normalisation: dict = Field(
         default_factory=lambda: {"method": "percentile", "percentiles": [1.0, 99.8]},
-        description="Per image and channel: (raw - low) / max(high - low, eps) with that image's percentiles.",
+        description="Per channel: (raw - low) / max(high - low, eps); low and high are each image's percentiles "
+        "(scope image) or stored here (scope dataset: the training images' percentiles; fixed).",
     )
     weights: list[str] = Field(default_factory=list, description="Weight files; more than one is an ensemble.")
+    tta: bool = Field(False, description="Predict with the mean class probability over the 8 dihedral transforms.")
     model: dict = Field(default_factory=dict, description="The model's create_model arguments (for display).")
     trained_on: dict = Field(default_factory=dict, description="Images, patches, epochs, source run.")
     software: dict = Field(default_factory=software_versions)
@@ -79,7 +83,27 @@ class ModelCard(BaseModel):
     def _check_normalisation(cls, value: dict) -> dict:
         if value.get("method") != "percentile" or len(value.get("percentiles", ())) != 2:
             raise ValueError(f"normalisation must be {{method: percentile, percentiles: [low, high]}}, got {value}")
+        scope = value.get("scope", "image")
+        if scope not in ("image", "dataset", "fixed"):
+            raise ValueError(f"normalisation.scope must be image, dataset or fixed, got {scope!r}")
+        if scope != "image":
+            n = len(value.get("channels") or [])
+            if not n or len(value.get("low") or []) != n or len(value.get("high") or []) != n:
+                raise ValueError(f"normalisation with scope {scope!r} needs channels, low and high of equal length, "
+                                 f"got {value}")
         return value
+
+    def fixed_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(low, high) per card channel for dataset / fixed normalisation, None for per-image percentiles."""
+        norm = self.normalisation
+        if norm.get("scope", "image") == "image":
+            return None
+        where = {c: i for i, c in enumerate(norm["channels"])}
+        missing = [c for c in self.channel_names if c not in where]
+        if missing:
+            raise InputError(f"model card: normalisation lists channels {norm['channels']}, not {missing}")
+        idx = [where[c] for c in self.channel_names]
+        return np.asarray(norm["low"], np.float64)[idx], np.asarray(norm["high"], np.float64)[idx]
 
     def patch_settings(self) -> PatchSettings:
         """The training PatchSettings for prediction: the card's channels, every patch (no per-image cap)."""
@@ -89,7 +113,7 @@ class ModelCard(BaseModel):
 
 
 def card_for(models: list["nn.Module"], *, class_names: list[str], channel_names: list[str],
-             patches: PatchSettings, trained_on: dict | None = None) -> ModelCard:
+             patches: PatchSettings, trained_on: dict | None = None, normalisation=None, tta: bool = False) -> ModelCard:
     """A card for ``models`` trained with ``patches`` (weights names are set when the folder is written).
 
     A model that names its input channels (``config["channel_names"]``: a subset of the patch
@@ -101,8 +125,11 @@ def card_for(models: list["nn.Module"], *, class_names: list[str], channel_names
     return ModelCard(
         class_names=list(class_names), channel_names=list(channel_names),
         patches=patches.model_dump(mode="json"),
-        normalisation={"method": "percentile", "percentiles": list(patches.percentiles)},
-        model=dict(getattr(models[0], "config", None) or {}), trained_on=dict(trained_on or {}),
+        normalisation={"method": "percentile", "percentiles": list(patches.percentiles)}
+        | ({} if normalisation is None else {"scope": normalisation.scope, "channels": list(normalisation.channels),
+                                             "low": normalisation.low, "high": normalisation.high,
+                                             "measured_on": normalisation.measured_on}),
+        model=dict(getattr(models[0], "config", None) or {}), trained_on=dict(trained_on or {}), tta=tta,
     )
 
 
@@ -276,11 +303,29 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     models = [load_model(f / "best.safetensors") for f in folds]
     trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
                   "images": int(table["image_id"].nunique()), "patches": int(len(table))}
-    card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on)
+    card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on,
+                    normalisation=_fold_normalisation(folds), tta=cfg.train_settings.tta)
     card = card.model_copy(update={"weights": weight_names(len(models))})
     for k, model in enumerate(models):
         _check_config(model.config, card, str(folds[k] / "best.safetensors"))
     return models, card
+
+
+def _fold_normalisation(folds: list[Path]):
+    """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
+    percentiles (None for per-image normalisation or runs that stored none)."""
+    from .crossval import NORMALISATION_FILE
+    from .data import Normalisation
+
+    files = [f / NORMALISATION_FILE for f in folds]
+    if not all(f.is_file() for f in files):
+        return None
+    norms = [Normalisation.model_validate_json(f.read_text()) for f in files]
+    if norms[0].scope == "image":
+        return None
+    return norms[0].model_copy(update={
+        "low": np.mean([n.low for n in norms], axis=0).tolist(), "high": np.mean([n.high for n in norms], axis=0).tolist(),
+        "measured_on": f"mean over {len(norms)} folds of each fold's training-split percentiles"})
 
 
 def load_models(path: str | Path, *, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:

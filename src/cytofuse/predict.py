@@ -94,7 +94,11 @@ def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
     """Thresholds, percentiles and kept patch origins of one (C, Z, Y, X) stack of the card's channels."""
     from .patches import extract_patches
 
-    return extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
+    res = extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
+    bounds = card.fixed_bounds()
+    if bounds is not None:  # dataset or fixed scope: the training images' (or the given) range, not this image's
+        res.low, res.high = bounds
+    return res
 
 
 def default_workers() -> int:
@@ -165,20 +169,24 @@ def prepare_models(models: Sequence["torch.nn.Module"], *, device: str = "cpu") 
     return [m.eval().to(device).to(memory_format=torch.channels_last) for m in models]
 
 
-def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf16: bool = False) -> np.ndarray:
-    """Mean class probabilities (B, K) of ``models`` on one batch (channels_last, optional bf16 autocast)."""
+def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf16: bool = False,
+                   tta: bool = False) -> np.ndarray:
+    """Mean class probabilities (B, K) of ``models`` on one batch (channels_last, optional bf16 autocast;
+    ``tta``: each model's mean over the 8 dihedral transforms)."""
     import torch
+
+    from .models.tta import tta_proba
 
     device = next(models[0].parameters()).device
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        probs = sum(torch.softmax(m(x).float(), dim=1) for m in models) / len(models)
+        probs = sum(tta_proba(m, x, tta=tta) for m in models) / len(models)
     return probs.cpu().numpy()
 
 
 def predict_patches(stack: np.ndarray, res: "ImagePatches", models: Sequence["torch.nn.Module"], *, size: int,
                     batch_size: int = 64, bf16: bool = False, workers: int | None = None,
-                    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+                    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None, tta: bool = False) -> np.ndarray:
     """Class probabilities (N, K) of the kept patches of one stack, streamed in batches.
 
     workers: threads that each cut a batch and run the models on it with one intra-op thread
@@ -198,7 +206,7 @@ def predict_patches(stack: np.ndarray, res: "ImagePatches", models: Sequence["to
     def run(start: int) -> tuple[int, np.ndarray]:
         origins = res.origins[start : start + batch_size]
         x = torch.from_numpy(cut_patches(stack, origins, res.low, res.high, size=size, channels_last=True))
-        return start, ensemble_proba(models, x.pin_memory() if pin else x, bf16=bf16)
+        return start, ensemble_proba(models, x.pin_memory() if pin else x, bf16=bf16, tta=tta)
 
     with _single_threaded_ops(workers > 0):
         for start, probs in _in_order(run, range(0, len(res.origins), batch_size), workers):
@@ -664,7 +672,7 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
                            nice=_background_nice(workers))
     with writer:
         probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16,
-                                workers=workers, on_batch=writer.add)
+                                workers=workers, on_batch=writer.add, tta=card.tta)
     classes = card.class_names
     table = pd.DataFrame(res.origins, columns=["z", "y", "x"])
     table.insert(0, "image", name)
