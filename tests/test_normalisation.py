@@ -92,3 +92,18 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
     assert every[0] != every[1]  # two folds, two training splits, two ranges
     metrics = json.loads((tmp_path / "run" / "models" / "cnn" / "metrics.json").read_text())
     assert metrics["model"]["normalisation"] == "dataset"
+
+
+def test_class_recall_table_pools_images_over_folds():
+    from types import SimpleNamespace
+
+    from cytofuse.pipeline import class_recall_table
+
+    pred = pd.DataFrame({"patch_id": range(6), "image_id": ["a", "a", "b", "b", "c", "c"], "group": ["a", "a", "b", "b", "c", "c"],
+                         "fold": [0, 0, 1, 1, 1, 1], "y_true": [0, 0, 1, 1, 1, 1],
+                         "prob_x": [0.9, 0.8, 0.6, 0.7, 0.2, 0.1], "prob_y": [0.1, 0.2, 0.4, 0.3, 0.8, 0.9]})
+    result = SimpleNamespace(predictions={"m": pred, "handcrafted": pred}, kinds={"m": "model", "handcrafted": "baseline"},
+                             classes=["x", "y"])
+    table = class_recall_table(result)
+    assert list(table.columns) == ["m"]  # deep models only
+    assert table.loc["x", "m"] == 1.0 and table.loc["y", "m"] == 0.5  # image b (mean 0.65 for x) is wrong

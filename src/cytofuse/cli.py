@@ -351,7 +351,7 @@ def demo(
 ) -> None:
     """Synthesise organelle phantoms and compare early, intermediate, late and single-channel classifiers (5-fold CV)."""
     from .errors import CytofuseError
-    from .pipeline import print_cv_summary, print_patch_summary, run_demo
+    from .pipeline import print_cv_summary, print_demo_findings, print_patch_summary, run_demo
 
     try:
         result = run_demo(out, overwrite=overwrite)
@@ -361,6 +361,7 @@ def demo(
 
     print_patch_summary(read_patch_index(result.run_dir), result.run_dir)
     print_cv_summary(result)
+    print_demo_findings(result)
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -92,6 +92,46 @@ def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True)
     return run_cv(validate_config(raw, source="demo"), out / "run", overwrite=overwrite, progress=progress)
 
 
+COLOCALISATION_CLASS = "ee_on_mito"  # the demo class that differs from control only in co-localisation
+
+
+def class_recall_table(result, *, level: str = "image"):
+    """Recall of every class (rows) for every deep model (columns), pooled over the CV test folds."""
+    import pandas as pd
+
+    from .evaluate import aggregate_by_image
+
+    columns = {}
+    for name, pred in result.predictions.items():
+        if result.kinds.get(name, "model") != "model":
+            continue
+        table = aggregate_by_image(pred, classes=result.classes) if level == "image" else pred
+        guess = table[[f"prob_{c}" for c in result.classes]].to_numpy().argmax(1)
+        truth = table["y_true"].to_numpy()
+        columns[name] = [float((guess[truth == k] == k).mean()) if (truth == k).any() else float("nan")
+                         for k in range(len(result.classes))]
+    return pd.DataFrame(columns, index=result.classes)
+
+
+def print_demo_findings(result) -> None:
+    """Per-class recall of each model; the co-localisation class shows what pooling before fusion loses."""
+    from rich.console import Console
+
+    from .evaluate import to_rich_table
+
+    console = Console()
+    table = class_recall_table(result)
+    console.print(to_rich_table(table.round(2), title="image-level recall per class, pooled over the CV test folds"))
+    if COLOCALISATION_CLASS in table.index:
+        row = table.loc[COLOCALISATION_CLASS]
+        shown = ", ".join(f"{m} {v:.2f}" for m, v in row.items() if not m.startswith("single"))
+        console.print(f"'{COLOCALISATION_CLASS}' differs from control only in where early endosomes sit relative to "
+                      f"mitochondria (each channel alone is distributed alike): recall {shown}. Intermediate and late "
+                      "fusion pool each channel's feature map before the channels meet, so pixel-level "
+                      "co-localisation is invisible to them by construction; only early fusion, whose first "
+                      "convolution sees the channels together, can learn it.")
+
+
 def print_cv_summary(result) -> None:
     """The models, the handcrafted baseline and the shortcut probes side by side (mean ± sd over folds)."""
     from rich.console import Console
