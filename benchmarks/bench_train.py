@@ -179,6 +179,46 @@ def loader_throughput(train_ds, val_ds, settings: TrainSettings, *, epochs: int)
     return n / min(times[1:])
 
 
+# --------------------------------------------------------------------------- table over sizes and encoders
+
+TABLE = [(40, "smallcnn"), (64, "smallcnn"), (128, "smallcnn"), (64, "resnet18"), (128, "resnet18"),
+         (350, "smallcnn"), (350, "resnet18"), (350, "resnet50")]
+
+
+def _cpu_times() -> tuple[float, float]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def table_row(tmp: Path, size: int, encoder: str, *, batch: int, epochs: int, threads: int) -> dict:
+    """fit against the bare forward + backward + optimiser step (the recipe's CPU path) on the same batches."""
+    n = max(2 * batch, min(1024, int(2 * batch * (128 / size) ** 2 * (4 if encoder == "smallcnn" else 1))))
+    cache, labels = random_cache(tmp / f"cache_{size}", n_patches=n, size=size)
+    train_ds, val_ds = datasets(cache, labels, batch)
+    settings = TrainSettings(max_epochs=epochs, batch_size=batch, accelerator="cpu", progress=False, augment=Augment())
+    u0, s0 = _cpu_times()
+    fits = [run_fit(train_ds, val_ds, settings, tmp / f"fit_{size}_{encoder}", encoder=encoder)]
+    u1, s1 = _cpu_times()
+    bare = [run_plain(train_ds, val_ds, settings, encoder=encoder)]
+    f, b = best_throughput(len(train_ds), fits, "train_parts"), best_throughput(len(train_ds), bare, "train_parts")
+    return {"size": size, "encoder": f"{encoder} x3 (intermediate)", "patches": len(train_ds), "fit img/s": round(f, 1),
+            "bare img/s": round(b, 1), "fit / bare": round(f / b, 2),
+            "sys / user (fit)": round((s1 - s0) / max(u1 - u0, 1e-9), 3)}
+
+
+def print_table(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_train_table_") as tmp:
+        rows = []
+        for size, encoder in TABLE:
+            if size > args.max_size:
+                continue
+            rows.append(table_row(Path(tmp), size, encoder, batch=args.batch, epochs=args.epochs, threads=args.threads))
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
+        print("\ntargets: fit / bare >= 0.9, sys / user <= 0.10")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -192,11 +232,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--table", action="store_true",
+                        help="the table over patch sizes and encoders (fit vs bare step, system-time share)")
+    parser.add_argument("--max-size", type=int, default=350, help="--table: largest patch size to include")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
 
     torch.set_num_threads(args.threads)
+    if args.table:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            print_table(args)
+        return
     settings = TrainSettings(max_epochs=args.epochs, batch_size=args.batch, accelerator="cpu", progress=False,
                              augment=Augment())
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

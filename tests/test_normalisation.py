@@ -92,6 +92,17 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
     assert every[0] != every[1]  # two folds, two training splits, two ranges
     metrics = json.loads((tmp_path / "run" / "models" / "cnn" / "metrics.json").read_text())
     assert metrics["model"]["normalisation"] == "dataset"
+    # explain and a CV-run ensemble in predict see the patches with the mean of the folds' ranges
+    from cytofuse.data import PatchCache
+    from cytofuse.explain import model_view
+    from cytofuse.modelfolder import load_models
+
+    view = model_view(tmp_path / "run", "cnn", PatchCache.open(tmp_path / "run" / "cache"))
+    assert isinstance(view, NormalisedCache)
+    np.testing.assert_allclose(view.norm.high, np.mean(every, axis=0))
+    _, card = load_models(tmp_path / "run", model_name="cnn")
+    assert card.normalisation["scope"] == "dataset" and card.tta
+    np.testing.assert_allclose(card.fixed_bounds()[1], np.mean(every, axis=0))
 
 
 def test_class_recall_table_pools_images_over_folds():

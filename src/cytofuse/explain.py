@@ -580,6 +580,22 @@ def _step_embeddings(ctx: dict) -> dict:
 _STEPS = {"gradcam": _step_gradcam, "ablation": _step_ablation, "single_channel": _step_single, "embeddings": _step_embeddings}
 
 
+def model_view(run_dir: Path, name: str, cache):
+    """The patch cache as the model's folds saw it: with dataset (or fixed) normalisation, the mean of the
+    folds' ranges (they differ only by which training split they were taken from), else the cache itself."""
+    from cytofuse.crossval import cache_image_ids
+    from cytofuse.data import NormalisedCache
+    from cytofuse.modelfolder import fold_normalisation
+    from cytofuse.patches import read_patch_index
+
+    folds = sorted((run_dir / "models" / name).glob("fold_*"))
+    norm = fold_normalisation(folds) if folds else None
+    if norm is None:
+        return cache
+    index = read_patch_index(run_dir)
+    return NormalisedCache(cache, cache_image_ids(cache, index), index.images, norm)
+
+
 def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples: int = 4,
                   modes: Sequence[str] = ABLATION_MODES, methods: Sequence[str] = EMBEDDING_METHODS,
                   thumbnails: bool = True, max_points: int = 1000, seed: int = 0, on_step=lambda step: None) -> Path:
@@ -596,7 +612,8 @@ def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples
             raise InputError(f"explain: methods must be among {list(EMBEDDING_METHODS)}, got {method!r}")
     pred = pd.read_parquet(run_dir / "models" / name / "predictions.parquet")
     ctx = {"run_dir": run_dir, "name": name, "out": out, "pred": pred, "classes": _classes(pred),
-           "cache": PatchCache.open(run_dir / "cache"), "models": load_fold_models(run_dir / "models" / name),
+           "cache": model_view(run_dir, name, PatchCache.open(run_dir / "cache")),
+           "models": load_fold_models(run_dir / "models" / name),
            "n_examples": n_examples, "modes": list(modes), "methods": list(methods), "thumbnails": thumbnails,
            "n_thumbnails": 150, "max_points": max_points, "seed": seed}
     for step, run in _STEPS.items():

@@ -304,14 +304,14 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
                   "images": int(table["image_id"].nunique()), "patches": int(len(table))}
     card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on,
-                    normalisation=_fold_normalisation(folds), tta=cfg.train_settings.tta)
+                    normalisation=fold_normalisation(folds), tta=cfg.train_settings.tta)
     card = card.model_copy(update={"weights": weight_names(len(models))})
     for k, model in enumerate(models):
         _check_config(model.config, card, str(folds[k] / "best.safetensors"))
     return models, card
 
 
-def _fold_normalisation(folds: list[Path]):
+def fold_normalisation(folds: list[Path]):
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
     percentiles (None for per-image normalisation or runs that stored none)."""
     from .crossval import NORMALISATION_FILE
