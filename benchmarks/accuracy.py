@@ -145,6 +145,46 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
     return rows
 
 
+def rescore_without_tta(run_dir: Path) -> None:
+    """Balanced accuracy of every deep model of a finished CV run with and without test-time augmentation:
+    the fold models are re-run on their own test folds with one pass per patch (no retraining)."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from cytofuse.config import model_channels, validate_config
+    from cytofuse.crossval import _safe, normalised_view
+    from cytofuse.data import PatchCache, PatchDataset
+    from cytofuse.models import load_model
+    from cytofuse.patches import read_patch_index
+    from cytofuse.train import predict_proba
+
+    cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    index, cache = read_patch_index(run_dir), PatchCache.open(run_dir / "cache")
+    folds = pd.read_csv(run_dir / "folds.csv")
+    rows_all = cache.positions(folds["patch_id"].to_numpy())
+    for model_cfg in cfg.models:
+        inputs, _ = model_channels(model_cfg, index.channel_names)
+        folder = run_dir / "models" / _safe(model_cfg.display_name)
+        if not (folder / "metrics.json").is_file():
+            print(f"{model_cfg.display_name}: not finished in {run_dir}; skipped")
+            continue
+        scores = {True: [], False: []}
+        for k in sorted(folds.loc[folds["fold"] >= 0, "fold"].unique()):
+            train = np.flatnonzero((folds["fold"] != k) & (folds["fold"] >= 0))
+            test = np.flatnonzero(folds["fold"] == k)
+            view = normalised_view(cfg.patches, cache, index, rows_all[train], None, seed=cfg.cv.seed + int(k))
+            model = load_model(folder / f"fold_{k}" / "best.safetensors")
+            ds = PatchDataset(view, rows_all[test], folds["y_true"].to_numpy()[test], channels=inputs)
+            y = ds.labels
+            for tta in (True, False):
+                pred = predict_proba(model, ds, batch_size=128, tta=tta)[0].argmax(1)
+                scores[tta].append(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+        print(f"{model_cfg.display_name}: patch-level balanced accuracy, fold mean ± sd: with TTA "
+              f"{np.mean(scores[True]):.3f} ± {np.std(scores[True], ddof=1):.3f}, without "
+              f"{np.mean(scores[False]):.3f} ± {np.std(scores[False], ddof=1):.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -154,6 +194,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="Keep only the models of this name (repeatable).")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytofuse-accuracy")
     parser.add_argument("--json", type=Path, help="Append the rows to this JSON-lines file.")
+    parser.add_argument("--rescore-without-tta", type=Path, metavar="RUN",
+                        help="Only re-score the fold models of a finished CV run with and without TTA.")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch intra-op threads (1 when other jobs share the cores: oversubscribed "
                              "threads wait on each other and slow training many times over).")
@@ -162,6 +204,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.rescore_without_tta:
+        rescore_without_tta(args.rescore_without_tta)
+        return
     rows = []
     for name in args.tasks:
         task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label,
