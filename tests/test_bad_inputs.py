@@ -52,6 +52,7 @@ CASES = [
     Case(".npy without axes", (*P, "{in}/npy.csv"), 2, "stores no axis order"),
     Case("channels differ", (*P, "{in}/channels_differ.csv"), 2, "1 channels ['x']"),
     Case("image smaller than the patch", (*P, "{in}/small.csv"), 2, "small.ome.tif: image is 16x16 px"),
+    Case("TIFF whose IFD chain loops", (*P, "{in}/looping.csv"), 2, "looping.tif is truncated or corrupt"),
     Case("TIFF header claims 4e9 x 4e9 px", (*P, "{in}/huge.csv"), 2, "huge.tif decodes to"),
     Case("NaN and inf pixels", (*P, "{in}/nan.csv"), 2, "nan.ome.tif has 16 NaN or infinite pixel(s)", started=True),
     # image folders
@@ -146,6 +147,7 @@ def _image_files(root: Path, rng) -> None:
     (files / "img.bmp").write_bytes(b"BM")
     np.save(files / "arr.npy", np.zeros((64, 64), np.uint16))
     _huge_tiff(files / "huge.tif")
+    _looping_tiff(files / "looping.tif")
     write_ome_tiff(files / "one_channel.ome.tif", _stack(rng, channels=("x",)))
     write_ome_tiff(files / "small.ome.tif", _stack(rng, shape=(1, 1, 16, 16)))
     nan = _stack(rng, dtype=np.float32)
@@ -169,6 +171,22 @@ def _huge_tiff(path: Path, side: int = 4_000_000_000) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _looping_tiff(path: Path) -> None:
+    """A one-page TIFF whose next IFD is an empty IFD pointing back to the first (tifffile's series loops on it)."""
+    import struct
+
+    import tifffile
+
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint16), metadata=None)
+    raw = bytearray(path.read_bytes())
+    first = struct.unpack_from("<I", raw, 4)[0]
+    entries = struct.unpack_from("<H", raw, first)[0]
+    empty = len(raw) + len(raw) % 2
+    raw += b"\x00" * (empty - len(raw)) + struct.pack("<HI", 0, first)
+    struct.pack_into("<I", raw, first + 2 + 12 * entries, empty)
+    path.write_bytes(bytes(raw))
+
+
 def _manifests(root: Path) -> None:
     good = [(f"good/images/{name}_{i}.ome.tif", name) for name in ("control", "fragmented") for i in (0, 1)]
     (root / "empty.csv").write_bytes(b"")
@@ -182,7 +200,7 @@ def _manifests(root: Path) -> None:
     for name, file in (("zero_byte", "zero.tif"), ("truncated", "truncated.tif"), ("garbage", "garbage.tif"),
                        ("textpng", "text.png"), ("unsupported", "img.bmp"), ("npy", "arr.npy"),
                        ("channels_differ", "one_channel.ome.tif"), ("small", "small.ome.tif"), ("nan", "nan.ome.tif"),
-                       ("huge", "huge.tif")):
+                       ("huge", "huge.tif"), ("looping", "looping.tif")):
         _write_manifest(root / f"{name}.csv", [*good, (f"files/{file}", "fragmented")])
 
 

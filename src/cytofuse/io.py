@@ -301,6 +301,7 @@ def _tiff(path: Path, axes: str | None, load: bool, *, mmap: bool = False) -> _P
     import tifffile
 
     with _tifffile_log() as log, _reading(path, "TIFF"), tifffile.TiffFile(path) as tif:
+        len(tif.pages)  # indexes the IFD chain, stopping at a circular reference (tif.series alone loops on one)
         series = tif.series[0]
         _check_tiff_complete(tif, series, path, log)
         file_axes = (axes or series.axes).upper()
