@@ -337,3 +337,18 @@ def test_batchnorm_recalibration_matches_the_training_data_statistics(toy):
         pre = first[0](x)  # the first convolution's output, which the first BatchNorm normalises
     torch.testing.assert_close(first[1].running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert first[1].momentum == 0.1 and model.training  # settings restored
+
+
+def test_a_fit_resumed_after_an_interruption_equals_an_uninterrupted_one(toy, tmp_path):
+    """Shuffling, augmentation and dropout are seeded per epoch: resuming from the checkpoint of epoch 2
+    gives the same weights, bit for bit, as training the 4 epochs at once."""
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=4, augment=Augment(crop_scale=0.9, gain=0.1))
+    whole = _model()
+    fit(whole, train_ds, val_ds, settings=settings, out_dir=tmp_path / "whole")
+    part = _model()
+    fit(part, train_ds, val_ds, settings=settings, out_dir=tmp_path / "part", callbacks=[StopAfter(2)])
+    resumed = _model(seed=7)  # a different start: the checkpoint must supply everything
+    fit(resumed, train_ds, val_ds, settings=settings, out_dir=tmp_path / "part")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -390,8 +390,27 @@ def _config(path: Path | None, *, images: Path | None, manifest: Path | None, ov
     return cfg.model_copy(update={"data": cfg.data.resolve(Path.cwd())})
 
 
+class Interrupted(BaseException):
+    """Ctrl+C (SIGINT) inside a command: not a KeyboardInterrupt, which the trainer would turn into exit 1."""
+
+
+def _on_sigint(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
-    app()
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        app()
+    except Interrupted:
+        import sys
+
+        print("\ncytofuse: interrupted. Everything finished so far is kept in the output folder (stages, folds, and "
+              "the last epoch checkpoint of the fit in progress); run the same command again to resume where it "
+              "stopped.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

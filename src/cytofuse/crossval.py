@@ -418,6 +418,10 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
             raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {names})")
         channel = select_channels(names, channels=[model_cfg.channel])[0]
     dropout_aux = aux if model_cfg.auxiliary_mode == "dropout" else []
+    import lightning as L
+
+    # the initial weights follow from the seed alone, not from what ran before in this process
+    L.seed_everything(settings.seed, verbose=False)
     model = create_model(
         model_cfg.fusion, in_channels=len(inputs), num_classes=len(classes), encoder=model_cfg.encoder,
         channel=channel, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,

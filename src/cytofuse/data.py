@@ -575,6 +575,34 @@ def class_weights(labels: np.ndarray, num_classes: int, *, class_names: Sequence
     return (counts.sum() / (num_classes * counts)).astype(np.float32)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices of one epoch drawn from ``(seed, epoch)`` alone: a permutation, or with ``weights`` a draw
+    with replacement. The trainer calls ``set_epoch`` before each epoch, so a fit resumed at an epoch
+    sees the same order as an uninterrupted one, whatever was drawn before."""
+
+    def __init__(self, n: int, *, seed: int = 0, weights: np.ndarray | None = None) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch])
+        order = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, replace=True, p=self.p)
+        return iter(order.tolist())
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-sample weights that draw each class equally often on average."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = _class_counts(labels, int(labels.max()) + 1 if len(labels) else 1, None, "balanced_weights")
+    return 1.0 / counts[labels]
+
+
 def make_sampler(labels: np.ndarray, *, num_samples: int | None = None, generator: torch.Generator | None = None) -> WeightedRandomSampler:
     """A sampler drawing each class equally often on average (with replacement)."""
     labels = np.asarray(labels, dtype=np.int64)

@@ -42,7 +42,7 @@ from torch import nn
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from cytofuse.data import Augment, AugmentCollate, class_weights as inverse_class_weights, make_sampler
+from cytofuse.data import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
 from cytofuse.errors import InputError
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
@@ -167,6 +167,11 @@ class _WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup) / span)))
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch of one process: distinct for every (seed, epoch, rank), within 32 bits."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, rank]).generate_state(1)[0])
+
+
 def ema_decay_for(steps_per_epoch: int, given: float | None) -> float:
     """The EMA decay: ``given``, else 1 - 1/steps_per_epoch clipped to [0.9, 0.999]."""
     if given is not None:
@@ -243,6 +248,8 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.settings.augment.enabled:  # here, not in the loader: its draws follow the epoch's seed
+            x = self.settings.augment(x)
         x = x.contiguous(memory_format=torch.channels_last)
         if self._late and hasattr(self.model, "forward_all"):
             logits, branches = self.model.forward_all(x)
@@ -271,6 +278,14 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._reset_sums()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Every draw of an epoch's steps (augmentation, dropout) follows from (seed, epoch, rank) alone, and
+        # the order from the EpochSampler, so a fit resumed from an epoch's checkpoint continues exactly as
+        # an uninterrupted one. Seeded at the first step: the trainer draws in between when it resumes.
+        if batch_idx == 0:
+            L.seed_everything(epoch_seed(self.settings.seed, self.current_epoch, self.global_rank), workers=True,
+                              verbose=False)
 
     def _reduced(self, value) -> float:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.device)
@@ -417,19 +432,16 @@ def _resolve_class_weights(model: nn.Module, train_ds: Dataset, settings: TrainS
 
 
 def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tuple[DataLoader, DataLoader]:
+    """Training loader with an epoch-seeded order (augmentation happens in the training step); validation in order."""
     common = {
         "batch_size": settings.batch_size,
         "num_workers": settings.num_workers,
         "persistent_workers": settings.num_workers > 0,
         "pin_memory": settings.accelerator == "gpu",
     }
-    collate = AugmentCollate(settings.augment) if settings.augment.enabled else None
-    if settings.sampler == "weighted":
-        sampler = make_sampler(_labels_of(train_ds, "train_ds"))
-        train = DataLoader(train_ds, sampler=sampler, collate_fn=collate, **common)
-    else:
-        train = DataLoader(train_ds, shuffle=True, collate_fn=collate, **common)
-    return train, DataLoader(val_ds, shuffle=False, **common)
+    weights = balanced_weights(_labels_of(train_ds, "train_ds")) if settings.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_ds), seed=settings.seed, weights=weights)
+    return DataLoader(train_ds, sampler=sampler, **common), DataLoader(val_ds, shuffle=False, **common)
 
 
 def _callbacks(settings: TrainSettings, out_dir: Path, extra: Sequence[L.Callback]) -> list[L.Callback]:
