@@ -20,10 +20,6 @@ import cytofuse
 from cytofuse.emptyfilter import EmptyFilter, SVMArrays
 from cytofuse.errors import InputError
 
-# Temporary allow-list: files that loaded pickled checkpoints (torch.load(weights_only=False)) and are
-# being rewritten to read them as data. Empty this set once those rewrites are committed.
-_PENDING = {"final.py"}
-
 
 class _Payload:
     """Unpickling this creates ``marker``: proof that a loader ran code from a file."""
@@ -337,5 +333,4 @@ def test_the_scan_passes_data_only_code_and_prose(source):
 def test_the_package_never_unpickles():
     root = Path(cytofuse.__file__).parent
     found = {str(p.relative_to(root)): _unsafe_uses(p.read_text()) for p in sorted(root.rglob("*.py"))}
-    found = {k: v for k, v in found.items() if v}
-    assert {k: v for k, v in found.items() if k not in _PENDING} == {}
+    assert {k: v for k, v in found.items() if v} == {}
