@@ -124,7 +124,7 @@ CASES = [
     Case("synth: bad shape", ("synth", "{out}", "--shape", "64,64"), 2, "--shape must be Z,Y,X integers"),
     Case("synth: output is a user's folder", ("synth", "{in}/mine", "--overwrite"), 2, "is not a cytofuse data folder"),
     Case("train: single class", ("train", "{in}/single_class.yaml", "--out", "{out}", "--epochs", "1"), 2,
-         "needs at least two classes"),
+         "a classifier needs at least 2"),  # refused at validation, before any patch is cut
 ]
 
 

@@ -115,7 +115,8 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     if not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be an int >= 1, got {epochs!r}")
     image_set = load_image_set(cfg.data)
-    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels)
+    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
+                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     work = out.with_name(f".{out.name}.work")
     index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress)
     cache = _cache(image_set, index, work, progress=progress)
