@@ -14,7 +14,8 @@ missing are skipped with a message.
 | hepg2 | HepG2 vs Huh7 whole fields (blue plane), grouped by image | image | early on 128 px patches |
 | demo | the built-in organelle phantoms (``cytofuse demo``) | image | early, intermediate, late |
 
-``--set section.field=value`` changes a setting in every task's config (e.g.
+Every task trains with the package's defaults (the recipe of ``cytofuse.train``, 30 epochs) except
+for what the table names. ``--set section.field=value`` changes a setting in every task's config (e.g.
 ``--set train.ema=false``), which is how the ablation table of ``benchmarks/README.md`` is
 made: one change at a time against the defaults, on the same folds.
 
@@ -50,7 +51,7 @@ def jurkat_config(work: Path) -> dict | None:
     return {"data": {"images": str(cells)}, "patches": {"size": 40, "min_ratio": 0.0},
             "models": [{"fusion": "intermediate", "channels": ["BF", "DF"], "name": "BF+DF"},
                        {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"}],
-            "train": {"max_epochs": 15}, "cv": {"positive_class": "Metaphase"}}
+            "cv": {"positive_class": "Metaphase"}}
 
 
 def bbbc021_config(work: Path) -> dict | None:
@@ -59,8 +60,7 @@ def bbbc021_config(work: Path) -> dict | None:
         return None
     return {"data": {"images": str(root), "axes": "YXC", "group_pattern": r"^(.*)_\d+\.npy$"},
             "patches": {"size": 64, "min_ratio": 0.0},
-            "models": [{"fusion": "early", "name": "early"}, {"fusion": "intermediate", "name": "intermediate"}],
-            "train": {"max_epochs": 30}}
+            "models": [{"fusion": "early", "name": "early"}, {"fusion": "intermediate", "name": "intermediate"}]}
 
 
 def livedead_config(work: Path) -> dict | None:
@@ -72,7 +72,7 @@ def livedead_config(work: Path) -> dict | None:
     crops = livedead_crops(root, work / "livedead_crops")
     return {"data": {"images": str(crops), "group_pattern": r"^(.*)_(?:live|dead)_"},
             "patches": {"size": 64, "min_ratio": 0.0},
-            "models": [{"fusion": "early", "name": "early"}], "train": {"max_epochs": 15}}
+            "models": [{"fusion": "early", "name": "early"}]}
 
 
 def hepg2_config(work: Path) -> dict | None:
@@ -87,7 +87,7 @@ def hepg2_config(work: Path) -> dict | None:
     manifest.to_csv(work / "hepg2.csv", index=False)
     return {"data": {"manifest": str(work / "hepg2.csv")},
             "patches": {"size": 128, "channels": ["blue"], "min_ratio": 0.05},
-            "models": [{"fusion": "early", "name": "early"}], "train": {"max_epochs": 30}}
+            "models": [{"fusion": "early", "name": "early"}]}
 
 
 def demo_config(work: Path) -> dict:
