@@ -52,8 +52,8 @@ def test_aux_needs_intermediate_fusion():
 def test_model_channels_default_to_everything_but_the_auxiliary():
     cfg = validate_config({"data": {"images": "x"}, "models": [
         {"fusion": "intermediate", "auxiliary": ["DNA"]},
-        {"fusion": "early", "channels": ["BF"], "auxiliary": ["DNA"], "auxiliary_mode": "samples"},
-        {"fusion": "early", "auxiliary": ["DNA"], "auxiliary_mode": "samples"}]})
+        {"fusion": "early", "channels": ["BF"], "auxiliary": ["DNA"], "auxiliary_mode": "samples", "name": "bf"},
+        {"fusion": "early", "auxiliary": ["DNA"], "auxiliary_mode": "samples", "name": "all"}]})
     names = ("BF", "DNA", "DF")
     assert model_channels(cfg.models[0], names) == ([0, 2], [1])
     assert model_channels(cfg.models[1], names) == ([0], [1])
