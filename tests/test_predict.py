@@ -475,3 +475,14 @@ def test_in_order_keeps_the_order_and_raises_the_first_error():
         for i in _in_order(fails_at_7, range(100), 2):
             seen.append(i)
     assert seen == list(range(7))
+
+
+def test_an_in_memory_image_with_nan_pixels_is_refused_by_name(model_dir, tmp_path):
+    from cytofuse.io import Image
+
+    data = _halves().astype(np.float32)
+    data[1, 0, :2, :3] = np.nan
+    image = Image(data, ("a", "b"), None, "nan-field", {})
+    with pytest.raises(InputError, match=r"nan-field has 6 NaN or infinite pixel\(s\).*b: 6"):
+        predict_images(model_dir, [image], out=tmp_path / "pred", progress=False)
+    assert not (tmp_path / "pred").exists()

@@ -730,9 +730,10 @@ def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:
 
 
 def _read(item, channel_names: Sequence[str] | None, axes: str | None) -> "Image":
-    from .io import Image, read_image
+    from .io import Image, check_finite, read_image
 
-    if isinstance(item, Image):
+    if isinstance(item, Image):  # files are checked when read; an array handed over is checked here
+        check_finite(np.asarray(item.data), item.source or "<array>", item.channel_names)
         return item
     return read_image(item, axes=axes, channel_names=channel_names, mmap=True)
 
