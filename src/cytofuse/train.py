@@ -193,6 +193,7 @@ class ClassifierModule(L.LightningModule):
         self.ema = _frozen_copy(model) if settings.ema else None
         self._ema_decay = settings.ema_decay or 0.99
         self.loader_batches = 1  # set by fit from the training loader
+        self._ema_pairs = None
         self.history: list[dict] = []
         self._late = settings.late_branch_loss > 0 and getattr(model, "fusion", "") == "late"
         self._reset_sums()
@@ -226,13 +227,14 @@ class ClassifierModule(L.LightningModule):
             return
         step = self.global_step  # optimiser steps taken, this one included
         decay = min(self._ema_decay, (1.0 + step) / (10.0 + step))  # short memory while the weights move fast
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.model.buffers()):
-            if e.is_floating_point():
-                e.lerp_(b, 1.0 - decay)
-            else:
-                e.copy_(b)
+        if self._ema_pairs is None:  # (EMA tensors, model tensors): floating ones averaged, the rest copied
+            pairs = list(zip([*self.ema.parameters(), *self.ema.buffers()], [*self.model.parameters(), *self.model.buffers()]))
+            self._ema_pairs = ([e for e, _ in pairs if e.is_floating_point()], [m.detach() for e, m in pairs if e.is_floating_point()],
+                               [(e, m) for e, m in pairs if not e.is_floating_point()])
+        averaged, sources, copied = self._ema_pairs
+        torch._foreach_lerp_(averaged, sources, 1.0 - decay)  # one multi-tensor kernel for every tensor
+        for e, m in copied:
+            e.copy_(m)
 
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
