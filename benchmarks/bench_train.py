@@ -216,7 +216,8 @@ def print_table(args) -> None:
                 continue
             rows.append(table_row(Path(tmp), size, encoder, batch=args.batch, epochs=args.epochs, threads=args.threads))
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
-        print("\ntargets: fit / bare >= 0.9, sys / user <= 0.10")
+        print("\n" + pd.DataFrame(rows).to_string(index=False))
+        print("targets: fit / bare >= 0.9, sys / user <= 0.10")
 
 
 # --------------------------------------------------------------------------- main
