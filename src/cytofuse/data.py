@@ -434,8 +434,9 @@ def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
-def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
-    """Code bit 0: flip left-right; bit 1: flip up-down; bit 2: transpose (with both: the 8 symmetries)."""
+def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Transform ``code`` (0..7) of a (..., H, W) tensor: bit 0 flips left-right, bit 1 up-down, bit 2
+    transposes; the 8 codes are the 8 symmetries of the square (exact: no interpolation)."""
     if code & 1:
         x = x.flip(-1)
     if code & 2:
@@ -457,7 +458,7 @@ def _random_dihedral(x: torch.Tensor, *, flip: bool, rot90: bool) -> torch.Tenso
     out = torch.empty_like(x)
     for code in codes.unique().tolist():
         sel = (codes == code).nonzero().flatten().to(x.device)
-        out[sel] = _dihedral(x[sel], code)
+        out[sel] = dihedral(x[sel], code)
     return out
 
 
@@ -605,7 +606,5 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 def make_sampler(labels: np.ndarray, *, num_samples: int | None = None, generator: torch.Generator | None = None) -> WeightedRandomSampler:
     """A sampler drawing each class equally often on average (with replacement)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = _class_counts(labels, int(labels.max()) + 1 if len(labels) else 1, None, "make_sampler")
-    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-    return WeightedRandomSampler(weights, num_samples=num_samples or len(labels), replacement=True, generator=generator)
+    weights = torch.as_tensor(balanced_weights(labels), dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=num_samples or len(weights), replacement=True, generator=generator)
