@@ -360,6 +360,7 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
 
     scope = settings.normalise_scope(index.images)
     channels = list(cache.channels)
+    image_ids = None if scope == "image" else cache_image_ids(cache, index)
     if scope == "image":
         norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
     elif scope == "fixed":
@@ -367,7 +368,6 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
         norm = Normalisation(scope="fixed", channels=channels, low=low.tolist(), high=high.tolist(),
                              measured_on="patches.fixed_range")
     else:
-        image_ids = cache_image_ids(cache, index)
         norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
                                      percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)
     if folder is not None:
@@ -375,7 +375,7 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
         tmp = folder / f".{NORMALISATION_FILE}.partial"
         tmp.write_text(norm.model_dump_json(indent=1))
         tmp.replace(folder / NORMALISATION_FILE)
-    return cache if scope == "image" else NormalisedCache(cache, cache_image_ids(cache, index), index.images, norm)
+    return cache if scope == "image" else NormalisedCache(cache, image_ids, index.images, norm)
 
 
 def _plot_curves(out: Path, n_folds: int) -> None:
