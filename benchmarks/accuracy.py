@@ -8,7 +8,7 @@ missing are skipped with a message.
 
 | task | data | level | models |
 |---|---|---|---|
-| jurkat | Jurkat 7 cell-cycle phases, one 40 px tile per cell (BF, DF; DNA training-only) | patch = cell | intermediate BF+DF; the same with DNA as a training-only channel |
+| jurkat | Jurkat 7 cell-cycle phases, one 40 px tile per cell (BF, DF; DNA training-only) | patch = cell | intermediate BF+DF; the same with DNA as a training-only channel (modality dropout; distillation from a BF+DF+DNA teacher) |
 | bbbc021 | MCF-7 DMSO vs protein synthesis inhibitor, 68 px crops, grouped by field | patch = cell | early and intermediate over DAPI, tubulin, actin |
 | livedead | bright-field live vs dead crops (binned 2x to 64 px), grouped by source field | patch = cell | early |
 | hepg2 | HepG2 vs Huh7 whole fields (blue plane), grouped by image | image | early on 128 px patches |
@@ -50,7 +50,9 @@ def jurkat_config(work: Path) -> dict | None:
     cells = jurkat_cells(root, work / "jurkat_cells")
     return {"data": {"images": str(cells)}, "patches": {"size": 40, "min_ratio": 0.0},
             "models": [{"fusion": "intermediate", "channels": ["BF", "DF"], "name": "BF+DF"},
-                       {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"}],
+                       {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"},
+                       {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "auxiliary_mode": "distill",
+                        "name": "BF+DF, DNA distilled"}],
             "cv": {"positive_class": "Metaphase"}}
 
 

@@ -141,3 +141,81 @@ def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp
     summary = predict_images(tmp_path / "run", [image], out=tmp_path / "pred", model_name="aux", progress=False,
                              precision="fp32")
     assert len(summary) == 1 and summary["patches"].iloc[0] > 0
+
+
+def test_distill_loss_is_the_weighted_kl_at_temperature(tmp_path):
+    from cytofuse.train import ClassifierModule, TrainSettings
+
+    model = create_model("early", in_channels=1, num_classes=3, encoder="smallcnn")
+    settings = TrainSettings(distill_temperature=2.0)
+    module = ClassifierModule(model, settings=settings, class_weight=np.array([1.0, 2.0, 1.0]))
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    own = torch.softmax(logits / 2.0, dim=1)
+    assert module._distill_loss(logits, own, y).item() == pytest.approx(0.0, abs=1e-6)  # matching the teacher costs nothing
+    soft = torch.tensor([[0.2, 0.6, 0.2], [1 / 3, 1 / 3, 1 / 3]])
+    kl = (soft * (soft.log() - torch.log_softmax(logits / 2.0, dim=1))).sum(1)
+    expected = (kl[0] * 1.0 + kl[1] * 2.0) / 3.0 * 4.0  # class weights of y, times T^2
+    assert module._distill_loss(logits, soft, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_patch_dataset_soft_targets_make_triples(tmp_path):
+    from cytofuse.data import PatchDataset
+
+    cache = np.arange(3 * 2 * 4 * 4, dtype=np.float32).reshape(3, 2, 4, 4)
+
+    class Cache:
+        path = tmp_path
+        channels = ("a", "b")
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, item):
+            return cache[item]
+
+    soft = np.array([[0.9, 0.1], [0.3, 0.7]], dtype=np.float32)
+    ds = PatchDataset(Cache(), np.array([0, 2]), np.array([0, 1]), channels=[1], soft_targets=soft)
+    x, y, p = ds[1]
+    assert x.shape == (1, 4, 4) and y == 1 and p.tolist() == pytest.approx([0.3, 0.7])
+    with pytest.raises(InputError, match=r"soft_targets must be .* \(2, K\) probabilities, got shape \(3, 2\)"):
+        PatchDataset(Cache(), np.array([0, 2]), np.array([0, 1]), soft_targets=np.ones((3, 2)))
+
+
+def test_cv_distills_from_a_teacher_that_sees_the_auxiliary_channel(three_channel_set, tmp_path, monkeypatch):
+    """auxiliary_mode 'distill': a 3-channel teacher per fold in fold_k/teacher; the model itself only ever sees 2."""
+    from cytofuse.crossval import run_cv
+    from cytofuse.models.fusion import IntermediateFusion
+    from cytofuse.modelfolder import load_models
+    from cytofuse.train import TrainSettings
+
+    torch.set_num_threads(1)
+    seen: list[tuple[bool, int]] = []
+    original = IntermediateFusion.forward_features
+
+    def spy(self, x):
+        seen.append((self.training, int(x.shape[1])))
+        return original(self, x)
+
+    monkeypatch.setattr(IntermediateFusion, "forward_features", spy)
+    cfg = validate_config({
+        "data": {"manifest": str(three_channel_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "intermediate", "auxiliary": ["recycling_endosome"], "auxiliary_mode": "distill", "name": "kd"}],
+        "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False},
+    })
+    run_cv(cfg, tmp_path / "run", progress=False)
+    assert {c for training, c in seen if training} == {2, 3}  # the teacher trains on 3 channels, the model on 2
+    model_dir = tmp_path / "run" / "models" / "kd"
+    for k in range(2):
+        teacher = model_dir / f"fold_{k}" / "teacher"
+        assert json.loads((teacher / "fit.json").read_text())["completed"] is True
+        assert len(pd.read_csv(teacher / "history.csv")) == 1
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["model"]["auxiliary_mode"] == "distill"
+    assert metrics["model"]["input_channels"] == ["mitochondria", "early_endosome"]
+    models, card = load_models(tmp_path / "run", model_name="kd")
+    assert card.channel_names == ["mitochondria", "early_endosome"]
+    assert not any("aux" in name for name in models[0].state_dict())  # the model has no auxiliary encoder
+    assert TrainSettings().distill_weight == 0.5 and TrainSettings().distill_temperature == 2.0

@@ -418,6 +418,10 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
             raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {names})")
         channel = select_channels(names, channels=[model_cfg.channel])[0]
     dropout_aux = aux if model_cfg.auxiliary_mode == "dropout" else []
+    soft = None
+    if aux and model_cfg.auxiliary_mode == "distill":
+        soft = _teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out,
+                                inputs=inputs, aux=aux, channel=channel)
     import lightning as L
 
     # the initial weights follow from the seed alone, not from what ran before in this process
@@ -430,8 +434,11 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     )
     # Training sees the auxiliary channels (as extra encoders' inputs, or as extra one-channel samples);
     # validation, like every test-time input, holds the input channels only.
-    views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
-    train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
+    if soft is not None:
+        train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=inputs, soft_targets=soft)
+    else:
+        views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
+        train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
     fit(model, train_ds, val_ds, settings=settings, out_dir=out)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
@@ -440,6 +447,33 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
         _validation_weights(model, val_ds, settings)
         save_weights(model, out / "best.safetensors")
     return model
+
+
+def _teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path, *,
+                     inputs: list[int], aux: list[int], channel: int | None) -> np.ndarray:
+    """Distillation from training-only channels: fit a teacher (the model's fusion; early for a single-channel
+    model) on inputs + auxiliary channels of the same training split, in ``out/teacher``, and return its
+    probabilities on the training patches (dihedral mean when ``tta``) softened by ``distill_temperature``."""
+    import lightning as L
+
+    from .data import PatchDataset
+    from .models import create_model
+    from .train import fit, predict_proba
+
+    seen = ([inputs[channel]] if channel is not None else inputs) + aux
+    L.seed_everything(settings.seed, verbose=False)
+    teacher = create_model(
+        "early" if model_cfg.fusion == "single" else model_cfg.fusion, in_channels=len(seen), num_classes=len(classes),
+        encoder=model_cfg.encoder, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
+        late_weights="learned" if model_cfg.late_weights == "validation" else model_cfg.late_weights,
+        channel_names=[index.channel_names[i] for i in seen],
+    )
+    teach_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=seen)
+    fit(teacher, teach_ds, PatchDataset(cache, rows[val_idx], labels[val_idx], channels=seen), settings=settings,
+        out_dir=out / "teacher")
+    proba, _ = predict_proba(teacher, teach_ds, batch_size=128, tta=settings.tta)
+    soft = np.power(np.clip(proba.astype(np.float64), 1e-12, None), 1.0 / settings.distill_temperature)
+    return (soft / soft.sum(1, keepdims=True)).astype(np.float32)
 
 
 def _validation_weights(model, val_ds, settings) -> None:

@@ -505,11 +505,13 @@ class PatchDataset(Dataset):
     ``channels`` picks and orders the cache channels a model sees (default: all). ``views``
     (a list of such channel lists) makes each row appear once per view, with the same label:
     training-only auxiliary channels as extra samples, e.g. ``[[bf], [dna]]`` trains a
-    one-channel model on bright-field and DNA images of the same cells.
+    one-channel model on bright-field and DNA images of the same cells. ``soft_targets`` (N, K)
+    class probabilities per row (a teacher's, for distillation) make items ``(x, label, probabilities)``.
     """
 
     def __init__(self, cache: PatchCache, rows: np.ndarray, labels: np.ndarray, *, augment: Augment | None = None,
-                 channels: Sequence[int] | None = None, views: Sequence[Sequence[int]] | None = None) -> None:
+                 channels: Sequence[int] | None = None, views: Sequence[Sequence[int]] | None = None,
+                 soft_targets: np.ndarray | None = None) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
         if rows.ndim != 1 or labels.shape != rows.shape:
@@ -534,6 +536,13 @@ class PatchDataset(Dataset):
         n_views = 1 if views is None else len(views)
         self.rows = np.tile(rows, n_views)
         self.labels = np.tile(labels, n_views)
+        self.soft_targets = None
+        if soft_targets is not None:
+            soft = np.asarray(soft_targets, dtype=np.float32)
+            if soft.ndim != 2 or len(soft) != len(rows) or not np.all(np.isfinite(soft)) or soft.min() < 0:
+                raise InputError(f"PatchDataset: soft_targets must be finite non-negative (rows, classes) = ({len(rows)}, K) "
+                                 f"probabilities, got shape {soft.shape}")
+            self.soft_targets = np.tile(soft, (n_views, 1))
         self.augment = augment
 
     def __len__(self) -> int:
@@ -546,6 +555,8 @@ class PatchDataset(Dataset):
         x = torch.from_numpy(np.array(patch, dtype=np.float32))
         if self.augment is not None:
             x = self.augment(x)
+        if self.soft_targets is not None:
+            return x, int(self.labels[i]), torch.from_numpy(self.soft_targets[i])
         return x, int(self.labels[i])
 
 

@@ -94,6 +94,11 @@ class TrainSettings(BaseModel):
     )
     tta: bool = Field(
         True, description="Evaluate and predict with the mean class probability over the 8 dihedral transforms.")
+    distill_weight: float = Field(
+        0.5, ge=0, le=1, description="Share of the loss that matches a teacher's softened probabilities when the "
+        "training set carries them (auxiliary_mode 'distill'); the rest is the labels' cross-entropy.")
+    distill_temperature: float = Field(
+        2.0, gt=0, description="Temperature of distillation: teacher and model probabilities are softened by it.")
     late_branch_loss: float = Field(
         0.0, ge=0, description="Weight of the mean per-branch cross-entropy added to the loss of late-fusion models."
     )
@@ -248,8 +253,16 @@ class ClassifierModule(L.LightningModule):
         terms = [F.cross_entropy(b.float(), y, weight=self.class_weight) for b in branches]
         return torch.stack(terms).mean()
 
+    def _distill_loss(self, logits: torch.Tensor, soft: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Class-weighted mean of KL(teacher || model) at temperature T, times T^2 (Hinton et al.)."""
+        t = self.settings.distill_temperature
+        log_p = F.log_softmax(logits.float() / t, dim=1)
+        kl = (soft * (soft.clamp_min(1e-12).log() - log_p)).sum(1)
+        w = self.class_weight[y] if self.class_weight is not None else torch.ones_like(kl)
+        return (kl * w).sum() / w.sum() * t * t
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *rest = batch  # (x, y) or (x, y, teacher probabilities at the distillation temperature)
         if self.settings.augment.enabled:  # here, not in the loader: its draws follow the epoch's seed
             x = self.settings.augment(x)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -261,6 +274,9 @@ class ClassifierModule(L.LightningModule):
             logits = self.model(x)
         total, weight = self._loss_terms(logits, y)
         loss = total / weight
+        if rest:
+            a = self.settings.distill_weight
+            loss = (1 - a) * loss + a * self._distill_loss(logits, rest[0], y)
         self._sums["train"] += total.detach()
         self._sums["train_w"] += weight.detach()
         if self._late:
@@ -493,7 +509,7 @@ def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: Trai
         h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
     for ds in (train_ds, val_ds):
         h.update(f"{type(ds).__qualname__}:{len(ds)}".encode())
-        for attr in ("rows", "labels"):
+        for attr in ("rows", "labels", "soft_targets"):
             if getattr(ds, attr, None) is not None:
                 h.update(np.ascontiguousarray(getattr(ds, attr)).tobytes())
         h.update(str(getattr(getattr(ds, "cache", None), "fingerprint", "")).encode())
@@ -651,7 +667,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, max_batches: 
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i, (x, _) in enumerate(loader):
+    for i, (x, *_) in enumerate(loader):
         if i >= max_batches:
             break
         model(x.to(next(model.parameters()).device))
