@@ -1,6 +1,6 @@
 """Accuracy of cytofuse's deep models against its handcrafted baseline and shortcut probes on real data.
 
-Runs ``cytofuse.crossval.run_cv`` (5-fold grouped CV by default) on the public data sets of
+Runs ``cytofuse.workflows.cv.run_cv`` (5-fold grouped CV by default) on the public data sets of
 ``../shared/data`` (or ``$CYTOFUSE_DATA``) and prints, per task, every model next to the
 handcrafted baseline and the probes of the same folds: fold mean ± sd of balanced accuracy
 and MCC at the task's evaluation level, and the minutes each run took. Tasks whose data are
@@ -14,7 +14,7 @@ missing are skipped with a message.
 | hepg2 | HepG2 vs Huh7 whole fields (blue plane), grouped by image | image | early on 128 px patches |
 | demo | the built-in organelle phantoms (``cytofuse demo``) | image | early, intermediate, late |
 
-Every task trains with the package's defaults (the recipe of ``cytofuse.train``, 30 epochs) except
+Every task trains with the package's defaults (the recipe of ``cytofuse.training.fit``, 30 epochs) except
 for what the table names. ``--set section.field=value`` changes a setting in every task's config (e.g.
 ``--set train.ema=false``), which is how the ablation table of ``benchmarks/README.md`` is
 made: one change at a time against the defaults, on the same folds.
@@ -93,8 +93,8 @@ def hepg2_config(work: Path) -> dict | None:
 
 
 def demo_config(work: Path) -> dict:
-    from cytofuse.pipeline import DEMO_CLASSES, DEMO_DIFFICULTY, DEMO_IMAGES_PER_CLASS, demo_config as config
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.demo import DEMO_CLASSES, DEMO_DIFFICULTY, DEMO_IMAGES_PER_CLASS, demo_config as config
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     data = work / "demo_data"
     if not (data / "labels.csv").is_file():
@@ -122,7 +122,7 @@ def _override(raw: dict, item: str) -> None:
 
 def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str, models: list[str] = ()) -> list[dict]:
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     make, level = TASKS[name]
     raw = make(work)
@@ -155,11 +155,11 @@ def rescore_without_tta(run_dir: Path) -> None:
     import yaml
 
     from cytofuse.config import model_channels, validate_config
-    from cytofuse.crossval import _safe, normalised_view
-    from cytofuse.data import PatchCache, PatchDataset
+    from cytofuse.workflows.cv import _safe, normalised_view
+    from cytofuse.training.cache import PatchCache, PatchDataset
     from cytofuse.models import load_model
-    from cytofuse.patches import read_patch_index
-    from cytofuse.train import predict_proba
+    from cytofuse.preprocess.patches import read_patch_index
+    from cytofuse.training.fit import predict_proba
 
     cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     index, cache = read_patch_index(run_dir), PatchCache.open(run_dir / "cache")

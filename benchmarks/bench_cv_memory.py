@@ -1,6 +1,6 @@
 """Peak memory of a 5-fold cross-validation, and how it grows when the data set doubles.
 
-Each run is ``cytofuse.crossval.run_cv`` on synthetic phantoms (``write_synthetic_dataset``:
+Each run is ``cytofuse.workflows.cv.run_cv`` on synthetic phantoms (``write_synthetic_dataset``:
 4 classes, (Z, Y, X) = (4, 128, 128), nucleus excluded, 32 px patches, smallcnn early fusion)
 in a fresh child process (with ``OMP_WAIT_POLICY=PASSIVE`` unless set, see bench_train.py);
 its peak resident memory is read from ``os.wait4``. The baseline,
@@ -29,10 +29,10 @@ def child_floor() -> dict:
     import lightning  # noqa: F401
     import torch  # noqa: F401
 
-    import cytofuse.crossval  # noqa: F401
-    import cytofuse.evaluate  # noqa: F401
+    import cytofuse.workflows.cv  # noqa: F401
+    import cytofuse.evaluation.metrics  # noqa: F401
     import cytofuse.models  # noqa: F401
-    import cytofuse.train  # noqa: F401
+    import cytofuse.training.fit  # noqa: F401
 
     return {}
 
@@ -41,7 +41,7 @@ def child_cv(manifest: str, run_dir: str, *, epochs: int, threads: int) -> dict:
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     torch.set_num_threads(threads)
     cfg = validate_config({
@@ -87,7 +87,7 @@ def main() -> None:
         print(json.dumps(answer))
         return
 
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     opts = ["--epochs", str(args.epochs), "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="bench_cv_memory_") as tmp:

@@ -16,7 +16,7 @@ import tracemalloc
 
 import numpy as np
 
-from cytofuse.patches import PatchSettings, extract_patches
+from cytofuse.preprocess.patches import PatchSettings, extract_patches
 
 
 def synthetic_stack(z: int, yx: int, seed: int = 0) -> np.ndarray:

@@ -40,11 +40,11 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 from bench_patches import synthetic_stack  # noqa: E402  (benchmarks/ is on the path of its scripts)
-from cytofuse.io import Image, write_ome_tiff  # noqa: E402
-from cytofuse.modelfolder import card_for, read_model_folder, write_model_folder  # noqa: E402
+from cytofuse.io.readers import Image, write_ome_tiff  # noqa: E402
+from cytofuse.inference.modelfolder import card_for, read_model_folder, write_model_folder  # noqa: E402
 from cytofuse.models import create_model  # noqa: E402
-from cytofuse.patches import PatchSettings  # noqa: E402
-from cytofuse.predict import (  # noqa: E402
+from cytofuse.preprocess.patches import PatchSettings  # noqa: E402
+from cytofuse.inference.predict import (  # noqa: E402
     _in_order,
     _single_threaded_ops,
     default_workers,

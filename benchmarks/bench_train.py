@@ -1,4 +1,4 @@
-"""Training throughput of ``cytofuse.train.fit`` against a plain PyTorch loop, and loader throughput.
+"""Training throughput of ``cytofuse.training.fit.fit`` against a plain PyTorch loop, and loader throughput.
 
 1. ``fit`` (Lightning) against a hand-written ``for x, y in loader: loss.backward(); opt.step()``
    loop on the same model class and initial weights, data, batch size, Adam with the same
@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cytofuse.data import Augment, AugmentCollate, PatchDataset, build_patch_cache, class_weights
+from cytofuse.training.cache import Augment, AugmentCollate, PatchDataset, build_patch_cache, class_weights
 from cytofuse.models import create_model
-from cytofuse.train import TrainSettings, _loaders, fit
+from cytofuse.training.fit import TrainSettings, _loaders, fit
 
 CHANNELS = ["mito", "early_endosome", "recycling_endosome"]
 NUM_CLASSES = 4
@@ -118,7 +118,7 @@ def run_plain(train_ds, val_ds, settings: TrainSettings, *, fast: bool = True, e
     fused AdamW, the weight average updated every step and validated); otherwise the previous
     path: fp32, contiguous memory, Adam with its default multi-tensor update, no weight average.
     """
-    from cytofuse.train import resolve_precision
+    from cytofuse.training.fit import resolve_precision
 
     L.seed_everything(settings.seed, verbose=False)
     model = new_model(encoder=encoder)
@@ -265,7 +265,7 @@ def main() -> None:
                 plains.append(run_plain(train_ds, val_ds, settings))
                 fits.append(run_fit(train_ds, val_ds, settings, tmp / f"fit{r}"))
         threads = {c.threads for c in fits}
-        from cytofuse.train import resolve_precision
+        from cytofuse.training.fit import resolve_precision
 
         print(f"recipe's CPU path: precision {resolve_precision(settings)}, channels_last, fused AdamW, weight EMA")
         for part, label in (("epochs", "whole epochs"), ("train_parts", "training steps only")):

@@ -17,9 +17,9 @@ def jurkat_cells(root: Path, out: Path, *, counts: dict[str, int] | None = None,
     (the folder's documented counts); padding and repeated tiles are rejected as by
     ``cytofuse montage``. ``counts`` can take a random subset per class (seeded) to keep a run short.
     """
-    from cytofuse.dataset import ImageSet
-    from cytofuse.io import Image, write_ome_tiff
-    from cytofuse.montage import cut_montage, rename_channels, tile_status
+    from cytofuse.io.imagesets import ImageSet
+    from cytofuse.io.readers import Image, write_ome_tiff
+    from cytofuse.io.montage import cut_montage, rename_channels, tile_status
 
     if (out / ".complete").is_file():
         return out

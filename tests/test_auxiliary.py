@@ -64,7 +64,7 @@ def test_model_channels_default_to_everything_but_the_auxiliary():
 
 
 def test_patch_dataset_views_repeat_each_row_with_the_same_label(tmp_path):
-    from cytofuse.data import CacheChannels, PatchDataset
+    from cytofuse.training.cache import CacheChannels, PatchDataset
 
     class Cache:  # a 3-channel cache whose channel c of row r holds the value 10 r + c
         channels = ("BF", "DF", "DNA")
@@ -93,7 +93,7 @@ def test_patch_dataset_views_repeat_each_row_with_the_same_label(tmp_path):
 
 @pytest.fixture(scope="module")
 def three_channel_set(tmp_path_factory):
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("aux") / "data"
     write_synthetic_dataset(out, classes=2, images_per_class=4, shape=(1, 64, 64), seed=3, progress=False)
@@ -102,11 +102,11 @@ def three_channel_set(tmp_path_factory):
 
 def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp_path, monkeypatch):
     """Spy on every forward pass of a CV run: eval-mode passes (validation, test folds) see 2 channels."""
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
     from cytofuse.models.fusion import IntermediateFusion
-    from cytofuse.modelfolder import load_models
-    from cytofuse.predict import predict_images
-    from cytofuse.io import Image, read_image
+    from cytofuse.inference.modelfolder import load_models
+    from cytofuse.inference.predict import predict_images
+    from cytofuse.io.readers import Image, read_image
 
     torch.set_num_threads(1)
     seen: list[tuple[bool, int]] = []
@@ -144,7 +144,7 @@ def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp
 
 
 def test_distill_loss_is_the_weighted_kl_at_temperature(tmp_path):
-    from cytofuse.train import ClassifierModule, TrainSettings
+    from cytofuse.training.fit import ClassifierModule, TrainSettings
 
     model = create_model("early", in_channels=1, num_classes=3, encoder="smallcnn")
     settings = TrainSettings(distill_temperature=2.0)
@@ -160,7 +160,7 @@ def test_distill_loss_is_the_weighted_kl_at_temperature(tmp_path):
 
 
 def test_patch_dataset_soft_targets_make_triples(tmp_path):
-    from cytofuse.data import PatchDataset
+    from cytofuse.training.cache import PatchDataset
 
     cache = np.arange(3 * 2 * 4 * 4, dtype=np.float32).reshape(3, 2, 4, 4)
 
@@ -184,10 +184,10 @@ def test_patch_dataset_soft_targets_make_triples(tmp_path):
 
 def test_cv_distills_from_a_teacher_that_sees_the_auxiliary_channel(three_channel_set, tmp_path, monkeypatch):
     """auxiliary_mode 'distill': a 3-channel teacher per fold in fold_k/teacher; the model itself only ever sees 2."""
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
     from cytofuse.models.fusion import IntermediateFusion
-    from cytofuse.modelfolder import load_models
-    from cytofuse.train import TrainSettings
+    from cytofuse.inference.modelfolder import load_models
+    from cytofuse.training.fit import TrainSettings
 
     torch.set_num_threads(1)
     seen: list[tuple[bool, int]] = []

@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cytofuse.cli import app
-from cytofuse.io import Image, write_ome_tiff
-from cytofuse.synthetic import CHANNELS, write_synthetic_dataset
+from cytofuse.io.readers import Image, write_ome_tiff
+from cytofuse.synthetic.phantoms import CHANNELS, write_synthetic_dataset
 
 
 @dataclass(frozen=True)
@@ -234,10 +234,10 @@ def _configs(root: Path) -> None:
 
 
 def _model_folders(root: Path) -> None:
-    from cytofuse.emptyfilter import EmptyFilter
-    from cytofuse.modelfolder import card_for, write_model_folder
+    from cytofuse.preprocess.emptyfilter import EmptyFilter
+    from cytofuse.inference.modelfolder import card_for, write_model_folder
     from cytofuse.models import create_model
-    from cytofuse.patches import PatchSettings
+    from cytofuse.preprocess.patches import PatchSettings
 
     model = create_model("early", in_channels=4, num_classes=2, encoder="smallcnn").eval()
     card = card_for([model], class_names=["control", "fragmented"], channel_names=list(CHANNELS),
@@ -296,7 +296,7 @@ def test_bad_input_gives_a_clear_error(case, inputs, tmp_path):
 def test_explain_names_the_models_it_cannot_explain(tmp_path, monkeypatch):
     import pandas as pd
 
-    import cytofuse.explain as explain
+    import cytofuse.evaluation.explain as explain
     from cytofuse.errors import InputError
 
     run = tmp_path / "run"

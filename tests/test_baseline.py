@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytofuse.baseline import (
+from cytofuse.evaluation.baseline import (
     acquisition_features,
     background_features,
     colocalisation,
@@ -121,7 +121,7 @@ def test_acquisition_facts_per_patch():
 
 
 def test_raw_patches_undo_the_cache_normalisation(tmp_path):
-    from cytofuse.data import build_patch_cache
+    from cytofuse.training.cache import build_patch_cache
 
     rng = np.random.default_rng(0)
     raw = {"i0": rng.integers(100, 4100, (1, 1, 16, 16)).astype(np.uint16), "i1": rng.integers(10, 210, (1, 1, 16, 24)).astype(np.uint16)}
@@ -190,8 +190,8 @@ def test_warning_rule_margin_far_and_significance():
 
 
 def _write_set(out, *, shortcut=None, classes=(0, 1), n=5):
-    from cytofuse.io import write_ome_tiff
-    from cytofuse.synthetic import CLASS_NAMES, image_seed, make_phantom
+    from cytofuse.io.readers import write_ome_tiff
+    from cytofuse.synthetic.phantoms import CLASS_NAMES, image_seed, make_phantom
 
     (out / "images").mkdir(parents=True)
     rows = []
@@ -212,7 +212,7 @@ def _cv(manifest, out):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     torch.set_num_threads(1)
     cfg = validate_config({
@@ -233,7 +233,7 @@ def shortcut_run(tmp_path_factory):
 
 
 def test_probes_find_a_planted_background_shortcut_and_warn(shortcut_run, capsys):
-    from cytofuse.pipeline import print_cv_summary
+    from cytofuse.workflows.demo import print_cv_summary
 
     ba = {k: m["cv"]["image"]["summary"]["balanced_accuracy"]["mean"] for k, m in shortcut_run.metrics.items()}
     assert ba["probe:background"] > 0.95 and ba["probe:acquisition"] > 0.95
@@ -253,10 +253,10 @@ def test_probes_find_a_planted_background_shortcut_and_warn(shortcut_run, capsys
 
 
 def test_a_finished_probe_is_read_back_not_refitted(shortcut_run, monkeypatch):
-    import cytofuse.baseline as baseline
-    from cytofuse.crossval import _cv_feature_sets
-    from cytofuse.data import PatchCache
-    from cytofuse.patches import read_patch_index
+    import cytofuse.evaluation.baseline as baseline
+    from cytofuse.workflows.cv import _cv_feature_sets
+    from cytofuse.training.cache import PatchCache
+    from cytofuse.preprocess.patches import read_patch_index
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished probe was recomputed")
@@ -273,7 +273,7 @@ def test_a_finished_probe_is_read_back_not_refitted(shortcut_run, monkeypatch):
 
 
 def test_the_warning_stays_silent_on_the_clean_synthetic_set(tmp_path, capsys):
-    from cytofuse.pipeline import print_cv_summary
+    from cytofuse.workflows.demo import print_cv_summary
 
     result = _cv(_write_set(tmp_path / "data"), tmp_path / "run")
     assert result.shortcut_warnings == []

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import cytofuse.train  # noqa: F401  config validation imports it (torch, lightning: seconds); pay that at collection
+import cytofuse.training.fit  # noqa: F401  config validation imports it (torch, lightning: seconds); pay that at collection
 from cytofuse.cli import app
 from cytofuse.errors import RunFolderError
 from cytofuse.runs import MARKER, mark_finished, prepare_run_dir
-from cytofuse.synthetic import CLASS_NAMES, write_synthetic_dataset
+from cytofuse.synthetic.phantoms import CLASS_NAMES, write_synthetic_dataset
 
 HEAVY = ("torch", "lightning", "monai", "bioio", "tifffile", "skimage", "sklearn", "pandas", "matplotlib")
 

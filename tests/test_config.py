@@ -20,8 +20,8 @@ from cytofuse.config import (
     validate_config,
 )
 from cytofuse.errors import ConfigError, InputError
-from cytofuse.patches import PatchSettings
-from cytofuse.train import TrainSettings
+from cytofuse.preprocess.patches import PatchSettings
+from cytofuse.training.fit import TrainSettings
 
 
 def _yaml(path: Path, content: dict) -> Path:

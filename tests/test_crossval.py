@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from cytofuse.config import validate_config
-from cytofuse.crossval import check_fold_classes, inner_split, outer_folds, run_cv
+from cytofuse.workflows.cv import check_fold_classes, inner_split, outer_folds, run_cv
 from cytofuse.errors import InputError
 
 
@@ -65,7 +65,7 @@ def test_a_training_split_without_a_class_is_an_error():
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth") / "data"
     write_synthetic_dataset(out, classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
@@ -122,7 +122,7 @@ def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):
 def test_sweep_over_patch_size_runs_one_cv_per_value(tiny_set, tmp_path):
     import torch
 
-    from cytofuse.crossval import run_sweep, sweep_configs
+    from cytofuse.workflows.cv import run_sweep, sweep_configs
 
     torch.set_num_threads(1)
     cfg = validate_config({
@@ -147,7 +147,7 @@ def test_sweep_over_patch_size_runs_one_cv_per_value(tiny_set, tmp_path):
 def test_an_interrupted_cv_resumes_without_refitting_finished_folds(tiny_set, tmp_path, monkeypatch):
     import torch
 
-    import cytofuse.train as train_mod
+    import cytofuse.training.fit as train_mod
 
     torch.set_num_threads(1)
     cfg = validate_config({
@@ -179,7 +179,7 @@ def test_an_interrupted_cv_resumes_without_refitting_finished_folds(tiny_set, tm
 def test_held_out_test_set_is_grouped_and_predicted_by_the_fold_ensemble(tmp_path):
     import torch
 
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     data = write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=6, shape=(2, 96, 96), seed=1, progress=False)
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cytofuse.data import (
+from cytofuse.training.cache import (
     Augment,
     AugmentCollate,
     PatchCache,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from cytofuse.dataset import ImageSet
+from cytofuse.io.imagesets import ImageSet
 from cytofuse.errors import DataSetError, InputError
-from cytofuse.io import Image, write_ome_tiff
+from cytofuse.io.readers import Image, write_ome_tiff
 
 NAMES = ("mito", "er")
 

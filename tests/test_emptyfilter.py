@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from cytofuse.emptyfilter import (
+from cytofuse.preprocess.emptyfilter import (
     EmptyFilter,
     evaluate_filter,
     intensity_features,
@@ -115,7 +115,7 @@ def test_patch_features_encode_each_channel_separately_with_a_seeded_encoder():
 def test_pretrained_weights_replace_the_random_encoder(tmp_path):
     import torch
 
-    from cytofuse.emptyfilter import _build_encoder
+    from cytofuse.preprocess.emptyfilter import _build_encoder
 
     x = normalise_patches(synthetic_patches(3, size=64)[0])
     weights = tmp_path / "other.pth"
@@ -227,7 +227,7 @@ def test_evaluate_filter_reports_grouped_held_out_scores(synth):
 
 
 def test_evaluate_filter_folds_never_share_a_group(monkeypatch):
-    import cytofuse.emptyfilter as ef
+    import cytofuse.preprocess.emptyfilter as ef
 
     x, y, g = synthetic_patches(30)
     seen = []

@@ -41,8 +41,8 @@ def test_emptyfilter_command_prints_held_out_f1_and_writes_the_filter(tmp_path):
 
 def _truth_patches(root, *, size):
     """Grid patches of the BF channel of other synthetic fields: True with a cell centre, False touching no cell."""
-    from cytofuse.io import read_image
-    from cytofuse.synthetic_cells import write_livedead_set
+    from cytofuse.io.readers import read_image
+    from cytofuse.synthetic.cells import write_livedead_set
 
     truth = write_livedead_set(root, n_fields=2, seed=7)
     patches, labels = [], []
@@ -63,9 +63,9 @@ def test_run_drops_the_patches_the_filter_calls_empty(tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
-    from cytofuse.emptyfilter import EmptyFilter
-    from cytofuse.synthetic_cells import write_livedead_set
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.preprocess.emptyfilter import EmptyFilter
+    from cytofuse.synthetic.cells import write_livedead_set
 
     torch.set_num_threads(1)
     write_livedead_set(tmp_path / "data", n_fields=4, seed=1)
@@ -85,10 +85,10 @@ def test_run_drops_the_patches_the_filter_calls_empty(tmp_path):
 
 def test_predict_applies_the_models_empty_filter(tmp_path):
     """A model trained with a learned filter predicts only the patches that filter keeps."""
-    from cytofuse.emptyfilter import EmptyFilter
-    from cytofuse.io import Image
-    from cytofuse.patches import PatchSettings, extract_patches
-    from cytofuse.predict import apply_empty_filter
+    from cytofuse.preprocess.emptyfilter import EmptyFilter
+    from cytofuse.io.readers import Image
+    from cytofuse.preprocess.patches import PatchSettings, extract_patches
+    from cytofuse.inference.predict import apply_empty_filter
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :128]
@@ -118,12 +118,12 @@ def test_a_model_folder_carries_its_empty_filter(tmp_path):
 
     import yaml
 
-    from cytofuse.emptyfilter import EmptyFilter
-    from cytofuse.io import Image
-    from cytofuse.modelfolder import card_for, read_model_folder, write_model_folder
+    from cytofuse.preprocess.emptyfilter import EmptyFilter
+    from cytofuse.io.readers import Image
+    from cytofuse.inference.modelfolder import card_for, read_model_folder, write_model_folder
     from cytofuse.models import create_model
-    from cytofuse.patches import PatchSettings
-    from cytofuse.predict import predict_images
+    from cytofuse.preprocess.patches import PatchSettings
+    from cytofuse.inference.predict import predict_images
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :128]

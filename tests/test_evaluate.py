@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cytofuse import evaluate as ev
+from cytofuse.evaluation import metrics as ev
 from cytofuse.errors import InputError
 
 CLASSES3 = ["MCF7", "MDA-MB-231", "T47D"]
@@ -431,7 +431,7 @@ def test_write_evaluation(tmp_path):
 
 
 def test_best_f1_threshold_known_answers():
-    from cytofuse.evaluate import best_f1_threshold
+    from cytofuse.evaluation.metrics import best_f1_threshold
 
     assert best_f1_threshold(np.array([0, 0, 1, 1]), np.array([.1, .2, .8, .9])) == pytest.approx(0.5)
     # cuts: after .9 F1 2/3, after .8 1/2, after .2 4/5 (best), after .1 2/3 -> midpoint of .2 and .1
@@ -440,7 +440,7 @@ def test_best_f1_threshold_known_answers():
 
 
 def test_positive_class_report_uses_validation_thresholds_only():
-    from cytofuse.evaluate import positive_class_report
+    from cytofuse.evaluation.metrics import positive_class_report
 
     classes = ["common", "rare"]
     # validation says the rare class starts above 0.25; at 0.5 (argmax) the test fold's rare patches are missed

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cytofuse.config import load_config
-from cytofuse.crossval import run_cv
+from cytofuse.workflows.cv import run_cv
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = ["train.max_epochs=1", "train.batch_size=32", "train.progress=false", "cv.probes=false"]
@@ -31,7 +31,7 @@ def test_every_example_is_tested():
 
 
 def test_organelle_fusion_example(tmp_path):
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
     cfg = load_config(EXAMPLES / "organelle_fusion.yaml", overrides=[
@@ -41,8 +41,8 @@ def test_organelle_fusion_example(tmp_path):
 
 
 def test_livedead_example_labels_from_pi_and_sees_bright_field_only(tmp_path):
-    from cytofuse.data import PatchCache
-    from cytofuse.synthetic_cells import write_livedead_set
+    from cytofuse.training.cache import PatchCache
+    from cytofuse.synthetic.cells import write_livedead_set
 
     write_livedead_set(tmp_path / "data", n_fields=4, seed=0)
     cfg = load_config(EXAMPLES / "livedead_labels.yaml", overrides=[f"data.images={tmp_path / 'data'}", "cv.n_folds=2", *FAST])
@@ -60,7 +60,7 @@ def test_livedead_example_labels_from_pi_and_sees_bright_field_only(tmp_path):
 
 
 def test_auxiliary_channel_example(tmp_path):
-    from cytofuse.synthetic_cells import write_single_cell_set
+    from cytofuse.synthetic.cells import write_single_cell_set
 
     write_single_cell_set(tmp_path / "data", counts={"G1": 12, "G2": 10, "M": 6}, seed=0)
     cfg = load_config(EXAMPLES / "auxiliary_channel.yaml", overrides=[f"data.images={tmp_path / 'data'}", "cv.n_folds=2", *FAST])

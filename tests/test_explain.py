@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cytofuse.errors import InputError
-from cytofuse.explain import (
+from cytofuse.evaluation.explain import (
     balanced_accuracy,
     channel_ablation,
     embeddings,
@@ -241,8 +241,8 @@ def _cv_config(manifest, *, epochs: int, n_folds: int, models, **patches):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from cytofuse.crossval import run_cv
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("explain")
@@ -297,9 +297,9 @@ def test_explain_run_resumes_after_the_last_finished_step(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_ablation_on_synthetic_phantoms_ranks_mitochondria_first(tmp_path):
-    """control vs fragmented differ in mitochondria only (cytofuse.synthetic.informative_channels)."""
-    from cytofuse.crossval import run_cv
-    from cytofuse.synthetic import informative_channels, write_synthetic_dataset
+    """control vs fragmented differ in mitochondria only (cytofuse.synthetic.phantoms.informative_channels)."""
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.synthetic.phantoms import informative_channels, write_synthetic_dataset
 
     assert informative_channels("control", "fragmented") == {"mitochondria"}
     torch.set_num_threads(2)

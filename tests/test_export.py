@@ -22,10 +22,10 @@ from cytofuse.export import (
     run_exported,
     write_rdf,
 )
-from cytofuse.modelfolder import card_for, read_card, write_model_folder
+from cytofuse.inference.modelfolder import card_for, read_card, write_model_folder
 from cytofuse.runs import MARKER
 from cytofuse.models import create_model
-from cytofuse.patches import PatchSettings, extract_patches
+from cytofuse.preprocess.patches import PatchSettings, extract_patches
 
 # torch 2.13 deprecates TorchScript (trace, save, load) and the legacy ONNX exporter built on it,
 # and says so with DeprecationWarnings raised inside torch; they are not about our code.
@@ -55,7 +55,7 @@ def _model(name: str, *, encoder: str = "smallcnn", seed: int = 0, k: int = 3):
 def _calibrate(model) -> None:
     """BatchNorm statistics of the synthetic patches: with the initial ones (mean 0, variance 1) a
     random deep encoder maps every patch to nearly the same features."""
-    from cytofuse.train import recalibrate_batchnorm
+    from cytofuse.training.fit import recalibrate_batchnorm
 
     x = torch.from_numpy(_synthetic_patches(16))
     recalibrate_batchnorm(model, [(x, None)])
@@ -288,7 +288,7 @@ def test_export_model_folder_errors(tmp_path):
 
 def _real_patches(real_data, n: int = 7) -> np.ndarray:
     """Normalised 64 px patches of hela-cells.tif, percentiles of the whole image, Otsu-filtered."""
-    from cytofuse.io import read_image
+    from cytofuse.io.readers import read_image
 
     image = read_image(real_data / "unlabelled-multichannel" / "hela-cells.tif")
     settings = PatchSettings(size=P, min_ratio=0.2)

@@ -5,7 +5,7 @@ import torch
 
 from cytofuse.config import dump_config, validate_config
 from cytofuse.errors import InputError
-from cytofuse.final import late_weights_from_cv, train_final
+from cytofuse.workflows.final import late_weights_from_cv, train_final
 from cytofuse.models import create_model, load_model, save_weights
 
 
@@ -55,9 +55,9 @@ def test_validation_late_weights_without_a_cv_run_name_the_setting_and_the_ways_
 
 @pytest.mark.slow
 def test_final_late_model_takes_the_mean_branch_weights_of_the_cv_folds(tmp_path):
-    from cytofuse.crossval import run_cv
-    from cytofuse.modelfolder import read_model_folder
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.inference.modelfolder import read_model_folder
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(2, 64, 64), seed=0, progress=False)

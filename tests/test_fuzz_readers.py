@@ -21,9 +21,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cytofuse.dataset import ImageSet  # noqa: E402
+from cytofuse.io.imagesets import ImageSet  # noqa: E402
 from cytofuse.errors import CytofuseError  # noqa: E402
-from cytofuse.io import probe_image, read_image  # noqa: E402
+from cytofuse.io.readers import probe_image, read_image  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 FUZZ = settings(max_examples=int(os.environ.get("CYTOFUSE_FUZZ_EXAMPLES", "300")), deadline=None,

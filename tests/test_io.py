@@ -1,4 +1,4 @@
-"""Readers, probes, one-file-per-channel grouping and montage tiling in cytofuse.io."""
+"""Readers, probes, one-file-per-channel grouping and montage tiling in cytofuse.io.readers."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import tifffile
 from PIL import Image as PILImage
 
 from cytofuse.errors import InputError
-from cytofuse.io import (
+from cytofuse.io.readers import (
     Image,
     group_channel_files,
     montage_tiles,

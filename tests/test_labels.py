@@ -10,7 +10,7 @@ import pytest
 
 from cytofuse.config import validate_config
 from cytofuse.errors import ConfigError, InputError
-from cytofuse.labels import LabelRule, fit_label_rule, patch_values
+from cytofuse.preprocess.labels import LabelRule, fit_label_rule, patch_values
 
 
 def test_patch_values_mean_and_integrated_are_exact():
@@ -69,7 +69,7 @@ def test_rule_round_trips_through_json():
 
 @pytest.fixture(scope="module")
 def phantom_set(tmp_path_factory):
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("labels") / "data"
     write_synthetic_dataset(out, classes=2, images_per_class=6, shape=(1, 96, 96), seed=5, progress=False)
@@ -79,8 +79,8 @@ def phantom_set(tmp_path_factory):
 def test_cv_with_labels_from_a_channel(phantom_set, tmp_path):
     import torch
 
-    from cytofuse.crossval import run_cv
-    from cytofuse.data import PatchCache
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.training.cache import PatchCache
 
     torch.set_num_threads(1)
     cfg = validate_config({
@@ -111,7 +111,7 @@ def test_cv_with_labels_from_a_channel(phantom_set, tmp_path):
     assert corr["n"] == len(pred) and -1 <= corr["r"] <= 1 and corr["score"] == "prob_bright"
     assert metrics["positive_class"]["class"] == "bright" and len(metrics["positive_class"]["folds"]) == 2
     assert "labels from the mean of channel recycling_endosome" in metrics["measured_on"]
-    from cytofuse.report import labels_context, extras_table, run_entries
+    from cytofuse.evaluation.report import labels_context, extras_table, run_entries
 
     section = labels_context(run)
     assert section["channel"] == "recycling_endosome" and section["figure"] is not None
@@ -121,7 +121,7 @@ def test_cv_with_labels_from_a_channel(phantom_set, tmp_path):
 
 
 def test_fit_on_an_unknown_condition_is_an_error(phantom_set, tmp_path):
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     cfg = validate_config({
         "data": {"manifest": str(phantom_set)},

@@ -3,7 +3,7 @@ import torch
 import yaml
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.modelfolder import (
+from cytofuse.inference.modelfolder import (
     FORMAT_VERSION,
     ModelCard,
     card_for,
@@ -12,7 +12,7 @@ from cytofuse.modelfolder import (
     write_model_folder,
 )
 from cytofuse.models import create_model, save_weights
-from cytofuse.patches import PatchSettings
+from cytofuse.preprocess.patches import PatchSettings
 
 
 def _model(in_channels=2, num_classes=3, name="early", seed=0):

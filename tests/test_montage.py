@@ -10,10 +10,10 @@ import tifffile
 from typer.testing import CliRunner
 
 from cytofuse.cli import app
-from cytofuse.dataset import ImageSet
+from cytofuse.io.imagesets import ImageSet
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.io import read_image
-from cytofuse.montage import (
+from cytofuse.io.readers import read_image
+from cytofuse.io.montage import (
     cut_montage,
     padding_kind,
     parse_channel_map,

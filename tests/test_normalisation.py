@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytofuse.data import NormalisedCache, build_patch_cache, dataset_normalisation
-from cytofuse.patches import PatchSettings
+from cytofuse.training.cache import NormalisedCache, build_patch_cache, dataset_normalisation
+from cytofuse.preprocess.patches import PatchSettings
 
 
 def _cache(tmp_path, raw: np.ndarray):
@@ -61,9 +61,9 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
-    from cytofuse.pipeline import load_image_set
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.workflows.demo import load_image_set
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(1, 32, 32), seed=3, progress=False)
@@ -93,9 +93,9 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
     metrics = json.loads((tmp_path / "run" / "models" / "cnn" / "metrics.json").read_text())
     assert metrics["model"]["normalisation"] == "dataset"
     # explain and a CV-run ensemble in predict see the patches with the mean of the folds' ranges
-    from cytofuse.data import PatchCache
-    from cytofuse.explain import model_view
-    from cytofuse.modelfolder import load_models
+    from cytofuse.training.cache import PatchCache
+    from cytofuse.evaluation.explain import model_view
+    from cytofuse.inference.modelfolder import load_models
 
     view = model_view(tmp_path / "run", "cnn", PatchCache.open(tmp_path / "run" / "cache"))
     assert isinstance(view, NormalisedCache)
@@ -108,7 +108,7 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
 def test_class_recall_table_pools_images_over_folds():
     from types import SimpleNamespace
 
-    from cytofuse.pipeline import class_recall_table
+    from cytofuse.workflows.demo import class_recall_table
 
     pred = pd.DataFrame({"patch_id": range(6), "image_id": ["a", "a", "b", "b", "c", "c"], "group": ["a", "a", "b", "b", "c", "c"],
                          "fold": [0, 0, 1, 1, 1, 1], "y_true": [0, 0, 1, 1, 1, 1],

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cytofuse.cli import app
 from cytofuse.errors import RunFolderError
 from cytofuse.runs import MARKER, check_replaceable, mark_finished, prepare_run_dir, replacing_folder
-from cytofuse.synthetic import write_synthetic_dataset
+from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
 
 def _invoke(*args) -> tuple[int, str]:
@@ -44,9 +44,9 @@ def config(data) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(data) -> Path:
-    from cytofuse.modelfolder import card_for, write_model_folder
+    from cytofuse.inference.modelfolder import card_for, write_model_folder
     from cytofuse.models import create_model
-    from cytofuse.patches import PatchSettings
+    from cytofuse.preprocess.patches import PatchSettings
 
     model = create_model("early", in_channels=4, num_classes=2, encoder="smallcnn").eval()
     card = card_for([model], class_names=["a", "b"], channel_names=["c0", "c1", "c2", "c3"],

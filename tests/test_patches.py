@@ -3,10 +3,10 @@ import pandas as pd
 import pytest
 from skimage.filters import threshold_otsu
 
-from cytofuse.dataset import ImageSet
+from cytofuse.io.imagesets import ImageSet
 from cytofuse.errors import InputError
-from cytofuse.io import Image, write_ome_tiff
-from cytofuse.patches import (
+from cytofuse.io.readers import Image, write_ome_tiff
+from cytofuse.preprocess.patches import (
     PatchSettings,
     build_patch_index,
     channel_statistics,
@@ -164,7 +164,7 @@ def test_build_patch_index_writes_artifacts(tmp_path):
 
 
 def test_build_patch_index_resumes_from_finished_images(tmp_path, monkeypatch):
-    import cytofuse.patches as patches_mod
+    import cytofuse.preprocess.patches as patches_mod
 
     image_set = _write_set(tmp_path)
     settings = PatchSettings(size=32)
@@ -215,7 +215,7 @@ def test_jurkat_montage_tiles_become_cells(real_data):
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cut_patches_matches_numpy_in_both_layouts(dtype, channels_last):
-    from cytofuse.patches import cut_patches
+    from cytofuse.preprocess.patches import cut_patches
 
     rng = np.random.default_rng(3)
     stack = rng.integers(0, 200, size=(2, 3, 20, 24)).astype(dtype)
@@ -231,7 +231,7 @@ def test_cut_patches_matches_numpy_in_both_layouts(dtype, channels_last):
 
 
 def test_cut_patches_refuses_origins_outside_the_stack():
-    from cytofuse.patches import cut_patches
+    from cytofuse.preprocess.patches import cut_patches
 
     stack = np.zeros((1, 2, 16, 16), np.uint16)
     with pytest.raises(InputError, match=r"outside the stack of shape \(1, 2, 16, 16\)"):
@@ -245,7 +245,7 @@ def test_cut_patches_refuses_origins_outside_the_stack():
 def test_duplicate_rule_matches_a_brute_force_count(dtype):
     from collections import Counter
 
-    from cytofuse.patches import _first_occurrences
+    from cytofuse.preprocess.patches import _first_occurrences
 
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 4, (2, 8, 8)).astype(dtype) for _ in range(5)]

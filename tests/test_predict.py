@@ -5,11 +5,11 @@ import tifffile
 import torch
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.io import Image, write_ome_tiff
-from cytofuse.modelfolder import card_for, write_model_folder
+from cytofuse.io.readers import Image, write_ome_tiff
+from cytofuse.inference.modelfolder import card_for, write_model_folder
 from cytofuse.models import create_model
-from cytofuse.patches import PatchSettings
-from cytofuse.predict import cut_patches, predict_images, stitch
+from cytofuse.preprocess.patches import PatchSettings
+from cytofuse.inference.predict import cut_patches, predict_images, stitch
 
 
 def _hand_model():
@@ -170,8 +170,8 @@ def test_bf16_autocast_agrees_with_fp32(model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cv")
@@ -191,7 +191,7 @@ def cv_run(tmp_path_factory):
 def test_cv_run_predicts_as_a_fold_ensemble(cv_run):
     import json
 
-    from cytofuse.modelfolder import model_folder_from_cv
+    from cytofuse.inference.modelfolder import model_folder_from_cv
 
     cfg, root = cv_run
     models, card = model_folder_from_cv(root / "run")
@@ -202,8 +202,8 @@ def test_cv_run_predicts_as_a_fold_ensemble(cv_run):
     summary = predict_images(root / "run", paths, out=root / "pred", progress=False, precision="fp32")
     assert len(summary) == 3 and set(summary["decision"]) <= set(card.class_names)
     # the ensemble is the mean of the fold models' probabilities on the same patches
-    from cytofuse.io import read_image
-    from cytofuse.predict import predict_patches, preprocess, select_model_channels
+    from cytofuse.io.readers import read_image
+    from cytofuse.inference.predict import predict_patches, preprocess, select_model_channels
 
     stack = select_model_channels(read_image(paths[0]), card.channel_names)
     res = preprocess(stack, card)
@@ -217,15 +217,15 @@ def test_cv_run_predicts_as_a_fold_ensemble(cv_run):
     cols = [f"prob_{c}" for c in card.class_names]
     assert np.allclose(again[cols].to_numpy(), summary[cols].to_numpy())
     best = [json.loads((root / "run" / "models" / "early" / f"fold_{k}" / "fit.json").read_text())["best_epoch"] for k in (0, 1)]
-    from cytofuse.final import epochs_from_cv
+    from cytofuse.workflows.final import epochs_from_cv
 
     assert epochs_from_cv(root / "run") == int(round(float(np.median(best)))) + 1
 
 
 @pytest.mark.slow
 def test_train_final_writes_a_folder_with_epochs_from_the_cv_run(cv_run, tmp_path):
-    from cytofuse.final import epochs_from_cv, train_final
-    from cytofuse.modelfolder import read_model_folder
+    from cytofuse.workflows.final import epochs_from_cv, train_final
+    from cytofuse.inference.modelfolder import read_model_folder
 
     cfg, root = cv_run
     out = train_final(cfg, tmp_path / "final", cv_run=root / "run", progress=False)
@@ -253,7 +253,7 @@ def _overlapping_patches(shape=(4, 40, 56), size=16, stride=8, seed=0):
 
 
 def test_streamed_heat_map_equals_in_memory_stitching(tmp_path):
-    from cytofuse.predict import HeatMapWriter
+    from cytofuse.inference.predict import HeatMapWriter
 
     shape, size, stride = (4, 44, 60), 16, 8  # 44 and 60 leave a border no patch covers
     origins, probs = _overlapping_patches(shape, size, stride)
@@ -282,7 +282,7 @@ def test_streamed_heat_map_equals_in_memory_stitching(tmp_path):
 
 
 def test_stride_resolution_stores_one_pixel_per_cell(tmp_path):
-    from cytofuse.predict import HeatMapWriter
+    from cytofuse.inference.predict import HeatMapWriter
 
     shape, size, stride = (4, 40, 56), 16, 8
     origins, probs = _overlapping_patches(shape, size, stride)
@@ -301,7 +301,7 @@ def test_stride_resolution_stores_one_pixel_per_cell(tmp_path):
 
 
 def test_writer_errors_surface_and_leave_no_file(tmp_path, monkeypatch):
-    from cytofuse.predict import HeatMapWriter
+    from cytofuse.inference.predict import HeatMapWriter
 
     shape = (4, 40, 56)
     origins, probs = _overlapping_patches(shape)
@@ -326,7 +326,7 @@ def test_writer_errors_surface_and_leave_no_file(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_prediction_leaves_no_output(model_dir, tmp_path, monkeypatch):
-    import cytofuse.predict as predict
+    import cytofuse.inference.predict as predict
 
     calls = []
 
@@ -345,7 +345,7 @@ def test_an_interrupted_prediction_leaves_no_output(model_dir, tmp_path, monkeyp
 
 
 def test_predict_images_writes_stride_resolution_heat_maps_by_default(model_dir, tmp_path):
-    from cytofuse.predict import upsample_cells
+    from cytofuse.inference.predict import upsample_cells
 
     image = Image(_halves(), ("a", "b"), pixel_size_um=(1.0, 0.5, 0.5))
     summary = predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, precision="fp32")
@@ -391,7 +391,7 @@ def test_read_ahead_gives_the_same_outputs_and_surfaces_a_bad_file(model_dir, tm
 
 def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
     """3 or 4 cells along x once made tifffile read the last axis as colour samples and refuse the shape."""
-    from cytofuse.predict import HeatMapWriter
+    from cytofuse.inference.predict import HeatMapWriter
 
     shape, size = (4, 64, 64), 16  # 4 x 4 cells
     origins, probs = _overlapping_patches(shape, size, size)
@@ -406,7 +406,7 @@ def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
 def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(tmp_path):
     from PIL import Image as PILImage
 
-    from cytofuse.predict import _inferno, _sample_cells, overlay_step, upsample_cells, write_overlay_png
+    from cytofuse.inference.predict import _inferno, _sample_cells, overlay_step, upsample_cells, write_overlay_png
 
     projection = np.zeros((1, 300, 400), np.uint16)
     projection[0, :, 200:] = 1000  # left half dark, right half bright
@@ -454,7 +454,7 @@ def test_in_order_keeps_the_order_and_raises_the_first_error():
     import threading
     import time
 
-    from cytofuse.predict import _in_order
+    from cytofuse.inference.predict import _in_order
 
     def slow_first(i):
         time.sleep(0.02 if i % 3 == 0 else 0.0)  # later items finish first
@@ -478,7 +478,7 @@ def test_in_order_keeps_the_order_and_raises_the_first_error():
 
 
 def test_an_in_memory_image_with_nan_pixels_is_refused_by_name(model_dir, tmp_path):
-    from cytofuse.io import Image
+    from cytofuse.io.readers import Image
 
     data = _halves().astype(np.float32)
     data[1, 0, :2, :3] = np.nan

@@ -38,7 +38,7 @@ def test_jurkat_phases_with_dna_as_training_only_channel(jurkat, tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     torch.set_num_threads(2)
     cfg = validate_config({
@@ -67,7 +67,7 @@ def test_jurkat_2n_4n_from_the_dna_channel(jurkat, tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     torch.set_num_threads(2)
     cfg = validate_config({
@@ -99,7 +99,7 @@ def test_livedead_bright_field_grouped_by_source_field(real_data, tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
+    from cytofuse.workflows.cv import run_cv
 
     root = real_data / "livedead-brightfield"
     if not root.is_dir():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.report import Entry, _figure, _tick_labels, comparison_table, write_report
+from cytofuse.evaluation.report import Entry, _figure, _tick_labels, comparison_table, write_report
 
 # --------------------------------------------------------------------------- missing stages (fast)
 
@@ -64,7 +64,7 @@ def test_an_unfinished_sweep_names_sweep_csv(tmp_path):
 
 def _metrics(correct: np.ndarray, *, kind: str | None = None, parameters: int | None = None) -> dict:
     """evaluate_run metrics of 2 folds x 4 images x 3 patches; ``correct`` marks the images predicted right."""
-    from cytofuse.evaluate import evaluate_run
+    from cytofuse.evaluation.metrics import evaluate_run
 
     rows = []
     for image, ok in enumerate(correct):
@@ -119,8 +119,8 @@ def cv_run(tmp_path_factory):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_cv
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
@@ -139,7 +139,7 @@ def cv_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(cv_run):
     """The report of ``cv_run`` with a stand-in explanation folder for one model."""
-    from cytofuse.evaluate import plot_confusion
+    from cytofuse.evaluation.metrics import plot_confusion
 
     explain = cv_run / "explain" / "early"
     plot_confusion([[3, 1], [0, 4]], ["control", "fragmented"], normalize=False, out=explain / "ablation")
@@ -191,8 +191,8 @@ def test_sweep_report_has_curve_attrition_per_value_and_sub_runs(tmp_path):
     import torch
 
     from cytofuse.config import validate_config
-    from cytofuse.crossval import run_sweep
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.workflows.cv import run_sweep
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)

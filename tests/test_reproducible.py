@@ -17,7 +17,7 @@ import yaml
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    from cytofuse.synthetic import write_synthetic_dataset
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("repro")
     write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(1, 64, 64), seed=5, progress=False)

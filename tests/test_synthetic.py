@@ -8,8 +8,8 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from skimage.filters import threshold_otsu
 
 from cytofuse.errors import InputError
-from cytofuse.io import read_image
-from cytofuse.synthetic import (
+from cytofuse.io.readers import read_image
+from cytofuse.synthetic.phantoms import (
     CHANNELS,
     CLASS_NAMES,
     CLASS_SPECS,
@@ -284,7 +284,7 @@ def default_phantoms():
 def _patch_ratios(image, size: int = 64):
     """Per-channel foreground ratios (organelle channels) of patches far from every cell (all
     slices), and of patches centred on a cell (each location's best slice: cells are thin)."""
-    from cytofuse.patches import PatchSettings, extract_patches
+    from cytofuse.preprocess.patches import PatchSettings, extract_patches
 
     res = extract_patches(image.data[1:], channel_names=CHANNELS[1:], settings=PatchSettings(size=size, min_ratio=0))
     centers = np.array(image.metadata["cell_centers_yx"])

@@ -8,9 +8,9 @@ from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import cross_val_score
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.io import read_image
+from cytofuse.io.readers import read_image
 from cytofuse.runs import MARKER
-from cytofuse.synthetic_cells import (
+from cytofuse.synthetic.cells import (
     CELL_CYCLE_CLASSES,
     DEAD_LOOK,
     LIVE_LOOK,

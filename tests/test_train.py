@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from cytofuse.data import Augment, PatchDataset, build_patch_cache
+from cytofuse.training.cache import Augment, PatchDataset, build_patch_cache
 from cytofuse.errors import InputError
-from cytofuse.train import FitResult, TrainSettings, fit, load_weights, predict_proba
+from cytofuse.training.fit import FitResult, TrainSettings, fit, load_weights, predict_proba
 
 P = 16
 NO_AUG = Augment(enabled=False)
@@ -298,7 +298,7 @@ def test_a_config_of_the_last_release_gives_the_new_recipe():
 
 
 def test_warmup_cosine_schedule_reaches_zero_at_the_end_of_the_budget():
-    from cytofuse.train import _WarmupCosine
+    from cytofuse.training.fit import _WarmupCosine
 
     f = _WarmupCosine(warmup=4, total=20)
     values = [f(step) for step in range(21)]
@@ -324,7 +324,7 @@ def test_budget_in_optimiser_steps_and_ema_as_the_evaluated_model(toy, tmp_path)
 
 def test_batchnorm_recalibration_matches_the_training_data_statistics(toy):
     from cytofuse.models import create_model
-    from cytofuse.train import recalibrate_batchnorm
+    from cytofuse.training.fit import recalibrate_batchnorm
 
     train_ds, _ = toy
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_tta_probabilities_do_not_depend_on_orientation(model):
 
 
 def test_predict_proba_with_tta_is_the_mean_over_transforms(model):
-    from cytofuse.train import predict_proba
+    from cytofuse.training.fit import predict_proba
 
     x = torch.rand(6, 2, 32, 32, generator=torch.Generator().manual_seed(2))
     ds = torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long))

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import cytofuse
-from cytofuse.emptyfilter import EmptyFilter, SVMArrays
+from cytofuse.preprocess.emptyfilter import EmptyFilter, SVMArrays
 from cytofuse.errors import InputError
 
 
@@ -123,7 +123,7 @@ def test_broken_svm_arrays_are_named(tmp_path):
 def _legacy_filter(folder: Path, marker: Path) -> Path:
     """A filter folder as older cytofuse wrote it: card_version 1 and a pickled SVM (here, a payload)."""
     folder.mkdir(parents=True)
-    card = {"card_version": 1, "kind": "cytofuse.emptyfilter", "mode": "two_class", "encoder": "intensity",
+    card = {"card_version": 1, "kind": "cytofuse.preprocess.emptyfilter", "mode": "two_class", "encoder": "intensity",
             "pretrained": None, "normalise": "patch", "n_channels": 1, "patch_size": [32, 32], "feature_dim": 9,
             "params": {"nu": 0.1, "C": 1.0, "seed": 0}}
     (folder / "card.json").write_text(json.dumps(card))
@@ -149,9 +149,9 @@ def test_a_payload_under_the_new_name_is_refused(tmp_path):
 
 
 def _model_with_filter(tmp_path: Path) -> Path:
-    from cytofuse.modelfolder import card_for, write_model_folder
+    from cytofuse.inference.modelfolder import card_for, write_model_folder
     from cytofuse.models import create_model
-    from cytofuse.patches import PatchSettings
+    from cytofuse.preprocess.patches import PatchSettings
 
     rng = np.random.default_rng(0)
     patches = rng.normal(100, 3, (40, 1, 32, 32)).astype(np.float32)
@@ -167,8 +167,8 @@ def test_a_model_folder_with_an_old_pickled_filter_copy_is_refused(tmp_path):
     from typer.testing import CliRunner
 
     from cytofuse.cli import app
-    from cytofuse.io import Image, write_ome_tiff
-    from cytofuse.modelfolder import read_model_folder
+    from cytofuse.io.readers import Image, write_ome_tiff
+    from cytofuse.inference.modelfolder import read_model_folder
 
     folder = _model_with_filter(tmp_path)
     _, card = read_model_folder(folder)  # the copy of the current format is read
@@ -189,9 +189,9 @@ def test_a_model_folder_with_an_old_pickled_filter_copy_is_refused(tmp_path):
 
 
 def test_a_model_is_not_written_with_an_old_pickled_filter(tmp_path):
-    from cytofuse.modelfolder import card_for, write_model_folder
+    from cytofuse.inference.modelfolder import card_for, write_model_folder
     from cytofuse.models import create_model
-    from cytofuse.patches import PatchSettings
+    from cytofuse.preprocess.patches import PatchSettings
 
     flt = _legacy_filter(tmp_path / "flt", tmp_path / "ran")
     model = create_model("early", in_channels=1, num_classes=2, encoder="smallcnn").eval()
@@ -206,8 +206,8 @@ def test_a_model_is_not_written_with_an_old_pickled_filter(tmp_path):
 
 
 def _image_set(tmp_path: Path):
-    from cytofuse.dataset import ImageSet
-    from cytofuse.io import Image, write_ome_tiff
+    from cytofuse.io.imagesets import ImageSet
+    from cytofuse.io.readers import Image, write_ome_tiff
 
     rng = np.random.default_rng(0)
     rows = []
@@ -223,7 +223,7 @@ def _image_set(tmp_path: Path):
 
 def _interrupted_parts(tmp_path: Path, image_set, settings, monkeypatch) -> Path:
     """Run the patch stage until the third image raises; return the folder holding the finished parts."""
-    import cytofuse.patches as patches_mod
+    import cytofuse.preprocess.patches as patches_mod
 
     real, calls = patches_mod._patch_one, []
 
@@ -242,7 +242,7 @@ def _interrupted_parts(tmp_path: Path, image_set, settings, monkeypatch) -> Path
 
 
 def test_patch_parts_are_data_and_planted_payloads_are_ignored(tmp_path, monkeypatch):
-    from cytofuse.patches import PatchSettings, build_patch_index
+    from cytofuse.preprocess.patches import PatchSettings, build_patch_index
 
     image_set = _image_set(tmp_path)
     settings = PatchSettings(size=16, stride=16, min_ratio=0.1)

@@ -37,11 +37,11 @@ def synth(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Write a synthetic data set: organelle phantoms (OME-TIFF + labels.csv), live/dead fields or single cells."""
-    from .errors import CytofuseError
-    from .synthetic import write_synthetic_dataset
+    from cytofuse.errors import CytofuseError
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     if kind in ("livedead", "singlecell"):
-        from .synthetic_cells import write_livedead_set, write_single_cell_set
+        from cytofuse.synthetic.cells import write_livedead_set, write_single_cell_set
 
         try:
             if kind == "livedead":
@@ -89,7 +89,7 @@ def patches(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Cut images into z-slice patches and drop sparse ones (global Otsu foreground ratio)."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     flags = {"size": size, "stride": stride, "min_ratio": min_ratio, "rule": rule,
              "channels": _csv(channels), "exclude_channels": _csv(exclude)}
@@ -97,12 +97,12 @@ def patches(
     try:
         cfg = _config(config, images=images, manifest=manifest, overrides=overrides)
         cfg = cfg.model_copy(update={"workers": workers})
-        from .pipeline import run_patches
+        from cytofuse.workflows.demo import run_patches
 
         index = run_patches(cfg, out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from .pipeline import print_patch_summary
+    from cytofuse.workflows.demo import print_patch_summary
 
     print_patch_summary(index, out)
 
@@ -115,11 +115,11 @@ def cv(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Patches -> image-grouped stratified k-fold CV of every configured model -> metrics."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
         cfg = _config(config, images=None, manifest=None, overrides=list(set_))
-        from .crossval import run_cv, run_sweep
+        from cytofuse.workflows.cv import run_cv, run_sweep
 
         if cfg.sweep is not None:
             table = run_sweep(cfg, out, overwrite=overwrite)
@@ -127,7 +127,7 @@ def cv(
             result = run_cv(cfg, out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from .pipeline import print_cv_summary
+    from cytofuse.workflows.demo import print_cv_summary
 
     if cfg.sweep is not None:
         from rich.console import Console
@@ -147,10 +147,10 @@ def explain(
     thumbnails: bool = typer.Option(True, help="Thumbnail scatter of the embedding."),
 ) -> None:
     """Grad-CAM per channel encoder, channel ablation and embeddings of a CV run's test patches."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
-        from .explain import explain_run
+        from cytofuse.evaluation.explain import explain_run
 
         done = explain_run(run_dir, model=model, out=out, n_examples=n_examples,
                            methods=("tsne", "umap") if umap else ("tsne",), thumbnails=thumbnails, progress=True)
@@ -167,10 +167,10 @@ def report(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """One self-contained HTML page: data, attrition, metrics, figures, shortcut probes, explanations, config."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
-        from .report import write_report
+        from cytofuse.evaluation.report import write_report
 
         path = write_report(run_dir, out=out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
@@ -189,11 +189,11 @@ def train(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Fit one model on all labelled images and write a model folder for `predict` and `export`."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
         cfg = _config(config, images=None, manifest=None, overrides=list(set_))
-        from .final import train_final
+        from cytofuse.workflows.final import train_final
 
         path = train_final(cfg, out, epochs=epochs, cv_run=cv_run, model_name=model, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
@@ -221,10 +221,10 @@ def predict(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Classify whole images: per-image probabilities and decision, per-patch table, per-class heat maps."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
-        from .predict import predict_images
+        from cytofuse.inference.predict import predict_images
 
         summary = predict_images(
             model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
@@ -248,10 +248,10 @@ def export(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Export a model folder to ONNX and TorchScript with a bioimage.io-style rdf.yaml."""
-    from .errors import CytofuseError
+    from cytofuse.errors import CytofuseError
 
     try:
-        from .export import export_model_folder
+        from cytofuse.export import export_model_folder
 
         paths = export_model_folder(model_dir, out, formats=format_, opset=opset, verify=verify, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
@@ -274,9 +274,9 @@ def emptyfilter(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing filter folder."),
 ) -> None:
     """Learn an empty-patch filter (CNN features + SVM) from labelled patches; print its held-out F1; save it."""
-    from .emptyfilter import EmptyFilter, evaluate_filter, patches_from_voc_fields, read_labelled_patches
-    from .errors import CytofuseError
-    from .runs import check_replaceable
+    from cytofuse.preprocess.emptyfilter import EmptyFilter, evaluate_filter, patches_from_voc_fields, read_labelled_patches
+    from cytofuse.errors import CytofuseError
+    from cytofuse.runs import check_replaceable
 
     try:
         check_replaceable(out, overwrite=overwrite, what="filter folder")  # before the slow part
@@ -311,8 +311,8 @@ def montage(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder made by cytofuse."),
 ) -> None:
     """Cut imaging flow cytometry montages into one OME-TIFF per cell; padding and repeated tiles are left out."""
-    from .errors import CytofuseError
-    from .montage import MANIFEST, parse_channel_map, read_counts, write_montage_cells
+    from cytofuse.errors import CytofuseError
+    from cytofuse.io.montage import MANIFEST, parse_channel_map, read_counts, write_montage_cells
 
     try:
         if order not in ("column", "row"):
@@ -350,14 +350,14 @@ def demo(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Synthesise organelle phantoms and compare early, intermediate, late and single-channel classifiers (5-fold CV)."""
-    from .errors import CytofuseError
-    from .pipeline import print_cv_summary, print_demo_findings, print_patch_summary, run_demo
+    from cytofuse.errors import CytofuseError
+    from cytofuse.workflows.demo import print_cv_summary, print_demo_findings, print_patch_summary, run_demo
 
     try:
         result = run_demo(out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from .patches import read_patch_index
+    from cytofuse.preprocess.patches import read_patch_index
 
     print_patch_summary(read_patch_index(result.run_dir), result.run_dir)
     print_cv_summary(result)
@@ -375,13 +375,13 @@ def _yaml(value) -> str:
 
 
 def _config(path: Path | None, *, images: Path | None, manifest: Path | None, overrides: list[str]):
-    from .config import load_config, validate_config
+    from cytofuse.config import load_config, validate_config
 
     data = [f"data.images={_yaml(str(images.resolve()))}"] if images else []
     data += [f"data.manifest={_yaml(str(manifest.resolve()))}"] if manifest else []
     if path is not None:
         return load_config(path, overrides=data + overrides)
-    from .config import _apply_override
+    from cytofuse.config import _apply_override
 
     raw: dict = {}
     for item in data + overrides:

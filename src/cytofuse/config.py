@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .patches import PatchSettings
+from cytofuse.errors import ConfigError
+from cytofuse.preprocess.patches import PatchSettings
 
 
 class _Strict(BaseModel):
@@ -183,7 +183,7 @@ class SweepSettings(_Strict):
 
 
 def _train_settings():
-    from .train import TrainSettings
+    from cytofuse.training.fit import TrainSettings
 
     return TrainSettings
 
@@ -321,7 +321,7 @@ def dump_config(config: RunConfig, path: str | Path) -> Path:
 
 
 def _pick(names: tuple[str, ...], wanted, what: str) -> list[int]:
-    from .patches import select_channels
+    from cytofuse.preprocess.patches import select_channels
 
     try:
         return select_channels(names, channels=list(wanted))

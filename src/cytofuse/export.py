@@ -403,7 +403,7 @@ def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequ
     Returns {format: path} plus "rdf" and "card". Written beside ``out`` and swapped in; an existing
     ``out`` is replaced only with ``overwrite`` and only if cytofuse made it.
     """
-    from cytofuse.modelfolder import CARD_FILE, read_model_folder
+    from cytofuse.inference.modelfolder import CARD_FILE, read_model_folder
 
     formats, out, model_dir = _check_formats(formats), Path(out), Path(model_dir)
     if not model_dir.is_dir():

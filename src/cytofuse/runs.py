@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RunFolderError
+from cytofuse.errors import RunFolderError
 
 MARKER = ".cytofuse-run"
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cytofuse.data import dihedral
+from cytofuse.training.cache import dihedral
 
-DIHEDRAL_CODES = tuple(range(8))  # see cytofuse.data.dihedral
+DIHEDRAL_CODES = tuple(range(8))  # see cytofuse.training.cache.dihedral
 
 
 def tta_proba(model: nn.Module, x: torch.Tensor, *, tta: bool = True) -> torch.Tensor:

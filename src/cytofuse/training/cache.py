@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from cytofuse.errors import InputError
-from cytofuse.patches import NORM_EPS, cut_patches
+from cytofuse.preprocess.patches import NORM_EPS, cut_patches
 
 CACHE_ARRAY = "patches.npy"
 CACHE_META = "patches.json"

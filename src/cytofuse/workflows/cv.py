@@ -15,7 +15,7 @@ Run folder::
     shortcut_warnings.json  summary.csv
 
 Beside the deep models, the handcrafted-feature baseline and the shortcut probes of
-:mod:`cytofuse.baseline` run through the same folds; ``summary.csv`` says which row is which
+:mod:`cytofuse.evaluation.baseline` run through the same folds; ``summary.csv`` says which row is which
 (column ``kind``: model, baseline or probe).
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ModelSettings, RunConfig, dump_config
-from .errors import InputError
-from .patches import PatchIndex
+from cytofuse.config import ModelSettings, RunConfig, dump_config
+from cytofuse.errors import InputError
+from cytofuse.preprocess.patches import PatchIndex
 
 
 # --------------------------------------------------------------------------- splits
@@ -98,7 +98,7 @@ def check_fold_classes(labels: np.ndarray, fit_idx: np.ndarray, classes: list[st
 
 @dataclass
 class CVResult:
-    """Per model: its predictions table and the metrics of ``cytofuse.evaluate.evaluate_run``."""
+    """Per model: its predictions table and the metrics of ``cytofuse.evaluation.metrics.evaluate_run``."""
 
     run_dir: Path
     classes: list[str]
@@ -128,8 +128,8 @@ def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.Da
 
 def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> CVResult:
     """Patches -> cache -> per model and fold: fit, predict the test fold -> metrics; resumable."""
-    from .pipeline import load_image_set
-    from .runs import mark_finished, prepare_run_dir
+    from cytofuse.workflows.demo import load_image_set
+    from cytofuse.runs import mark_finished, prepare_run_dir
 
     image_set = load_image_set(cfg.data)
     n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
@@ -137,7 +137,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
     dump_config(cfg.resolved(), run_dir / "config.yaml")
-    from .patches import build_patch_index
+    from cytofuse.preprocess.patches import build_patch_index
 
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
     if index.sparse_images and len(index.sparse_images) == len(index.images):
@@ -190,16 +190,16 @@ def refine_patch_index(cfg: RunConfig, image_set, index: PatchIndex, cache, run_
     """
     if cfg.patches.empty_filter is None and cfg.labels is None:
         return index
-    from .patches import write_patch_index
+    from cytofuse.preprocess.patches import write_patch_index
 
     if cfg.patches.empty_filter is not None:
-        from .emptyfilter import filter_patch_index
+        from cytofuse.preprocess.emptyfilter import filter_patch_index
 
         index = filter_patch_index(index, cache, cfg.patches.empty_filter, progress=progress)
         if index.patches.empty:
             raise InputError(f"the empty-patch filter {cfg.patches.empty_filter} rejected every patch")
     if cfg.labels is not None:
-        from .labels import derive_patch_labels
+        from cytofuse.preprocess.labels import derive_patch_labels
 
         index, _ = derive_patch_labels(image_set, index, cfg.labels, run_dir, seed=cfg.cv.seed, progress=progress)
     write_patch_index(index, run_dir)
@@ -209,7 +209,7 @@ def refine_patch_index(cfg: RunConfig, image_set, index: PatchIndex, cache, run_
 def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame, classes: list[str], run_dir: Path,
                      *, progress: bool) -> dict[str, tuple[str, pd.DataFrame, dict]]:
     """Baseline and probes through the same folds: name -> (kind, predictions, metrics); finished ones are read back."""
-    from .baseline import PROBES, feature_tables
+    from cytofuse.evaluation.baseline import PROBES, feature_tables
 
     targets = {"handcrafted": ("baseline", "handcrafted", run_dir / "models" / "handcrafted")} if cfg.cv.baseline else {}
     if cfg.cv.probes:
@@ -219,8 +219,8 @@ def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFra
         from rich.console import Console
 
         Console(stderr=True).print(f"handcrafted features for {', '.join(todo)} ({len(folds)} patches)")
-    from .config import baseline_channels
-    from .data import CacheChannels
+    from cytofuse.config import baseline_channels
+    from cytofuse.training.cache import CacheChannels
 
     keep = baseline_channels(cfg, index.channel_names)
     view = cache if keep == list(range(len(index.channel_names))) else CacheChannels(cache, keep)
@@ -237,8 +237,8 @@ def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFra
 def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, classes: list[str], out: Path,
                  *, kind: str) -> tuple[pd.DataFrame, dict]:
     """Gradient boosting on one feature table through the folds; writes predictions and metrics."""
-    from .baseline import cross_validate_features, default_classifier
-    from .evaluate import evaluate_run
+    from cytofuse.evaluation.baseline import cross_validate_features, default_classifier
+    from cytofuse.evaluation.metrics import evaluate_run
 
     out.mkdir(parents=True, exist_ok=True)
     predictions, held = cross_validate_features(features, folds, classes, seed=cfg.cv.seed)
@@ -257,8 +257,8 @@ def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, cl
 
 
 def _shortcut_warnings(cfg: RunConfig, metrics: dict, kinds: dict, classes: list[str], run_dir: Path) -> list[str]:
-    """Probe warnings (see :func:`cytofuse.baseline.shortcut_warnings`), also written to shortcut_warnings.json."""
-    from .baseline import shortcut_warnings
+    """Probe warnings (see :func:`cytofuse.evaluation.baseline.shortcut_warnings`), also written to shortcut_warnings.json."""
+    from cytofuse.evaluation.baseline import shortcut_warnings
 
     found = shortcut_warnings(metrics, kinds, n_classes=len(classes), margin=cfg.cv.probe_margin, far=cfg.cv.probe_far)
     record = {"rule": f"probe 95% CI low > chance and (within {cfg.cv.probe_margin} of the best model "
@@ -274,8 +274,8 @@ def _safe(name: str) -> str:
 
 
 def _cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
-    from .data import build_patch_cache
-    from .patches import select_channels
+    from cytofuse.training.cache import build_patch_cache
+    from cytofuse.preprocess.patches import select_channels
 
     names = list(index.channel_names)
 
@@ -288,7 +288,7 @@ def _cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
 
 def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
               classes: list[str], out: Path, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
-    from .evaluate import evaluate_run
+    from cytofuse.evaluation.metrics import evaluate_run
 
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.train_settings
@@ -299,7 +299,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     n_folds = int(folds["fold"].max()) + 1
     test_pool = np.flatnonzero(folds["fold"].to_numpy() == -1)
     test_probs, val_parts = [], []
-    from .config import model_channels
+    from cytofuse.config import model_channels
 
     inputs, aux = model_channels(model_cfg, index.channel_names)
     for k in range(n_folds):
@@ -327,7 +327,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         held = _units(_ensemble(test_probs, classes), cfg)
         held.to_parquet(out / "test_predictions.parquet", index=False)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
-    from .models import count_parameters
+    from cytofuse.models import count_parameters
 
     metrics["model"] = model_cfg.model_dump(mode="json") | {
         "parameters": count_parameters(model), "input_channels": [index.channel_names[i] for i in inputs],
@@ -356,7 +356,7 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
 
     The normalisation is written to ``folder/normalisation.json`` (when a folder is given).
     """
-    from .data import Normalisation, NormalisedCache, dataset_normalisation
+    from cytofuse.training.cache import Normalisation, NormalisedCache, dataset_normalisation
 
     scope = settings.normalise_scope(index.images)
     channels = list(cache.channels)
@@ -380,7 +380,7 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
 
 def _plot_curves(out: Path, n_folds: int) -> None:
     """Training curves of every fold in one figure (PNG and SVG)."""
-    from .evaluate import plot_training_curves
+    from cytofuse.evaluation.metrics import plot_training_curves
 
     histories = {k: pd.read_csv(out / f"fold_{k}" / "history.csv") for k in range(n_folds) if (out / f"fold_{k}" / "history.csv").is_file()}
     if histories:
@@ -402,17 +402,17 @@ def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
 
 
 def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path):
-    from .data import PatchDataset
-    from .models import create_model
-    from .train import fit
+    from cytofuse.training.cache import PatchDataset
+    from cytofuse.models import create_model
+    from cytofuse.training.fit import fit
 
-    from .config import model_channels
+    from cytofuse.config import model_channels
 
     inputs, aux = model_channels(model_cfg, index.channel_names)
     names = [index.channel_names[i] for i in inputs]
     channel = None
     if model_cfg.fusion == "single":
-        from .patches import select_channels
+        from cytofuse.preprocess.patches import select_channels
 
         if model_cfg.channel is None:
             raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {names})")
@@ -442,7 +442,7 @@ def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
     fit(model, train_ds, val_ds, settings=settings, out_dir=out)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
-        from .train import save_weights
+        from cytofuse.training.fit import save_weights
 
         _validation_weights(model, val_ds, settings)
         save_weights(model, out / "best.safetensors")
@@ -456,9 +456,9 @@ def _teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: Pa
     probabilities on the training patches (dihedral mean when ``tta``) softened by ``distill_temperature``."""
     import lightning as L
 
-    from .data import PatchDataset
-    from .models import create_model
-    from .train import fit, predict_proba
+    from cytofuse.training.cache import PatchDataset
+    from cytofuse.models import create_model
+    from cytofuse.training.fit import fit, predict_proba
 
     seen = ([inputs[channel]] if channel is not None else inputs) + aux
     L.seed_everything(settings.seed, verbose=False)
@@ -480,7 +480,7 @@ def _validation_weights(model, val_ds, settings) -> None:
     """Late fusion: weight each branch by its balanced accuracy above chance on the validation split."""
     import torch
 
-    from .models.fusion import branch_validation_weights
+    from cytofuse.models.fusion import branch_validation_weights
 
     loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
     model.eval()
@@ -495,8 +495,8 @@ def _validation_weights(model, val_ds, settings) -> None:
 def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int,
              channels: list[int] | None = None, tta: bool = False) -> pd.DataFrame:
     """Class probabilities of patches ``idx`` from the model's input ``channels`` only (never auxiliary ones)."""
-    from .data import PatchDataset
-    from .train import predict_proba
+    from cytofuse.training.cache import PatchDataset
+    from cytofuse.training.fit import predict_proba
 
     ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx], channels=channels)
     proba, _ = predict_proba(model, ds, batch_size=128, tta=tta)
@@ -522,12 +522,12 @@ def _extra_metrics(cfg: RunConfig, predictions: pd.DataFrame, val_parts: list[pd
     """Positive-class F1 with validation-chosen thresholds, and score vs label-channel correlation."""
     out = {}
     if cfg.cv.positive_class is not None:
-        from .evaluate import positive_class_report
+        from cytofuse.evaluation.metrics import positive_class_report
 
         out["positive_class"] = positive_class_report(pd.concat(val_parts, ignore_index=True), predictions,
                                                       classes=classes, positive=cfg.cv.positive_class)
     if cfg.labels is not None:
-        from .labels import score_correlation
+        from cytofuse.preprocess.labels import score_correlation
 
         values = index.patches.set_index("patch_id")["label_value"]
         out["label_correlation"] = score_correlation(predictions, values, positive=cfg.labels.classes[1]) | {
@@ -563,7 +563,7 @@ def summary_table(metrics: dict[str, dict], *, split: str = "cv", kinds: dict[st
 
 def sweep_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     """One (label, config) per value of ``cfg.sweep``; each config has no sweep of its own."""
-    from .config import validate_config
+    from cytofuse.config import validate_config
 
     section, field = cfg.sweep.parameter.split(".")
     out = []
@@ -580,7 +580,7 @@ def sweep_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
 
 def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
     """A full CV per swept value in ``run_dir/sweep/<label>``; returns and writes ``sweep.csv``."""
-    from .runs import mark_finished, prepare_run_dir
+    from cytofuse.runs import mark_finished, prepare_run_dir
 
     subs = sweep_configs(cfg)  # every swept config is valid before an old run is replaced
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)

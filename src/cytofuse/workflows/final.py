@@ -3,7 +3,7 @@
 With all images in training nothing is left to early-stop on, so the number of epochs is
 given, or taken from a CV run of the same model: the median over folds of the best epoch's
 count (``fit.json``'s 0-based ``best_epoch`` + 1, or the best row of ``history.csv``). The
-fit reuses ``cytofuse.train.fit``; its validation set is a few training patches that only
+fit reuses ``cytofuse.training.fit.fit``; its validation set is a few training patches that only
 satisfy the trainer (no held-out data exists), and the weights of the LAST epoch are kept.
 
 A late-fusion model with ``late_weights: validation`` sets each branch's weight from its
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelSettings, RunConfig
-from .errors import InputError
+from cytofuse.config import ModelSettings, RunConfig
+from cytofuse.errors import InputError
 
 _DUMMY_VAL = 32  # training patches handed to the trainer as its (not held-out) validation set
 
@@ -45,7 +45,7 @@ def _best_epoch(fold: Path) -> int:
 
 def epochs_from_cv(cv_run: str | Path, model_name: str | None = None) -> int:
     """Epochs for the final fit: median over the run's folds of (best epoch + 1), rounded."""
-    from .modelfolder import cv_fold_dirs
+    from cytofuse.inference.modelfolder import cv_fold_dirs
 
     _, folds = cv_fold_dirs(cv_run, model_name)
     return int(round(float(np.median([_best_epoch(f) for f in folds])))) + 1
@@ -55,7 +55,7 @@ def late_weights_from_cv(cv_run: str | Path, model_name: str | None = None) -> n
     """Late-fusion branch weights (C,) for a final fit: the mean of the CV run's fold models' weights."""
     from safetensors import safe_open
 
-    from .modelfolder import cv_fold_dirs
+    from cytofuse.inference.modelfolder import cv_fold_dirs
 
     _, folds = cv_fold_dirs(cv_run, model_name)
     weights = []
@@ -99,10 +99,10 @@ def _model_settings(cfg: RunConfig, model_name: str | None) -> ModelSettings:
 def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, cv_run: str | Path | None = None,
                 model_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Fit ``model_name`` of ``cfg`` on all images for ``epochs`` (or the CV run's) and write the model folder ``out``."""
-    from .crossval import _cache, _fit_fold, normalised_view, refine_patch_index
-    from .modelfolder import _check_target, card_for, write_model_folder
-    from .patches import build_patch_index
-    from .pipeline import load_image_set
+    from cytofuse.workflows.cv import _cache, _fit_fold, normalised_view, refine_patch_index
+    from cytofuse.inference.modelfolder import _check_target, card_for, write_model_folder
+    from cytofuse.preprocess.patches import build_patch_index
+    from cytofuse.workflows.demo import load_image_set
 
     out = Path(out)
     _check_target(out, overwrite)

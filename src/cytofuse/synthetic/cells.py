@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import ndimage, special
 
 from cytofuse.errors import InputError
-from cytofuse.io import Image, write_ome_tiff
+from cytofuse.io.readers import Image, write_ome_tiff
 from cytofuse.runs import replacing_folder
 
 LIVEDEAD_CHANNELS = ("BF", "PI")

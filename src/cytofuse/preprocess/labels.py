@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InputError
+from cytofuse.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import LabelSettings
-    from .patches import PatchIndex
+    from cytofuse.config import LabelSettings
+    from cytofuse.preprocess.patches import PatchIndex
 
 LABEL_DIR = "labels"
 RULE_FILE = "label_rule.json"
@@ -134,7 +134,7 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
     """
     import pandas as pd
 
-    from .patches import PatchIndex
+    from cytofuse.preprocess.patches import PatchIndex
 
     values = _values_per_patch(image_set, index, settings, progress=progress)
     patches = index.patches.assign(condition=index.patches["label"].astype(str), label_value=values)
@@ -166,7 +166,7 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
 def _values_per_patch(image_set, index: "PatchIndex", settings: "LabelSettings", *, progress: bool) -> np.ndarray:
     from rich.progress import Progress
 
-    from .patches import select_channels
+    from cytofuse.preprocess.patches import select_channels
 
     patches = index.patches
     values = np.empty(len(patches), np.float64)
@@ -207,7 +207,7 @@ def _write_outputs(out: Path, patches: "pd.DataFrame", rule: LabelRule, fit_mask
 def plot_label_histogram(values: np.ndarray, rule: LabelRule, path: str | Path, *, fit_mask: np.ndarray | None = None,
                          conditions: np.ndarray | None = None) -> list[Path]:
     """Histogram of the label-channel values per condition, the mixture components and both thresholds."""
-    from .evaluate import _save_figure, _STYLE
+    from cytofuse.evaluation.metrics import _save_figure, _STYLE
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DataSettings, RunConfig, dump_config
-from .dataset import ImageSet
-from .patches import PatchIndex, build_patch_index
-from .runs import mark_finished, prepare_run_dir
+from cytofuse.config import DataSettings, RunConfig, dump_config
+from cytofuse.io.imagesets import ImageSet
+from cytofuse.preprocess.patches import PatchIndex, build_patch_index
+from cytofuse.runs import mark_finished, prepare_run_dir
 
 
 def load_image_set(data: DataSettings) -> ImageSet:
@@ -75,9 +75,9 @@ def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True)
     """Synthesise the phantom data set, then run the patch stage and 5-fold CV of every fusion strategy."""
     import yaml
 
-    from .config import validate_config
-    from .crossval import run_cv
-    from .synthetic import write_synthetic_dataset
+    from cytofuse.config import validate_config
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     out = Path(out)
     data_dir = out / "data"
@@ -99,7 +99,7 @@ def class_recall_table(result, *, level: str = "image"):
     """Recall of every class (rows) for every deep model (columns), pooled over the CV test folds."""
     import pandas as pd
 
-    from .evaluate import aggregate_by_image
+    from cytofuse.evaluation.metrics import aggregate_by_image
 
     columns = {}
     for name, pred in result.predictions.items():
@@ -117,7 +117,7 @@ def print_demo_findings(result) -> None:
     """Per-class recall of each model; the co-localisation class shows what pooling before fusion loses."""
     from rich.console import Console
 
-    from .evaluate import to_rich_table
+    from cytofuse.evaluation.metrics import to_rich_table
 
     console = Console()
     table = class_recall_table(result)
@@ -136,7 +136,7 @@ def print_cv_summary(result) -> None:
     """The models, the handcrafted baseline and the shortcut probes side by side (mean ± sd over folds)."""
     from rich.console import Console
 
-    from .evaluate import format_summary_table, to_rich_table
+    from cytofuse.evaluation.metrics import format_summary_table, to_rich_table
 
     console = Console()
     kinds = getattr(result, "kinds", {}) or dict.fromkeys(result.metrics, "model")

@@ -1,6 +1,6 @@
 """What a trained classifier looked at: Grad-CAM per channel encoder, channel ablation, embeddings.
 
-Everything works on a cross-validation run folder (:mod:`cytofuse.crossval`): every test patch
+Everything works on a cross-validation run folder (:mod:`cytofuse.workflows.cv`): every test patch
 is explained by the model of the fold that held it out, so nothing is explained by a model
 that saw it during training. Output of :func:`explain_run` in ``run_dir/explain/<model>/``::
 
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.evaluate import _write_text_atomic
+from cytofuse.evaluation.metrics import _write_text_atomic
 
 ABLATION_MODES = ("zero", "shuffle")
 EMBEDDING_METHODS = ("tsne", "umap")
@@ -157,7 +157,7 @@ def plot_gradcam_grid(patches: np.ndarray, cams: Mapping[str, np.ndarray], *, ch
     import matplotlib
     from matplotlib.cm import ScalarMappable
 
-    from cytofuse.evaluate import _STYLE, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _save_figure
 
     patches = np.asarray(patches, dtype=np.float32)
     if patches.ndim != 4 or len(row_labels) != len(patches) or len(channel_names) != patches.shape[1]:
@@ -325,7 +325,7 @@ def plot_ablation(summary: pd.DataFrame, *, out: str | Path, title: str = "Chann
     """Bars: drop in balanced accuracy per channel (mean ± sd over folds), one bar per mode."""
     import matplotlib
 
-    from cytofuse.evaluate import _STYLE, _class_colours, _figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure, _save_figure
 
     channels = list(dict.fromkeys(summary["channel"]))
     modes = list(dict.fromkeys(summary["mode"]))
@@ -362,7 +362,7 @@ def plot_single_channel(table: pd.DataFrame, *, out: str | Path) -> tuple[Path, 
     """Bars: balanced accuracy of each single-channel classifier (mean ± sd over folds)."""
     import matplotlib
 
-    from cytofuse.evaluate import _STYLE, _class_colours, _figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure, _save_figure
 
     with matplotlib.rc_context(_STYLE):
         fig, ax = _figure((1.2 + 1.0 * len(table), 3.2))
@@ -439,7 +439,7 @@ def plot_embedding(table: pd.DataFrame, classes: Sequence[str], *, method: str, 
     """One row per fold: the projection coloured by true class (left) and predicted class (right)."""
     import matplotlib
 
-    from cytofuse.evaluate import _STYLE, _class_colours, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _save_figure
 
     folds = sorted(table["fold"].unique())
     colours = _class_colours(len(classes))
@@ -469,7 +469,7 @@ def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path,
     from matplotlib.colors import Normalize
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    from cytofuse.evaluate import _STYLE, _figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _figure, _save_figure
 
     coords, patches = np.asarray(coords, dtype=np.float32), np.asarray(patches, dtype=np.float32)
     if coords.shape != (len(patches), 2) or patches.ndim != 4:
@@ -505,7 +505,7 @@ def run_models(run_dir: str | Path) -> list[str]:
 
 def unfinished_models(run_dir: str | Path) -> list[str]:
     """Folder names of the run's configured network models that have nothing to explain yet."""
-    from cytofuse.modelfolder import cv_model_names
+    from cytofuse.inference.modelfolder import cv_model_names
 
     if not (Path(run_dir) / "config.yaml").is_file():
         return []
@@ -583,10 +583,10 @@ _STEPS = {"gradcam": _step_gradcam, "ablation": _step_ablation, "single_channel"
 def model_view(run_dir: Path, name: str, cache):
     """The patch cache as the model's folds saw it: with dataset (or fixed) normalisation, the mean of the
     folds' ranges (they differ only by which training split they were taken from), else the cache itself."""
-    from cytofuse.crossval import cache_image_ids
-    from cytofuse.data import NormalisedCache
-    from cytofuse.modelfolder import fold_normalisation
-    from cytofuse.patches import read_patch_index
+    from cytofuse.workflows.cv import cache_image_ids
+    from cytofuse.training.cache import NormalisedCache
+    from cytofuse.inference.modelfolder import fold_normalisation
+    from cytofuse.preprocess.patches import read_patch_index
 
     folds = sorted((run_dir / "models" / name).glob("fold_*"))
     norm = fold_normalisation(folds) if folds else None
@@ -600,7 +600,7 @@ def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples
                   modes: Sequence[str] = ABLATION_MODES, methods: Sequence[str] = EMBEDDING_METHODS,
                   thumbnails: bool = True, max_points: int = 1000, seed: int = 0, on_step=lambda step: None) -> Path:
     """All explanations of one model of a run folder into ``out``; finished steps are kept (resumable)."""
-    from cytofuse.data import PatchCache
+    from cytofuse.training.cache import PatchCache
 
     run_dir, out = Path(run_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)

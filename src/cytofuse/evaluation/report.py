@@ -1,8 +1,8 @@
 """One self-contained HTML page of a run folder: data, attrition, metrics, figures, explanations.
 
-:func:`write_report` reads a cross-validation run folder (:mod:`cytofuse.crossval`) or a sweep
+:func:`write_report` reads a cross-validation run folder (:mod:`cytofuse.workflows.cv`) or a sweep
 run folder (``sweep.csv`` + ``sweep/<label>/`` sub-runs), draws the figures the run folder
-does not hold yet into ``run_dir/report/figures/`` (PNG and SVG, via :mod:`cytofuse.evaluate`),
+does not hold yet into ``run_dir/report/figures/`` (PNG and SVG, via :mod:`cytofuse.evaluation.metrics`),
 and writes ``run_dir/report.html`` with every figure embedded as a data URI, so the page can be
 mailed or archived alone. Explanations (``run_dir/explain/<model>/``) are included when present.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError, RunFolderError
+from cytofuse.errors import InputError, RunFolderError
 
 REPORT_FILE = "report.html"
 FIGURES_DIR = Path("report") / "figures"
@@ -102,7 +102,7 @@ def render_report(context: dict) -> str:
     """The HTML page of a :func:`report_context` result."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parents[1] / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     return env.get_template("report.html.j2").render(**context)
@@ -227,7 +227,7 @@ def run_entries(run_dir: Path) -> list[Entry]:
 
 def _summary_names(run_dir: Path) -> dict[str, tuple[int, str, str]]:
     """Folder key ("models/<safe>" or "probes/<probe>") -> (order, display name, kind) from summary.csv."""
-    from .crossval import _safe
+    from cytofuse.workflows.cv import _safe
 
     if not (run_dir / "summary.csv").is_file():
         return {}
@@ -241,7 +241,7 @@ def _summary_names(run_dir: Path) -> dict[str, tuple[int, str, str]]:
 
 def data_summary(run_dir: Path) -> dict:
     """Images and kept patches per class, channels, patch size and images that kept too few patches."""
-    from .patches import read_patch_index
+    from cytofuse.preprocess.patches import read_patch_index
 
     index = read_patch_index(run_dir)
     images, patches = index.images, index.patches
@@ -255,7 +255,7 @@ def data_summary(run_dir: Path) -> dict:
 def _attrition(run_dir: Path) -> pd.DataFrame:
     if (run_dir / "attrition.csv").is_file():
         return pd.read_csv(run_dir / "attrition.csv")
-    from .patches import read_patch_index
+    from cytofuse.preprocess.patches import read_patch_index
 
     return read_patch_index(run_dir).attrition
 
@@ -276,7 +276,7 @@ def _records(frame: pd.DataFrame) -> dict:
 
 def comparison_table(entries: list[Entry], *, level: str, split: str = "cv") -> dict:
     """The paper's Table 1 over every classifier: kind, parameters, metrics as mean ± sd, pooled 95% CI."""
-    from .evaluate import METRIC_LABELS, format_summary_table
+    from cytofuse.evaluation.metrics import METRIC_LABELS, format_summary_table
 
     chosen = [e for e in entries if split in e.metrics]
     table = format_summary_table({e.name: e.metrics[split] for e in chosen}, level=level)
@@ -313,7 +313,7 @@ def _num(value, digits: int = 3) -> str:
 
 def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figure]:
     """Confusion (counts, row-normalised), PR and ROC at image and patch level, and training curves."""
-    from .evaluate import aggregate_by_image, plot_confusion, plot_pr_curves, plot_roc_curves, prob_columns
+    from cytofuse.evaluation.metrics import aggregate_by_image, plot_confusion, plot_pr_curves, plot_roc_curves, prob_columns
 
     source = entry.folder / "predictions.parquet"
     figures, predictions = [], None
@@ -342,7 +342,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
 
 def _training_figure(entry: Entry, out_dir: Path) -> list[Figure]:
     """The CV's own training curves, or drawn here from the folds' history.csv when absent."""
-    from .evaluate import plot_training_curves
+    from cytofuse.evaluation.metrics import plot_training_curves
 
     base = entry.folder / "training_curves"
     histories = sorted(entry.folder.glob("fold_*/history.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
@@ -366,7 +366,7 @@ def _attrition_figure(attrition: pd.DataFrame, base: Path, *, source: Path) -> F
 def _plot_attrition(attrition: pd.DataFrame, base: Path) -> None:
     import matplotlib
 
-    from .evaluate import _STYLE, _figure as new_figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _figure as new_figure, _save_figure
 
     x = np.arange(len(attrition))
     with matplotlib.rc_context(_STYLE):
@@ -475,7 +475,7 @@ def sweep_context(run_dir: Path, figures: Path) -> dict:
 
 
 def _safe_label(label: str) -> str:
-    from .crossval import _safe
+    from cytofuse.workflows.cv import _safe
 
     return _safe(label)
 
@@ -510,7 +510,7 @@ def _sweep_figure(table: pd.DataFrame, parameter: str, base: Path, *, source: Pa
 def _plot_sweep(table: pd.DataFrame, parameter: str, base: Path) -> None:
     import matplotlib
 
-    from .evaluate import _STYLE, _class_colours, _figure as new_figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure as new_figure, _save_figure
 
     x_all, ticks = _positions(table[parameter])
     table = table.assign(_x=x_all)
@@ -551,7 +551,7 @@ def _sweep_attrition_figure(attrition: pd.DataFrame, parameter: str, base: Path,
 def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -> None:
     import matplotlib
 
-    from .evaluate import _STYLE, _class_colours, _figure as new_figure, _save_figure
+    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure as new_figure, _save_figure
 
     x_all, ticks = _positions(attrition[parameter])
     attrition = attrition.assign(_x=x_all)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import InputError
+from cytofuse.errors import InputError
 
 # Normalisation of a channel: (raw - low) / max(high - low, NORM_EPS), in training and prediction alike.
 NORM_EPS = 1e-6
@@ -178,7 +178,7 @@ def channel_histogram(channel: np.ndarray, *, hist_samples: int | None = 8_000_0
     n_pixels = channel.size
     step = 1 if hist_samples is None else max(1, int(math.sqrt(n_pixels / hist_samples)))
     if np.issubdtype(channel.dtype, np.integer) and channel.dtype.itemsize <= 2:
-        from ._kernels import histogram_int
+        from cytofuse.preprocess._kernels import histogram_int
 
         info = np.iinfo(channel.dtype)
         channel = np.ascontiguousarray(channel)
@@ -257,7 +257,7 @@ def foreground_ratios(stack: np.ndarray, thresholds: Sequence[float], *, size: i
     Pixels above a channel's threshold are counted in blocks of gcd(size, stride) pixels;
     each patch sums its blocks through a summed-area table, so overlap costs nothing extra.
     """
-    from ._kernels import block_counts
+    from cytofuse.preprocess._kernels import block_counts
 
     n_c, n_z, n_y, n_x = stack.shape
     ys, xs = patch_grid((n_y, n_x), size=size, stride=stride)
@@ -292,10 +292,10 @@ def cut_patches(stack: np.ndarray, origins: np.ndarray, low: np.ndarray, high: n
                 channels_last: bool = False) -> np.ndarray:
     """Normalised float32 patches (N, C, size, size) at ``origins`` (z, y, x): (raw - low) / max(high - low, eps).
 
-    One compiled pass per batch (``cytofuse._kernels.cut_normalise``, no GIL held). With
+    One compiled pass per batch (``cytofuse.preprocess._kernels.cut_normalise``, no GIL held). With
     ``channels_last`` the array is a (N, C, size, size) view of (N, size, size, C) memory, the
     layout the model's convolutions run on, so no copy is needed on the way into the model."""
-    from ._kernels import cut_normalise
+    from cytofuse.preprocess._kernels import cut_normalise
 
     origins = np.ascontiguousarray(origins, dtype=np.int64).reshape(-1, 3)
     c, n_z, n_y, n_x = stack.shape

@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import InputError, RunFolderError
-from .io import Image, montage_tiles
+from cytofuse.errors import InputError, RunFolderError
+from cytofuse.io.readers import Image, montage_tiles
 
 MANIFEST = "cells.csv"
 SUMMARY = "montage_summary.csv"
@@ -152,7 +152,7 @@ class Montage:
 def find_montages(input_path: str | Path) -> list[Montage]:
     """Montages of a folder (one sub-folder per class, read as by ``ImageSet.from_folder``) or of one file
     (its class is its folder's name; a ``Ch<n>_`` file name names its single channel)."""
-    from .dataset import ImageSet
+    from cytofuse.io.imagesets import ImageSet
 
     path = Path(input_path)
     if path.is_dir():
@@ -166,7 +166,7 @@ def find_montages(input_path: str | Path) -> list[Montage]:
 
 
 def _read_single(path: Path, names: list[str] | None) -> Image:
-    from .io import probe_image, read_image
+    from cytofuse.io.readers import probe_image, read_image
 
     if names is not None and probe_image(path).shape[0] != 1:
         names = None  # a multichannel file keeps the names it stores
@@ -257,7 +257,7 @@ def _class_summary(label: str, parts: Sequence[_Part], status: np.ndarray) -> Cl
 
 def _write_class(label: str, parts: Sequence[_Part], out: Path) -> tuple[list[dict], ClassSummary]:
     """Write the cell tiles of one class to ``out/<label>/``; manifest rows and the class summary."""
-    from .io import write_ome_tiff
+    from cytofuse.io.readers import write_ome_tiff
 
     status = tile_status(np.concatenate([p.grid.tiles[: p.used] for p in parts]))
     width = max(4, len(str(sum(len(p.grid.tiles) for p in parts) - 1)))
@@ -297,7 +297,7 @@ def write_montage_cells(
     """
     import pandas as pd
 
-    from .runs import replacing_folder
+    from cytofuse.runs import replacing_folder
 
     input_path, out = Path(input_path), Path(out)
     montages = find_montages(input_path)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from cytofuse.errors import InputError
 
 PROBES = ("background", "intensity", "acquisition")
 GLCM_LEVELS = 16
@@ -334,7 +334,7 @@ def cross_validate_features(features: pd.DataFrame | np.ndarray, folds: pd.DataF
 
     ``features`` has one row per row of ``folds`` (columns patch_id, image_id, group, y_true,
     fold). Returns (CV predictions, held-out predictions averaged over the fold models or None),
-    with the deep models' columns, so :func:`cytofuse.evaluate.evaluate_run` applies unchanged.
+    with the deep models' columns, so :func:`cytofuse.evaluation.metrics.evaluate_run` applies unchanged.
     """
     X = np.asarray(features, dtype=np.float64)
     if len(X) != len(folds):

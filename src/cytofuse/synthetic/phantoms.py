@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from cytofuse.errors import InputError
-from cytofuse.io import Image, write_ome_tiff
+from cytofuse.io.readers import Image, write_ome_tiff
 from cytofuse.runs import replacing_folder
 
 CHANNELS = ("nucleus", "mitochondria", "early_endosome", "recycling_endosome")

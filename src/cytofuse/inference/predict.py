@@ -2,7 +2,7 @@
 
 Every image gets exactly the training preprocessing, computed on that image: the card's
 channels selected by name, the global Otsu thresholds and the normalisation percentiles of
-that stack, the same patch grid and sparsity filter (``cytofuse.patches.extract_patches``;
+that stack, the same patch grid and sparsity filter (``cytofuse.preprocess.patches.extract_patches``;
 only the training cap ``max_per_image`` is lifted, so every kept position is predicted).
 Batches are cut, normalised and run through the model by a few threads side by side (one
 per core, each with one intra-op thread), so at most a few batches exist beside the stack.
@@ -55,18 +55,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import InputError
-from .patches import NORM_EPS as _EPS
-from .patches import cut_patches
-from .runs import check_replaceable, mark_finished, swap_in
+from cytofuse.errors import InputError
+from cytofuse.preprocess.patches import NORM_EPS as _EPS
+from cytofuse.preprocess.patches import cut_patches
+from cytofuse.runs import check_replaceable, mark_finished, swap_in
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from .io import Image
-    from .modelfolder import ModelCard
-    from .patches import ImagePatches
+    from cytofuse.io.readers import Image
+    from cytofuse.inference.modelfolder import ModelCard
+    from cytofuse.preprocess.patches import ImagePatches
 
 SUMMARY_FILE = "summary.csv"
 _OVERLAY_PX = 512
@@ -92,7 +92,7 @@ def select_model_channels(image: "Image", channel_names: Sequence[str]) -> np.nd
 
 def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
     """Thresholds, percentiles and kept patch origins of one (C, Z, Y, X) stack of the card's channels."""
-    from .patches import extract_patches
+    from cytofuse.preprocess.patches import extract_patches
 
     res = extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
     bounds = card.fixed_bounds()
@@ -175,7 +175,7 @@ def ensemble_proba(models: Sequence["torch.nn.Module"], x: "torch.Tensor", *, bf
     ``tta``: each model's mean over the 8 dihedral transforms)."""
     import torch
 
-    from .models.tta import tta_proba
+    from cytofuse.models.tta import tta_proba
 
     device = next(models[0].parameters()).device
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -619,7 +619,7 @@ def apply_empty_filter(stack: np.ndarray, res: "ImagePatches", filter_dir: Path,
     """Drop the patches the model's learned empty-patch filter calls empty, as training did (in chunks)."""
     from dataclasses import replace
 
-    from .emptyfilter import EmptyFilter
+    from cytofuse.preprocess.emptyfilter import EmptyFilter
 
     if not Path(filter_dir).is_dir():
         raise InputError(f"the model was trained with the empty-patch filter {filter_dir}, which is missing here; "
@@ -730,7 +730,7 @@ def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:
 
 
 def _read(item, channel_names: Sequence[str] | None, axes: str | None) -> "Image":
-    from .io import Image, check_finite, read_image
+    from cytofuse.io.readers import Image, check_finite, read_image
 
     if isinstance(item, Image):  # files are checked when read; an array handed over is checked here
         check_finite(np.asarray(item.data), item.source or "<array>", item.channel_names)
@@ -755,13 +755,13 @@ def predict_images(
     heatmap_resolution: Literal["full", "stride"] = "stride",
     read_ahead: bool = False,
 ) -> "pd.DataFrame":
-    """Predict every image (file path or ``cytofuse.io.Image``) and write the folder ``out``; return the summary.
+    """Predict every image (file path or ``cytofuse.io.readers.Image``) and write the folder ``out``; return the summary.
 
     model_dir_or_run: a model folder, or a CV run folder (its ``model_name`` folds form an ensemble).
     workers: threads that each cut a batch and run the model on it, one intra-op thread each (default:
         torch's thread count, one per core; 0: one batch at a time with torch's own threading).
     precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
-    channel_names / axes: passed to ``cytofuse.io.read_image`` (names for files that store none).
+    channel_names / axes: passed to ``cytofuse.io.readers.read_image`` (names for files that store none).
     heatmap_resolution: "stride" (one pixel per stitching cell, the default) or "full" (image pixels); see
         the module notes.
     read_ahead: read and preprocess the next image while the model runs on the current one (faster on
@@ -771,7 +771,7 @@ def predict_images(
     import pandas as pd
     from rich.progress import Progress
 
-    from .modelfolder import load_models
+    from cytofuse.inference.modelfolder import load_models
 
     if not images:
         raise InputError("predict_images: images is empty; give at least one image file")

@@ -23,9 +23,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputError
-from .patches import PatchSettings
-from .runs import check_replaceable, replacing_folder
+from cytofuse.errors import InputError
+from cytofuse.preprocess.patches import PatchSettings
+from cytofuse.runs import check_replaceable, replacing_folder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,7 +51,7 @@ def software_versions() -> dict[str, str]:
 
 
 def _cytofuse_version() -> str:
-    from . import __version__
+    from cytofuse import __version__
 
     return __version__
 
@@ -159,7 +159,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     empty-patch filter named by the card is copied into the folder (``empty_filter/``), so the
     folder predicts as in training wherever it is moved.
     """
-    from .models import save_weights
+    from cytofuse.models import save_weights
 
     out = Path(out)
     if not models:
@@ -174,7 +174,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
         raise InputError(f"write_model_folder: the model's empty-patch filter {source_filter} (patches.empty_filter) "
                          "does not exist; a model folder carries a copy of it")
     if source_filter is not None:
-        from .emptyfilter import check_filter_folder
+        from cytofuse.preprocess.emptyfilter import check_filter_folder
 
         check_filter_folder(source_filter)
     with replacing_folder(out, overwrite=overwrite, what="model folder") as tmp:
@@ -224,7 +224,7 @@ def read_card(path: str | Path) -> ModelCard:
 
 def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
     """The models (eval mode) and card of a model folder written by ``write_model_folder``."""
-    from .models import load_model, read_model_config
+    from cytofuse.models import load_model, read_model_config
 
     path = Path(path)
     card = read_card(path)
@@ -234,7 +234,7 @@ def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
     if own_filter is not None and not Path(own_filter).is_absolute():  # the folder's copy, relative to it
         card = card.model_copy(update={"patches": card.patches | {"empty_filter": str(path / own_filter)}})
     if own_filter is not None and Path(card.patches["empty_filter"]).is_dir():  # a missing one is named at predict time
-        from .emptyfilter import check_filter_folder
+        from cytofuse.preprocess.emptyfilter import check_filter_folder
 
         check_filter_folder(card.patches["empty_filter"])
     models = []
@@ -256,7 +256,7 @@ def cv_model_names(run_dir: str | Path) -> list[str]:
 
 
 def _run_config(run_dir: Path):
-    from .config import validate_config
+    from cytofuse.config import validate_config
 
     file = run_dir / "config.yaml"
     if not file.is_file():
@@ -266,7 +266,7 @@ def _run_config(run_dir: Path):
 
 def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[str, list[Path]]:
     """The chosen model's display name and its fold folders (fold_0, fold_1, ...) in a CV run."""
-    from .crossval import _safe
+    from cytofuse.workflows.cv import _safe
 
     run_dir = Path(run_dir)
     names = [m.display_name for m in _run_config(run_dir).models]
@@ -288,7 +288,7 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     """The fold models of a CV run as an ensemble, with a card built from the run's config and patch index."""
     import pyarrow.parquet as pq
 
-    from .models import load_model
+    from cytofuse.models import load_model
 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
@@ -314,8 +314,8 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
 def fold_normalisation(folds: list[Path]):
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
     percentiles (None for per-image normalisation or runs that stored none)."""
-    from .crossval import NORMALISATION_FILE
-    from .data import Normalisation
+    from cytofuse.workflows.cv import NORMALISATION_FILE
+    from cytofuse.training.cache import Normalisation
 
     files = [f / NORMALISATION_FILE for f in folds]
     if not all(f.is_file() for f in files):

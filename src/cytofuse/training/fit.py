@@ -42,7 +42,7 @@ from torch import nn
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from cytofuse.data import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
+from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
 from cytofuse.errors import InputError
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
@@ -133,7 +133,7 @@ def resolve_precision(settings: TrainSettings) -> str:
     gpu = settings.accelerator == "gpu" or (settings.accelerator == "auto" and torch.cuda.is_available())
     if gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    from .predict import bf16_supported
+    from cytofuse.inference.predict import bf16_supported
 
     return "bf16-mixed" if bf16_supported() else "32-true"
 
@@ -396,7 +396,7 @@ def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | Non
 
     from safetensors.torch import save_file
 
-    from .models.weights import CONFIG_KEY
+    from cytofuse.models.weights import CONFIG_KEY
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = dict(metadata or {})
@@ -714,7 +714,7 @@ def predict_proba(model: nn.Module, ds: Dataset, *, batch_size: int = 64, num_wo
     ``tta``: the mean probability over the 8 dihedral transforms of each patch (embeddings stay
     those of the untransformed patch).
     """
-    from .models.tta import tta_proba
+    from cytofuse.models.tta import tta_proba
 
     if len(ds) == 0:
         raise InputError("predict_proba: ds is empty")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DataSetError
-from .io import check_fits_in_memory
+from cytofuse.errors import DataSetError
+from cytofuse.io.readers import check_fits_in_memory
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
 CHANNEL_FILE_PATTERN = r"^(?P<channel>Ch\d+)_(?P<key>.+)\.[^.]+$"
@@ -169,8 +169,8 @@ class ImageSet:
         return cls(records, axes=axes, source=str(csv))
 
     def read(self, record: ImageRecord | str):
-        """The record's pixels as a :class:`cytofuse.io.Image`."""
-        from .io import read_channel_files, read_image
+        """The record's pixels as a :class:`cytofuse.io.readers.Image`."""
+        from cytofuse.io.readers import read_channel_files, read_image
 
         record = self[record] if isinstance(record, str) else record
         if record.path is not None:
@@ -179,7 +179,7 @@ class ImageSet:
 
     def probe(self, record: ImageRecord):
         """Shape, dtype and channel names of a record from file headers, as ``(shape, dtype, names)``."""
-        from .io import probe_image
+        from cytofuse.io.readers import probe_image
 
         if record.path is not None:
             info = probe_image(record.path, axes=self.axes)
@@ -223,7 +223,7 @@ class ImageSet:
         problems += _smaller_than_patch(self.records, shapes, patch_size)
         channel_names = next(iter(names.values()), ())
         if channel_names and not problems:
-            from .patches import select_channels
+            from cytofuse.preprocess.patches import select_channels
 
             try:
                 select_channels(channel_names, channels=channels, exclude=exclude_channels)

@@ -3,7 +3,7 @@
 After Rodrigues et al. (live/dead JIMT-1 bright-field patches): 512 features per patch from
 the last convolutional stage of a ResNet-18 (global-average-pooled) and an SVM trained on
 patches labelled empty / non-empty. An alternative or complement to the Otsu foreground
-filter of :mod:`cytofuse.patches`, useful where Otsu fails (bright-field, grid lines, debris).
+filter of :mod:`cytofuse.preprocess.patches`, useful where Otsu fails (bright-field, grid lines, debris).
 
 - :func:`normalise_patches`: the intensity rule applied before features (default per image).
 - :func:`patch_features`: (N, C, H, W) -> (N, D) features; each channel encoded separately by
@@ -393,7 +393,7 @@ class EmptyFilter:
         n_cells = len(patches) if labels is None else int(labels.sum())
         return {
             "card_version": CARD_VERSION,
-            "kind": "cytofuse.emptyfilter",
+            "kind": "cytofuse.preprocess.emptyfilter",
             "mode": "one_class" if labels is None or labels.all() else "two_class",
             "encoder": self.encoder,
             "pretrained": None if self.pretrained is None else Path(self.pretrained).name,
@@ -440,7 +440,7 @@ class EmptyFilter:
         Built beside ``path`` and swapped in; an existing ``path`` is replaced only with
         ``overwrite`` and only if cytofuse made it.
         """
-        from .runs import replacing_folder
+        from cytofuse.runs import replacing_folder
 
         if self.model_ is None:
             raise InputError("EmptyFilter is not fitted: nothing to save")
@@ -498,7 +498,7 @@ def _read_card(path: Path) -> dict:
         raise InputError(f"{path / CARD_NAME}: not valid JSON: {err}") from err
     required = ("card_version", "kind", "encoder", "normalise", "n_channels", "patch_size", "feature_dim", "params")
     missing = [k for k in required if k not in card]
-    if missing or card.get("kind") != "cytofuse.emptyfilter":
+    if missing or card.get("kind") != "cytofuse.preprocess.emptyfilter":
         raise InputError(f"{path / CARD_NAME}: not an empty-filter card (missing {missing}, kind {card.get('kind')!r})")
     if card["card_version"] != CARD_VERSION:
         raise InputError(f"{path / CARD_NAME}: card_version {card['card_version']} is not supported ({CARD_VERSION})")
@@ -638,7 +638,7 @@ def evaluate_filter(
 
 
 def _read_patch(path: Path) -> np.ndarray:
-    from cytofuse.io import read_image
+    from cytofuse.io.readers import read_image
 
     data = read_image(path).data
     if data.shape[1] != 1:
@@ -659,7 +659,7 @@ def _read_groups_csv(folder: Path) -> dict[str, str] | None:
 
 
 def _class_files(folder: Path, name: str) -> list[Path]:
-    from cytofuse.io import SUPPORTED_SUFFIXES
+    from cytofuse.io.readers import SUPPORTED_SUFFIXES
 
     sub = folder / name
     if not sub.is_dir():
@@ -740,7 +740,7 @@ def label_grid(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Origins (ys, xs) of a patch grid and a label per patch: 1 = contains a box centre,
     0 = overlaps no box, -1 = ambiguous (touches a box but holds no centre)."""
-    from cytofuse.patches import patch_grid
+    from cytofuse.preprocess.patches import patch_grid
 
     ys, xs = patch_grid(shape_yx, size=size, stride=stride)
     ys, xs = np.meshgrid(ys, xs, indexing="ij")
@@ -755,7 +755,7 @@ def label_grid(
 
 
 def _field_patches(png: Path, *, size: int, stride: int):
-    from cytofuse.io import read_image
+    from cytofuse.io.readers import read_image
 
     image = read_image(png)
     field = image.data[:, 0].astype(np.float32)
@@ -835,7 +835,7 @@ def filter_patch_index(index, cache, filter_dir: str | Path, *, chunk: int = 512
     """
     from rich.progress import Progress
 
-    from .patches import PatchIndex, attrition_table
+    from cytofuse.preprocess.patches import PatchIndex, attrition_table
 
     filt = EmptyFilter.load(filter_dir)
     patches = index.patches

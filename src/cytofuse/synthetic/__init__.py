@@ -1,0 +1,1 @@
+"""Synthetic data with known answers: organelle phantoms (the demo) and single-cell tiles."""
