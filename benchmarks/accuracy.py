@@ -155,7 +155,8 @@ def rescore_without_tta(run_dir: Path) -> None:
     import yaml
 
     from cytofuse.config import model_channels, validate_config
-    from cytofuse.workflows.cv import _safe, normalised_view
+    from cytofuse.runs import RunFolder
+    from cytofuse.training.cache import normalised_view
     from cytofuse.training.cache import PatchCache, PatchDataset
     from cytofuse.models import load_model
     from cytofuse.preprocess.patches import read_patch_index
@@ -167,7 +168,7 @@ def rescore_without_tta(run_dir: Path) -> None:
     rows_all = cache.positions(folds["patch_id"].to_numpy())
     for model_cfg in cfg.models:
         inputs, _ = model_channels(model_cfg, index.channel_names)
-        folder = run_dir / "models" / _safe(model_cfg.display_name)
+        folder = RunFolder(run_dir).model(model_cfg.display_name).root
         if not (folder / "metrics.json").is_file():
             print(f"{model_cfg.display_name}: not finished in {run_dir}; skipped")
             continue

@@ -233,7 +233,7 @@ def shortcut_run(tmp_path_factory):
 
 
 def test_probes_find_a_planted_background_shortcut_and_warn(shortcut_run, capsys):
-    from cytofuse.workflows.demo import print_cv_summary
+    from cytofuse.workflows.console import print_cv_summary
 
     ba = {k: m["cv"]["image"]["summary"]["balanced_accuracy"]["mean"] for k, m in shortcut_run.metrics.items()}
     assert ba["probe:background"] > 0.95 and ba["probe:acquisition"] > 0.95
@@ -273,7 +273,7 @@ def test_a_finished_probe_is_read_back_not_refitted(shortcut_run, monkeypatch):
 
 
 def test_the_warning_stays_silent_on_the_clean_synthetic_set(tmp_path, capsys):
-    from cytofuse.workflows.demo import print_cv_summary
+    from cytofuse.workflows.console import print_cv_summary
 
     result = _cv(_write_set(tmp_path / "data"), tmp_path / "run")
     assert result.shortcut_warnings == []

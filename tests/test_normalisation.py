@@ -62,7 +62,7 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
 
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.workflows.demo import load_image_set
+    from cytofuse.workflows.patching import load_image_set
     from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)

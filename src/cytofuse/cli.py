@@ -97,12 +97,12 @@ def patches(
     try:
         cfg = _config(config, images=images, manifest=manifest, overrides=overrides)
         cfg = cfg.model_copy(update={"workers": workers})
-        from cytofuse.workflows.demo import run_patches
+        from cytofuse.workflows.patching import run_patches
 
         index = run_patches(cfg, out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from cytofuse.workflows.demo import print_patch_summary
+    from cytofuse.workflows.console import print_patch_summary
 
     print_patch_summary(index, out)
 
@@ -127,7 +127,7 @@ def cv(
             result = run_cv(cfg, out, overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from cytofuse.workflows.demo import print_cv_summary
+    from cytofuse.workflows.console import print_cv_summary
 
     if cfg.sweep is not None:
         from rich.console import Console
@@ -351,7 +351,8 @@ def demo(
 ) -> None:
     """Synthesise organelle phantoms and compare early, intermediate, late and single-channel classifiers (5-fold CV)."""
     from cytofuse.errors import CytofuseError
-    from cytofuse.workflows.demo import print_cv_summary, print_demo_findings, print_patch_summary, run_demo
+    from cytofuse.workflows.console import print_cv_summary, print_patch_summary
+    from cytofuse.workflows.demo import print_demo_findings, run_demo
 
     try:
         result = run_demo(out, overwrite=overwrite)
@@ -381,11 +382,11 @@ def _config(path: Path | None, *, images: Path | None, manifest: Path | None, ov
     data += [f"data.manifest={_yaml(str(manifest.resolve()))}"] if manifest else []
     if path is not None:
         return load_config(path, overrides=data + overrides)
-    from cytofuse.config import _apply_override
+    from cytofuse.config import apply_override
 
     raw: dict = {}
     for item in data + overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     cfg = validate_config(raw, source="command-line flags")
     return cfg.model_copy(update={"data": cfg.data.resolve(Path.cwd())})
 

@@ -269,7 +269,7 @@ def load_config(path: str | Path, *, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     config = validate_config(raw, source=str(path))
     base = path.parent.resolve()
     update = {"data": config.data.resolve(base)}
@@ -294,7 +294,7 @@ def validate_config(raw: dict, *, source: str = "<config>") -> RunConfig:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override must look like section.field=value, got {item!r}")
     key, value = item.split("=", 1)
@@ -321,7 +321,7 @@ def dump_config(config: RunConfig, path: str | Path) -> Path:
 
 
 def _pick(names: tuple[str, ...], wanted, what: str) -> list[int]:
-    from cytofuse.preprocess.patches import select_channels
+    from cytofuse.io.readers import select_channels
 
     try:
         return select_channels(names, channels=list(wanted))

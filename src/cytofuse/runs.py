@@ -9,15 +9,43 @@ renamed in, old deleted), so a failure before the swap leaves the old folder as 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from cytofuse.errors import RunFolderError
 
 MARKER = ".cytofuse-run"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary name beside ``path`` to write one file to; it is renamed onto ``path`` when
+    the block ends without error and removed otherwise, so ``path`` never holds a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through :func:`atomic_path`."""
+    return write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def made_by_cytofuse(path: str | Path) -> bool:
@@ -126,3 +154,128 @@ def _start(path: Path) -> Path:
 def mark_finished(path: str | Path) -> None:
     """Mark ``path`` as a complete folder made by cytofuse."""
     (Path(path) / MARKER).write_text("finished\n")
+
+
+def safe_name(name: str) -> str:
+    """A display name (model, probe) as a folder name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+@dataclass(frozen=True)
+class FitFolder:
+    """The files of one fit (``train.fit``): checkpoints, exported weights, epoch history, resume state."""
+
+    root: Path
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.root / "last.ckpt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.root / "best.ckpt"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "fit.json"
+
+    @property
+    def normalisation(self) -> Path:
+        """Dataset-scope normalisation statistics of this fit's training split."""
+        return self.root / "normalisation.json"
+
+    @property
+    def teacher(self) -> "FitFolder":
+        """The teacher's fit of a model distilled from training-only channels."""
+        return FitFolder(self.root / "teacher")
+
+    def files(self) -> tuple[Path, ...]:
+        """The files a fresh fit replaces."""
+        return (self.last_checkpoint, self.best_checkpoint, self.weights, self.history, self.state)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's (or baseline's, or probe's) folder in a run: pooled predictions, metrics, one fit per fold."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.parquet"
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.root / "test_predictions.parquet"
+
+    @property
+    def curves(self) -> Path:
+        """Base name of the training-curve figure (``.png`` and ``.svg``)."""
+        return self.root / "training_curves"
+
+    def fold(self, k: int) -> FitFolder:
+        return FitFolder(self.root / f"fold_{int(k)}")
+
+    def folds(self) -> list[FitFolder]:
+        """The fold folders that exist, in fold order."""
+        found = sorted((p for p in self.root.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        return [FitFolder(p) for p in found]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of a run folder, spelled in one place.
+
+    Stage artifacts: ``config.yaml`` (the resolved configuration), ``patches.parquet`` and
+    ``images.parquet`` (the patch index), ``attrition.csv``, ``cache/`` (the patch cache),
+    ``labels/`` (labels from a channel), ``folds.csv``, ``models/<name>/`` and
+    ``probes/<name>/`` (:class:`ModelRun`), ``summary.csv``, ``shortcut_warnings.json``,
+    ``explain/`` and ``report/``; the marker :data:`MARKER` says cytofuse made it.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    marker = property(lambda self: self.root / MARKER)
+    config = property(lambda self: self.root / "config.yaml")
+    patches = property(lambda self: self.root / "patches.parquet")
+    images = property(lambda self: self.root / "images.parquet")
+    attrition = property(lambda self: self.root / "attrition.csv")
+    cache = property(lambda self: self.root / "cache")
+    labels = property(lambda self: self.root / "labels")
+    folds = property(lambda self: self.root / "folds.csv")
+    models = property(lambda self: self.root / "models")
+    probes = property(lambda self: self.root / "probes")
+    summary = property(lambda self: self.root / "summary.csv")
+    shortcut_warnings = property(lambda self: self.root / "shortcut_warnings.json")
+    explain = property(lambda self: self.root / "explain")
+    report = property(lambda self: self.root / "report")
+
+    def model(self, name: str) -> ModelRun:
+        """The folder of the model (or baseline) called ``name`` (its display name; made folder-safe)."""
+        return ModelRun(self.models / safe_name(name))
+
+    def probe(self, name: str) -> ModelRun:
+        return ModelRun(self.probes / safe_name(name))
+
+    def model_runs(self) -> list[ModelRun]:
+        """The model folders that hold metrics, in name order."""
+        return [ModelRun(p.parent) for p in sorted(self.models.glob("*/metrics.json"))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -79,3 +80,12 @@ def _glibc() -> ctypes.CDLL | None:
     except (OSError, TypeError):  # Windows has no process-wide C library handle
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast speeds it up."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

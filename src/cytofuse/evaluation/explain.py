@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.evaluation.metrics import _write_text_atomic
+from cytofuse.runs import safe_name, write_text_atomic
 
 ABLATION_MODES = ("zero", "shuffle")
 EMBEDDING_METHODS = ("tsne", "umap")
@@ -157,7 +157,7 @@ def plot_gradcam_grid(patches: np.ndarray, cams: Mapping[str, np.ndarray], *, ch
     import matplotlib
     from matplotlib.cm import ScalarMappable
 
-    from cytofuse.evaluation.metrics import _STYLE, _save_figure
+    from cytofuse.plots import STYLE, save_figure
 
     patches = np.asarray(patches, dtype=np.float32)
     if patches.ndim != 4 or len(row_labels) != len(patches) or len(channel_names) != patches.shape[1]:
@@ -165,7 +165,7 @@ def plot_gradcam_grid(patches: np.ndarray, cams: Mapping[str, np.ndarray], *, ch
                          f"got {patches.shape}, {len(row_labels)} labels, {len(channel_names)} names")
     panels = [(key, c) for key in cams for c in cam_channels(key, patches.shape[1])]
     n, m = len(patches), len(panels)
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(STYLE):
         fig, axes = _grid((1.6 * m + 1.2, 1.6 * n + 0.6), n, m)
         colour = matplotlib.colormaps[cmap]
         for i in range(n):
@@ -185,7 +185,7 @@ def plot_gradcam_grid(patches: np.ndarray, cams: Mapping[str, np.ndarray], *, ch
                      label="Grad-CAM (one map for all channels)" if joint else "Grad-CAM (each channel's encoder)")
         if title:
             fig.suptitle(title)
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def _row_label(row: pd.Series, classes: Sequence[str]) -> str:
@@ -211,7 +211,7 @@ def gradcam_figures(models: Mapping[int, Any], cache, predictions: pd.DataFrame,
         cams = _cams_by_fold(models, patches, rows)
         labels = [_row_label(r, classes) for _, r in rows.iterrows()]
         png, _ = plot_gradcam_grid(patches, cams, channel_names=names, row_labels=labels,
-                                   out=Path(out_dir) / f"gradcam_{_safe(name)}", title=f"True class: {name}")
+                                   out=Path(out_dir) / f"gradcam_{safe_name(name)}", title=f"True class: {name}")
         paths.append(png)
     return paths
 
@@ -325,14 +325,14 @@ def plot_ablation(summary: pd.DataFrame, *, out: str | Path, title: str = "Chann
     """Bars: drop in balanced accuracy per channel (mean ± sd over folds), one bar per mode."""
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure, _save_figure
+    from cytofuse.plots import STYLE, class_colours, figure, save_figure
 
     channels = list(dict.fromkeys(summary["channel"]))
     modes = list(dict.fromkeys(summary["mode"]))
     width = 0.8 / len(modes)
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((1.2 + 1.1 * len(channels), 3.2))
-        for i, (mode, colour) in enumerate(zip(modes, _class_colours(len(modes)))):
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((1.2 + 1.1 * len(channels), 3.2))
+        for i, (mode, colour) in enumerate(zip(modes, class_colours(len(modes)))):
             part = summary[summary["mode"] == mode].set_index("channel").reindex(channels)
             x = np.arange(len(channels)) + (i - (len(modes) - 1) / 2) * width
             ax.bar(x, part["drop_mean"], width, yerr=part["drop_sd"].fillna(0), color=colour, label=mode, capsize=3)
@@ -341,7 +341,7 @@ def plot_ablation(summary: pd.DataFrame, *, out: str | Path, title: str = "Chann
         ax.set_ylabel("Drop in balanced accuracy")
         ax.set_title(title)
         ax.legend(title="ablation", loc="best")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def single_channel_table(run_dir: str | Path, *, level: str = "patch") -> pd.DataFrame:
@@ -362,17 +362,17 @@ def plot_single_channel(table: pd.DataFrame, *, out: str | Path) -> tuple[Path, 
     """Bars: balanced accuracy of each single-channel classifier (mean ± sd over folds)."""
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure, _save_figure
+    from cytofuse.plots import STYLE, class_colours, figure, save_figure
 
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((1.2 + 1.0 * len(table), 3.2))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((1.2 + 1.0 * len(table), 3.2))
         ax.bar(range(len(table)), table["balanced_accuracy_mean"], yerr=table["balanced_accuracy_sd"].fillna(0),
-               color=_class_colours(len(table)), capsize=3)
+               color=class_colours(len(table)), capsize=3)
         ax.set_xticks(range(len(table)), table["channel"], rotation=30, ha="right", rotation_mode="anchor")
         ax.set_ylim(0, 1)
         ax.set_ylabel("Balanced accuracy")
         ax.set_title("Single-channel classifiers")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -439,11 +439,11 @@ def plot_embedding(table: pd.DataFrame, classes: Sequence[str], *, method: str, 
     """One row per fold: the projection coloured by true class (left) and predicted class (right)."""
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _save_figure
+    from cytofuse.plots import STYLE, class_colours, save_figure
 
     folds = sorted(table["fold"].unique())
-    colours = _class_colours(len(classes))
-    with matplotlib.rc_context(_STYLE):
+    colours = class_colours(len(classes))
+    with matplotlib.rc_context(STYLE):
         fig, axes = _grid((7.0, 3.0 * len(folds)), len(folds), 2)
         for i, fold in enumerate(folds):
             part = table[table["fold"] == fold]
@@ -456,7 +456,7 @@ def plot_embedding(table: pd.DataFrame, classes: Sequence[str], *, method: str, 
                 ax.set_title(f"fold {fold}: {'true' if j == 0 else 'predicted'} class", fontsize=9)
         axes[0, 1].legend(loc="best", markerscale=2)
         fig.suptitle(f"{_METHOD_LABELS[method]} of test-patch features (per fold)")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path, channel: int = 0,
@@ -469,14 +469,14 @@ def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path,
     from matplotlib.colors import Normalize
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    from cytofuse.evaluation.metrics import _STYLE, _figure, _save_figure
+    from cytofuse.plots import STYLE, figure, save_figure
 
     coords, patches = np.asarray(coords, dtype=np.float32), np.asarray(patches, dtype=np.float32)
     if coords.shape != (len(patches), 2) or patches.ndim != 4:
         raise InputError(f"plot_thumbnails: coords must be (N, 2) for patches (N, C, H, W), got {coords.shape} and {patches.shape}")
     zoom = zoom or 20.0 / patches.shape[-1]
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((7.0, 7.0))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((7.0, 7.0))
         ax.scatter(coords[:, 0], coords[:, 1], s=1, alpha=0)
         lo, hi = _grey_limits(patches[:, channel])
         for (x, y), patch in zip(coords, patches[:, channel]):
@@ -484,14 +484,10 @@ def plot_thumbnails(coords: np.ndarray, patches: np.ndarray, *, out: str | Path,
             ax.add_artist(AnnotationBbox(box, (x, y), frameon=False, pad=0.0))
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(title)
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
 
 
 def run_models(run_dir: str | Path) -> list[str]:
@@ -510,7 +506,7 @@ def unfinished_models(run_dir: str | Path) -> list[str]:
     if not (Path(run_dir) / "config.yaml").is_file():
         return []
     done = set(run_models(run_dir))
-    return [_safe(n) for n in cv_model_names(run_dir) if _safe(n) not in done]
+    return [safe_name(n) for n in cv_model_names(run_dir) if safe_name(n) not in done]
 
 
 def load_fold_models(model_dir: str | Path) -> dict[int, Any]:
@@ -528,7 +524,7 @@ def _classes(predictions: pd.DataFrame) -> list[str]:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    return _write_text_atomic(path, table.to_csv(index=False))
+    return write_text_atomic(path, table.to_csv(index=False))
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> Path:
@@ -583,7 +579,7 @@ _STEPS = {"gradcam": _step_gradcam, "ablation": _step_ablation, "single_channel"
 def model_view(run_dir: Path, name: str, cache):
     """The patch cache as the model's folds saw it: with dataset (or fixed) normalisation, the mean of the
     folds' ranges (they differ only by which training split they were taken from), else the cache itself."""
-    from cytofuse.workflows.cv import cache_image_ids
+    from cytofuse.training.cache import cache_image_ids
     from cytofuse.training.cache import NormalisedCache
     from cytofuse.inference.modelfolder import fold_normalisation
     from cytofuse.preprocess.patches import read_patch_index
@@ -619,12 +615,12 @@ def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples
     for step, run in _STEPS.items():
         done = out / f".{step}.json"
         if not done.is_file():
-            _write_text_atomic(done, json.dumps(run(ctx), indent=1))
+            write_text_atomic(done, json.dumps(run(ctx), indent=1))
         on_step(step)
     summary = {"model": name, "classes": ctx["classes"], "channels": list(ctx["cache"].channels)}
     for step in _STEPS:
         summary |= json.loads((out / f".{step}.json").read_text())
-    return _write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    return write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
 
 
 def explain_run(run_dir: str | Path, *, model: str | Sequence[str] | None = None, out: str | Path | None = None,
@@ -661,7 +657,7 @@ def explain_run(run_dir: str | Path, *, model: str | Sequence[str] | None = None
     with Progress(disable=not progress) as bar:
         task = bar.add_task("explain", total=len(names) * len(_STEPS))
         for name in names:
-            target = base / _safe(name)
+            target = base / safe_name(name)
             if (target / "summary.json").is_file():
                 bar.advance(task, len(_STEPS))
                 result[name] = target / "summary.json"

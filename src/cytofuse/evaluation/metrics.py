@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError
+from cytofuse.plots import LINESTYLES, STYLE, class_colours, figure, save_figure
+from cytofuse.runs import write_text_atomic
 
 SCALAR_METRICS = ("balanced_accuracy", "accuracy", "auroc_macro", "mcc", "macro_f1")
 PER_CLASS_METRICS = ("auroc", "precision", "recall", "f1")
@@ -500,56 +500,6 @@ def to_rich_table(table: pd.DataFrame, *, title: str | None = None):
 
 # --------------------------------------------------------------------------- figures
 
-_STYLE = {
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "legend.fontsize": 8,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "svg.fonttype": "none",
-}
-_LINESTYLES = ("-", "--", "-.", ":")
-
-
-def _figure(figsize: tuple[float, float], ncols: int = 1):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    axes = fig.subplots(1, ncols)
-    return fig, axes
-
-
-def _output_base(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_suffix("") if out.suffix.lower() in (".png", ".svg") else out
-
-
-def _save_figure(fig, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out.png`` (300 dpi) and ``out.svg``, each to a temporary name renamed into place."""
-    base = _output_base(out)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in ("png", "svg"):
-        final = base.with_name(f"{base.name}.{fmt}")
-        tmp = base.with_name(f".{base.name}.{uuid.uuid4().hex[:12]}.{fmt}.partial")
-        try:
-            with open(tmp, "xb") as handle:
-                fig.savefig(handle, format=fmt, dpi=300, metadata={"Date": None} if fmt == "svg" else None)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths.append(final)
-    return paths[0], paths[1]
-
-
-def _class_colours(n: int) -> list:
-    from matplotlib import colormaps
-
-    return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.85, n)]
-
-
 def plot_confusion(
     cm: Any, classes: Sequence[str], *, normalize: bool, out: str | Path, title: str | None = None
 ) -> tuple[Path, Path]:
@@ -563,8 +513,8 @@ def plot_confusion(
     rows = cm.sum(axis=1, keepdims=True)
     values = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) if normalize else cm
     side = 1.2 + 0.55 * len(classes)
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((side + 1.2, side))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((side + 1.2, side))
         image = ax.imshow(values, cmap="cividis", vmin=0, vmax=1 if normalize else max(int(cm.max()), 1))
         _annotate_cells(ax, values, image, normalize)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", rotation_mode="anchor")
@@ -573,7 +523,7 @@ def plot_confusion(
         ax.set_ylabel("True class")
         ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"))
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Fraction of true class" if normalize else "Count")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def _annotate_cells(ax, values: np.ndarray, image, normalize: bool) -> None:
@@ -599,15 +549,15 @@ def plot_pr_curves(y_true: Any, proba: Any, classes: Sequence[str], out: str | P
     import matplotlib
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    colours = _class_colours(len(classes))
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((4.8, 4.2))
+    colours = class_colours(len(classes))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((4.8, 4.2))
         for k, name, pos, score in _one_vs_rest(y_true, proba, classes):
             precision, recall, _ = precision_recall_curve(pos, score)
             ap = average_precision_score(pos, score)
-            ax.step(recall, precision, where="post", color=colours[k], ls=_LINESTYLES[k % 4], label=f"{name} (AP = {ap:.3f})")
+            ax.step(recall, precision, where="post", color=colours[k], ls=LINESTYLES[k % 4], label=f"{name} (AP = {ap:.3f})")
         _finish_curve_axes(ax, "Recall", "Precision", "Precision-recall (one-vs-rest)", "lower left")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def plot_roc_curves(y_true: Any, proba: Any, classes: Sequence[str], out: str | Path) -> tuple[Path, Path]:
@@ -615,16 +565,16 @@ def plot_roc_curves(y_true: Any, proba: Any, classes: Sequence[str], out: str | 
     import matplotlib
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    colours = _class_colours(len(classes))
-    with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure((4.8, 4.2))
+    colours = class_colours(len(classes))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = figure((4.8, 4.2))
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="Chance")
         for k, name, pos, score in _one_vs_rest(y_true, proba, classes):
             fpr, tpr, _ = roc_curve(pos, score)
             auc = roc_auc_score(pos, score)
-            ax.plot(fpr, tpr, color=colours[k], ls=_LINESTYLES[k % 4], label=f"{name} (AUC = {auc:.3f})")
+            ax.plot(fpr, tpr, color=colours[k], ls=LINESTYLES[k % 4], label=f"{name} (AUC = {auc:.3f})")
         _finish_curve_axes(ax, "False positive rate", "True positive rate", "ROC (one-vs-rest)", "lower right")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 def _finish_curve_axes(ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
@@ -654,9 +604,9 @@ def plot_training_curves(histories: Mapping[Any, pd.DataFrame], out: str | Path)
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    colours = _class_colours(len(histories))
-    with matplotlib.rc_context(_STYLE):
-        fig, (loss_ax, acc_ax) = _figure((8.0, 3.4), ncols=2)
+    colours = class_colours(len(histories))
+    with matplotlib.rc_context(STYLE):
+        fig, (loss_ax, acc_ax) = figure((8.0, 3.4), ncols=2)
         for colour, (fold, h) in zip(colours, histories.items()):
             loss_ax.plot(h["epoch"], h["train_loss"], color=colour, ls="-")
             loss_ax.plot(h["epoch"], h["val_loss"], color=colour, ls="--")
@@ -669,21 +619,10 @@ def plot_training_curves(histories: Mapping[Any, pd.DataFrame], out: str | Path)
         for ax in (loss_ax, acc_ax):
             ax.grid(True, lw=0.4, alpha=0.5)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def folds_table(summary: dict) -> pd.DataFrame:
@@ -709,11 +648,11 @@ def write_evaluation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate_run(predictions, classes=classes, method=method, n_boot=n_boot, seed=seed)
-    paths = {"metrics": _write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False))}
+    paths = {"metrics": write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False))}
     tables = {"patch": predictions, "image": aggregate_by_image(predictions, classes=classes, method=method)}
     for level, table in tables.items():
         csv = folds_table(result[level]).to_csv(index=False, na_rep="")
-        paths[f"folds_{level}"] = _write_text_atomic(out_dir / f"folds_{level}.csv", csv)
+        paths[f"folds_{level}"] = write_text_atomic(out_dir / f"folds_{level}.csv", csv)
         cm = result[level]["confusion_matrix"]
         for normalize, suffix in ((False, "counts"), (True, "normalised")):
             name = f"confusion_{level}_{suffix}"

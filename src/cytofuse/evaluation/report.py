@@ -189,7 +189,7 @@ def labels_context(run_dir: Path) -> dict | None:
     return {"channel": rule["channel"], "statistic": rule["statistic"], "notes": rule.get("notes", []),
             "table": {"columns": ["class", "component mean", "component sd", "weight", "threshold", "patches"], "rows": rows},
             "per_condition": rule.get("per_condition", {}),
-            "figure": _figure(base, "Labels from a fluorescence channel", caption) if _has_figure(base) else None}
+            "figure": figure(base, "Labels from a fluorescence channel", caption) if _has_figure(base) else None}
 
 
 def extras_table(entries: list[Entry]) -> dict | None:
@@ -227,14 +227,14 @@ def run_entries(run_dir: Path) -> list[Entry]:
 
 def _summary_names(run_dir: Path) -> dict[str, tuple[int, str, str]]:
     """Folder key ("models/<safe>" or "probes/<probe>") -> (order, display name, kind) from summary.csv."""
-    from cytofuse.workflows.cv import _safe
+    from cytofuse.runs import safe_name
 
     if not (run_dir / "summary.csv").is_file():
         return {}
     table = pd.read_csv(run_dir / "summary.csv").drop_duplicates("model")
     out = {}
     for i, (name, kind) in enumerate(zip(table["model"], table["kind"])):
-        key = f"probes/{name.split(':', 1)[1]}" if kind == "probe" else f"models/{_safe(name)}"
+        key = f"probes/{name.split(':', 1)[1]}" if kind == "probe" else f"models/{safe_name(name)}"
         out[key] = (i, name, kind)
     return out
 
@@ -326,7 +326,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
             if _stale(base, entry.folder / "metrics.json"):
                 title = f"{level.capitalize()} level, {'normalised' if normalize else 'counts'}"
                 plot_confusion(result["confusion_matrix"], classes, normalize=normalize, out=base, title=title)
-            figures.append(_figure(base, f"Confusion matrix ({suffix}), {level} level", where))
+            figures.append(figure(base, f"Confusion matrix ({suffix}), {level} level", where))
         for kind, plot in (("pr", plot_pr_curves), ("roc", plot_roc_curves)):
             base = out_dir / f"{kind}_{level}"
             if _stale(base, source):
@@ -335,7 +335,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
                 table = aggregate_by_image(predictions, classes=classes, method=result.get("method") or "mean") if level == "image" else predictions
                 plot(table["y_true"].to_numpy(), table[prob_columns(classes)].to_numpy(), classes, base)
             label = "Precision-recall" if kind == "pr" else "ROC"
-            figures.append(_figure(base, f"{label} curves (one-vs-rest), {level} level", where))
+            figures.append(figure(base, f"{label} curves (one-vs-rest), {level} level", where))
     figures += _training_figure(entry, out_dir)
     return figures
 
@@ -353,23 +353,24 @@ def _training_figure(entry: Entry, out_dir: Path) -> list[Figure]:
     if not _has_figure(base):
         return []
     where = f"Training split of each fold (loss) and its grouped validation split (loss, balanced accuracy), {len(histories)} folds."
-    return [_figure(base, "Training curves per fold", where)]
+    return [figure(base, "Training curves per fold", where)]
 
 
 def _attrition_figure(attrition: pd.DataFrame, base: Path, *, source: Path) -> Figure:
     """Candidate and kept patches per class, attrition in percent above the bars."""
     if _stale(base, source):
         _plot_attrition(attrition, base)
-    return _figure(base, "Patch attrition per class", "Every z-slice patch of every image before and after the Otsu sparsity filter and de-duplication.")
+    return figure(base, "Patch attrition per class", "Every z-slice patch of every image before and after the Otsu sparsity filter and de-duplication.")
 
 
 def _plot_attrition(attrition: pd.DataFrame, base: Path) -> None:
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _figure as new_figure, _save_figure
+    from cytofuse.plots import STYLE, save_figure
+    from cytofuse.plots import figure as new_figure
 
     x = np.arange(len(attrition))
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(STYLE):
         fig, ax = new_figure((1.8 + 0.9 * len(x), 3.2))
         ax.bar(x - 0.2, attrition["candidates"], 0.4, color="0.7", label="candidates")
         bars = ax.bar(x + 0.2, attrition["kept"], 0.4, color="#31688e", label="kept")
@@ -379,7 +380,7 @@ def _plot_attrition(attrition: pd.DataFrame, base: Path) -> None:
         ax.set(ylabel="Patches", title="Patches before and after filtering")
         ax.margins(y=0.15)
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        _save_figure(fig, base)
+        save_figure(fig, base)
 
 
 def _stale(base: Path, source: Path) -> bool:
@@ -392,7 +393,7 @@ def _has_figure(base: Path) -> bool:
     return any(base.with_name(base.name + ext).is_file() for ext in (".png", ".svg"))
 
 
-def _figure(base: Path, title: str, caption: str) -> Figure:
+def figure(base: Path, title: str, caption: str) -> Figure:
     """Embed the smaller of ``base.svg`` and ``base.png`` (vector line art, raster image grids)."""
     files = [p for p in (base.with_name(base.name + ".svg"), base.with_name(base.name + ".png")) if p.is_file()]
     if not files:
@@ -413,7 +414,7 @@ def explain_context(run_dir: Path, entries: list[Entry]) -> dict:
     models = []
     for model_dir in done:
         summary = json.loads((model_dir / "summary.json").read_text())
-        figures = [_figure(p.with_suffix(""), _explain_title(p.stem), _explain_caption(p.stem, summary))
+        figures = [figure(p.with_suffix(""), _explain_title(p.stem), _explain_caption(p.stem, summary))
                    for p in sorted(model_dir.glob("*.png"))]
         ablation = pd.DataFrame(summary.get("ablation") or [])
         models.append({"name": summary.get("model", model_dir.name), "figures": figures,
@@ -475,9 +476,9 @@ def sweep_context(run_dir: Path, figures: Path) -> dict:
 
 
 def _safe_label(label: str) -> str:
-    from cytofuse.workflows.cv import _safe
+    from cytofuse.runs import safe_name
 
-    return _safe(label)
+    return safe_name(label)
 
 
 def _sweep_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -503,20 +504,21 @@ def _positions(values: pd.Series) -> tuple[np.ndarray, list[str]]:
 def _sweep_figure(table: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
     if _stale(base, source):
         _plot_sweep(table, parameter, base)
-    return _figure(base, f"Balanced accuracy vs {parameter}",
+    return figure(base, f"Balanced accuracy vs {parameter}",
                    "Mean ± sd over the CV folds of each sub-run; image and patch level; probes dotted.")
 
 
 def _plot_sweep(table: pd.DataFrame, parameter: str, base: Path) -> None:
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure as new_figure, _save_figure
+    from cytofuse.plots import STYLE, class_colours, save_figure
+    from cytofuse.plots import figure as new_figure
 
     x_all, ticks = _positions(table[parameter])
     table = table.assign(_x=x_all)
     names = list(pd.unique(table["model"]))
-    colours = dict(zip(names, _class_colours(len(names))))
-    with matplotlib.rc_context(_STYLE):
+    colours = dict(zip(names, class_colours(len(names))))
+    with matplotlib.rc_context(STYLE):
         fig, axes = new_figure((8.4, 3.4), ncols=2)
         for ax, level in zip(axes, ("image", "patch")):
             for name in names:
@@ -529,7 +531,7 @@ def _plot_sweep(table: pd.DataFrame, parameter: str, base: Path) -> None:
             ax.set(xlabel=parameter, ylabel="Balanced accuracy", title=f"{level.capitalize()} level", ylim=(0, 1.02))
             ax.grid(True, lw=0.4, alpha=0.5)
         axes[1].legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        _save_figure(fig, base)
+        save_figure(fig, base)
 
 
 def _tick_labels(x: np.ndarray, ticks: list[str]) -> list[str]:
@@ -544,20 +546,21 @@ def _tick_labels(x: np.ndarray, ticks: list[str]) -> list[str]:
 def _sweep_attrition_figure(attrition: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
     if _stale(base, source):
         _plot_sweep_attrition(attrition, parameter, base)
-    return _figure(base, f"Patch attrition per class vs {parameter}",
+    return figure(base, f"Patch attrition per class vs {parameter}",
                    "Share of candidate patches removed by the sparsity filter and de-duplication, per class and swept value.")
 
 
 def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -> None:
     import matplotlib
 
-    from cytofuse.evaluation.metrics import _STYLE, _class_colours, _figure as new_figure, _save_figure
+    from cytofuse.plots import STYLE, class_colours, save_figure
+    from cytofuse.plots import figure as new_figure
 
     x_all, ticks = _positions(attrition[parameter])
     attrition = attrition.assign(_x=x_all)
     labels = list(pd.unique(attrition["label"]))
-    colours = _class_colours(len(labels))
-    with matplotlib.rc_context(_STYLE):
+    colours = class_colours(len(labels))
+    with matplotlib.rc_context(STYLE):
         fig, ax = new_figure((4.8, 3.2))
         for colour, label in zip(colours, labels):
             part = attrition[attrition["label"] == label].sort_values("_x")
@@ -566,7 +569,7 @@ def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -
         ax.set(xlabel=parameter, ylabel="Patches removed (%)", title="Attrition", ylim=(0, 100))
         ax.grid(True, lw=0.4, alpha=0.5)
         ax.legend(frameon=False)
-        _save_figure(fig, base)
+        save_figure(fig, base)
 
 
 # --------------------------------------------------------------------------- versions

@@ -187,7 +187,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     return out
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
     """Refuse ``out`` unless it may be written (kept for callers that check before training)."""
     check_replaceable(out, overwrite=overwrite, what="model folder")
 
@@ -266,7 +266,7 @@ def _run_config(run_dir: Path):
 
 def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[str, list[Path]]:
     """The chosen model's display name and its fold folders (fold_0, fold_1, ...) in a CV run."""
-    from cytofuse.workflows.cv import _safe
+    from cytofuse.runs import safe_name
 
     run_dir = Path(run_dir)
     names = [m.display_name for m in _run_config(run_dir).models]
@@ -276,7 +276,7 @@ def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[st
         model_name = names[0]
     if model_name not in names:
         raise InputError(f"model_name must be one of {names} (the models of CV run {run_dir}), got {model_name!r}")
-    base = run_dir / "models" / _safe(model_name)
+    base = run_dir / "models" / safe_name(model_name)
     folds = sorted(base.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
     folds = [f for f in folds if (f / "best.safetensors").is_file()]
     if not folds:
@@ -314,10 +314,10 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
 def fold_normalisation(folds: list[Path]):
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
     percentiles (None for per-image normalisation or runs that stored none)."""
-    from cytofuse.workflows.cv import NORMALISATION_FILE
+    from cytofuse.runs import FitFolder
     from cytofuse.training.cache import Normalisation
 
-    files = [f / NORMALISATION_FILE for f in folds]
+    files = [FitFolder(f).normalisation for f in folds]
     if not all(f.is_file() for f in files):
         return None
     norms = [Normalisation.model_validate_json(f.read_text()) for f in files]

@@ -57,6 +57,7 @@ import numpy as np
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import NORM_EPS as _EPS
+from cytofuse.runtime import bf16_supported
 from cytofuse.preprocess.patches import cut_patches
 from cytofuse.runs import check_replaceable, mark_finished, swap_in
 
@@ -145,15 +146,6 @@ def _in_order(fn: Callable[[int], object], items: Sequence[int], workers: int) -
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def bf16_supported() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast speeds it up."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _use_bf16(precision: str) -> bool:

@@ -147,7 +147,6 @@ class ImageSet:
         axes: str | None = None,
     ) -> "ImageSet":
         """Read a CSV manifest (see the module docstring for its columns)."""
-        import pandas as pd
 
         csv = Path(csv)
         if not csv.is_file():
@@ -223,7 +222,7 @@ class ImageSet:
         problems += _smaller_than_patch(self.records, shapes, patch_size)
         channel_names = next(iter(names.values()), ())
         if channel_names and not problems:
-            from cytofuse.preprocess.patches import select_channels
+            from cytofuse.io.readers import select_channels
 
             try:
                 select_channels(channel_names, channels=channels, exclude=exclude_channels)

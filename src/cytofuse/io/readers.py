@@ -650,3 +650,27 @@ def split_montage(
         meta = {**image.metadata, "montage": image.source, "tile_index": i, "tile_row": row, "tile_col": col}
         out.append(Image(tile, image.channel_names, image.pixel_size_um, f"{image.source}#{i}", meta))
     return out
+
+
+def select_channels(
+    names: Sequence[str], *, channels: Sequence[str | int] | None = None, exclude: Sequence[str | int] = ()
+) -> list[int]:
+    """Indices of the channels to use, given names or indices to keep and to exclude."""
+    names = list(names)
+
+    def index(ch: str | int, arg: str) -> int:
+        if isinstance(ch, int) or (isinstance(ch, str) and ch.isdigit() and ch not in names):
+            i = int(ch)
+            if not 0 <= i < len(names):
+                raise InputError(f"{arg}: channel index {i} out of range for channels {names}")
+            return i
+        if ch not in names:
+            raise InputError(f"{arg}: unknown channel name {ch!r}; the images have channels {names}")
+        return names.index(ch)
+
+    keep = [index(c, "channels") for c in channels] if channels else list(range(len(names)))
+    drop = {index(c, "exclude_channels") for c in exclude}
+    selected = [i for i in keep if i not in drop]
+    if not selected:
+        raise InputError(f"no channel left after channels={channels} and exclude_channels={list(exclude)} of {names}")
+    return selected

@@ -11,9 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cytofuse.training.cache import dihedral
+DIHEDRAL_CODES = tuple(range(8))  # see dihedral
 
-DIHEDRAL_CODES = tuple(range(8))  # see cytofuse.training.cache.dihedral
+
+def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Transform ``code`` (0..7) of a (..., H, W) tensor: bit 0 flips left-right, bit 1 up-down, bit 2
+    transposes; the 8 codes are the 8 symmetries of the square (exact: no interpolation)."""
+    if code & 1:
+        x = x.flip(-1)
+    if code & 2:
+        x = x.flip(-2)
+    if code & 4:
+        x = x.transpose(-2, -1)
+    return x
 
 
 def tta_proba(model: nn.Module, x: torch.Tensor, *, tta: bool = True) -> torch.Tensor:

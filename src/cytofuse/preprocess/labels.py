@@ -132,7 +132,6 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
 
     The image label moves to the ``condition`` column and the value to ``label_value``.
     """
-    import pandas as pd
 
     from cytofuse.preprocess.patches import PatchIndex
 
@@ -166,7 +165,7 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
 def _values_per_patch(image_set, index: "PatchIndex", settings: "LabelSettings", *, progress: bool) -> np.ndarray:
     from rich.progress import Progress
 
-    from cytofuse.preprocess.patches import select_channels
+    from cytofuse.io.readers import select_channels
 
     patches = index.patches
     values = np.empty(len(patches), np.float64)
@@ -207,14 +206,14 @@ def _write_outputs(out: Path, patches: "pd.DataFrame", rule: LabelRule, fit_mask
 def plot_label_histogram(values: np.ndarray, rule: LabelRule, path: str | Path, *, fit_mask: np.ndarray | None = None,
                          conditions: np.ndarray | None = None) -> list[Path]:
     """Histogram of the label-channel values per condition, the mixture components and both thresholds."""
-    from cytofuse.evaluation.metrics import _save_figure, _STYLE
+    from cytofuse.plots import STYLE, save_figure
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = np.asarray(values, dtype=np.float64)
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.0, 3.6))
         bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=60)
         groups = {"all patches": values} if conditions is None else {
@@ -234,7 +233,7 @@ def plot_label_histogram(values: np.ndarray, rule: LabelRule, path: str | Path, 
         ax.set_ylabel("density")
         ax.set_title(f"Labels from {rule.channel} ({rule.source}{fitted})", fontsize=9)
         ax.legend(fontsize=7)
-        return _save_figure(fig, Path(path))
+        return save_figure(fig, Path(path))
 
 
 def read_label_rule(run_dir: str | Path) -> dict | None:

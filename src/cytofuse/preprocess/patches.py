@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cytofuse.errors import InputError
+from cytofuse.io.readers import select_channels
 
 # Normalisation of a channel: (raw - low) / max(high - low, NORM_EPS), in training and prediction alike.
 NORM_EPS = 1e-6
@@ -143,30 +144,6 @@ class ImagePatches:
     @property
     def n_kept(self) -> int:
         return len(self.origins)
-
-
-def select_channels(
-    names: Sequence[str], *, channels: Sequence[str | int] | None = None, exclude: Sequence[str | int] = ()
-) -> list[int]:
-    """Indices of the channels to use, given names or indices to keep and to exclude."""
-    names = list(names)
-
-    def index(ch: str | int, arg: str) -> int:
-        if isinstance(ch, int) or (isinstance(ch, str) and ch.isdigit() and ch not in names):
-            i = int(ch)
-            if not 0 <= i < len(names):
-                raise InputError(f"{arg}: channel index {i} out of range for channels {names}")
-            return i
-        if ch not in names:
-            raise InputError(f"{arg}: unknown channel name {ch!r}; the images have channels {names}")
-        return names.index(ch)
-
-    keep = [index(c, "channels") for c in channels] if channels else list(range(len(names)))
-    drop = {index(c, "exclude_channels") for c in exclude}
-    selected = [i for i in keep if i not in drop]
-    if not selected:
-        raise InputError(f"no channel left after channels={channels} and exclude_channels={list(exclude)} of {names}")
-    return selected
 
 
 def channel_histogram(channel: np.ndarray, *, hist_samples: int | None = 8_000_000) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from cytofuse.errors import InputError
-from cytofuse.preprocess.patches import NORM_EPS, cut_patches
+from cytofuse.models.tta import dihedral
+from cytofuse.preprocess.patches import NORM_EPS, PatchIndex, cut_patches
+from cytofuse.runs import FitFolder, write_text_atomic
 
 CACHE_ARRAY = "patches.npy"
 CACHE_META = "patches.json"
@@ -434,18 +436,6 @@ def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
-def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
-    """Transform ``code`` (0..7) of a (..., H, W) tensor: bit 0 flips left-right, bit 1 up-down, bit 2
-    transposes; the 8 codes are the 8 symmetries of the square (exact: no interpolation)."""
-    if code & 1:
-        x = x.flip(-1)
-    if code & 2:
-        x = x.flip(-2)
-    if code & 4:
-        x = x.transpose(-2, -1)
-    return x
-
-
 def _random_dihedral(x: torch.Tensor, *, flip: bool, rot90: bool) -> torch.Tensor:
     """Random flips and / or quarter turns: each pixel is copied once, whatever the draw."""
     n = x.shape[0]
@@ -619,3 +609,34 @@ def make_sampler(labels: np.ndarray, *, num_samples: int | None = None, generato
     """A sampler drawing each class equally often on average (with replacement)."""
     weights = torch.as_tensor(balanced_weights(labels), dtype=torch.double)
     return WeightedRandomSampler(weights, num_samples=num_samples or len(weights), replacement=True, generator=generator)
+
+
+def cache_image_ids(cache, index: PatchIndex) -> np.ndarray:
+    """The image of every cache row (rows whose patch a later filter dropped get a placeholder image)."""
+    ids = index.patches.set_index("patch_id")["image_id"].reindex(cache.patch_ids)
+    return ids.fillna(ids.dropna().iloc[0]).to_numpy()
+
+
+def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, folder: Path | None, *,
+                    seed: int = 0, measured_on: str = ""):
+    """The cache as a model of this fold sees it: per-image scope as cached, dataset scope with percentiles
+    of ``train_rows`` only (never a test patch), fixed scope with ``settings.fixed_range``.
+
+    The normalisation is written to ``folder/normalisation.json`` (when a folder is given).
+    """
+    scope = settings.normalise_scope(index.images)
+    channels = list(cache.channels)
+    image_ids = None if scope == "image" else cache_image_ids(cache, index)
+    if scope == "image":
+        norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
+    elif scope == "fixed":
+        low, high = settings.fixed_bounds(len(channels))
+        norm = Normalisation(scope="fixed", channels=channels, low=low.tolist(), high=high.tolist(),
+                             measured_on="patches.fixed_range")
+    else:
+        norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
+                                     percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(FitFolder(folder).normalisation, norm.model_dump_json(indent=1))
+    return cache if scope == "image" else NormalisedCache(cache, image_ids, index.images, norm)

@@ -133,7 +133,7 @@ def resolve_precision(settings: TrainSettings) -> str:
     gpu = settings.accelerator == "gpu" or (settings.accelerator == "auto" and torch.cuda.is_available())
     if gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    from cytofuse.inference.predict import bf16_supported
+    from cytofuse.runtime import bf16_supported
 
     return "bf16-mixed" if bf16_supported() else "32-true"
 

@@ -31,6 +31,9 @@ import pandas as pd
 from cytofuse.config import ModelSettings, RunConfig, dump_config
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchIndex
+from cytofuse.runs import safe_name
+from cytofuse.training.cache import normalised_view
+from cytofuse.workflows.fitting import build_run_cache, fit_model
 
 
 # --------------------------------------------------------------------------- splits
@@ -128,7 +131,7 @@ def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.Da
 
 def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> CVResult:
     """Patches -> cache -> per model and fold: fit, predict the test fold -> metrics; resumable."""
-    from cytofuse.workflows.demo import load_image_set
+    from cytofuse.workflows.patching import load_image_set
     from cytofuse.runs import mark_finished, prepare_run_dir
 
     image_set = load_image_set(cfg.data)
@@ -142,7 +145,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
     if index.sparse_images and len(index.sparse_images) == len(index.images):
         raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
-    cache = _cache(image_set, index, run_dir, progress=progress)
+    cache = build_run_cache(image_set, index, run_dir, progress=progress)
     index = refine_patch_index(cfg, image_set, index, cache, run_dir, progress=progress)
     classes = sorted(index.patches["label"].unique().tolist())
     if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
@@ -170,7 +173,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
                     Console(stderr=True).print(f"[bold]{name}[/]: fold {next(done)}/{n_folds} done")
 
             predictions[name], metrics[name] = _cv_model(
-                model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / _safe(name),
+                model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / safe_name(name),
                 progress=progress, on_fold=on_fold,
             )
     kinds = dict.fromkeys(predictions, "model")
@@ -269,23 +272,6 @@ def _shortcut_warnings(cfg: RunConfig, metrics: dict, kinds: dict, classes: list
     return found
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def _cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
-    from cytofuse.training.cache import build_patch_cache
-    from cytofuse.preprocess.patches import select_channels
-
-    names = list(index.channel_names)
-
-    def load(image_id: str) -> np.ndarray:
-        image = image_set.read(image_id)
-        return np.asarray(image.data[select_channels(image.channel_names, channels=names)])
-
-    return build_patch_cache(index.patches, index.images, load_image=load, channels=names, out=run_dir / "cache", progress=progress)
-
-
 def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
               classes: list[str], out: Path, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
     from cytofuse.evaluation.metrics import evaluate_run
@@ -310,7 +296,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         check_fold_classes(labels, fit_idx, classes, fold=k)
         view = normalised_view(cfg.patches, cache, index, rows[train], out / f"fold_{k}", seed=cfg.cv.seed + k,
                                measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)")
-        model = _fit_fold(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
+        model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
         tta = settings.tta
         parts.append(_predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta))
         if cfg.cv.positive_class is not None:
@@ -340,44 +326,6 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     return predictions, metrics
 
 
-NORMALISATION_FILE = "normalisation.json"
-
-
-def cache_image_ids(cache, index: PatchIndex) -> np.ndarray:
-    """The image of every cache row (rows whose patch a later filter dropped get a placeholder image)."""
-    ids = index.patches.set_index("patch_id")["image_id"].reindex(cache.patch_ids)
-    return ids.fillna(ids.dropna().iloc[0]).to_numpy()
-
-
-def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, folder: Path | None, *,
-                    seed: int = 0, measured_on: str = ""):
-    """The cache as a model of this fold sees it: per-image scope as cached, dataset scope with percentiles
-    of ``train_rows`` only (never a test patch), fixed scope with ``settings.fixed_range``.
-
-    The normalisation is written to ``folder/normalisation.json`` (when a folder is given).
-    """
-    from cytofuse.training.cache import Normalisation, NormalisedCache, dataset_normalisation
-
-    scope = settings.normalise_scope(index.images)
-    channels = list(cache.channels)
-    image_ids = None if scope == "image" else cache_image_ids(cache, index)
-    if scope == "image":
-        norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
-    elif scope == "fixed":
-        low, high = settings.fixed_bounds(len(channels))
-        norm = Normalisation(scope="fixed", channels=channels, low=low.tolist(), high=high.tolist(),
-                             measured_on="patches.fixed_range")
-    else:
-        norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
-                                     percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{NORMALISATION_FILE}.partial"
-        tmp.write_text(norm.model_dump_json(indent=1))
-        tmp.replace(folder / NORMALISATION_FILE)
-    return cache if scope == "image" else NormalisedCache(cache, image_ids, index.images, norm)
-
-
 def _plot_curves(out: Path, n_folds: int) -> None:
     """Training curves of every fold in one figure (PNG and SVG)."""
     from cytofuse.evaluation.metrics import plot_training_curves
@@ -399,97 +347,6 @@ def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
     if len(held):
         text += f"; held-out test set: {len(held)} patches from {held['group'].nunique()} groups, fold-model ensemble"
     return text
-
-
-def _fit_fold(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path):
-    from cytofuse.training.cache import PatchDataset
-    from cytofuse.models import create_model
-    from cytofuse.training.fit import fit
-
-    from cytofuse.config import model_channels
-
-    inputs, aux = model_channels(model_cfg, index.channel_names)
-    names = [index.channel_names[i] for i in inputs]
-    channel = None
-    if model_cfg.fusion == "single":
-        from cytofuse.preprocess.patches import select_channels
-
-        if model_cfg.channel is None:
-            raise InputError(f"model {model_cfg.display_name}: fusion 'single' needs model.channel (one of {names})")
-        channel = select_channels(names, channels=[model_cfg.channel])[0]
-    dropout_aux = aux if model_cfg.auxiliary_mode == "dropout" else []
-    soft = None
-    if aux and model_cfg.auxiliary_mode == "distill":
-        soft = _teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out,
-                                inputs=inputs, aux=aux, channel=channel)
-    import lightning as L
-
-    # the initial weights follow from the seed alone, not from what ran before in this process
-    L.seed_everything(settings.seed, verbose=False)
-    model = create_model(
-        model_cfg.fusion, in_channels=len(inputs), num_classes=len(classes), encoder=model_cfg.encoder,
-        channel=channel, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
-        late_weights=model_cfg.late_weights, aux_channels=len(dropout_aux), aux_p=model_cfg.auxiliary_p,
-        channel_names=names,
-    )
-    # Training sees the auxiliary channels (as extra encoders' inputs, or as extra one-channel samples);
-    # validation, like every test-time input, holds the input channels only.
-    if soft is not None:
-        train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=inputs, soft_targets=soft)
-    else:
-        views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
-        train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
-    val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
-    fit(model, train_ds, val_ds, settings=settings, out_dir=out)
-    if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
-        from cytofuse.training.fit import save_weights
-
-        _validation_weights(model, val_ds, settings)
-        save_weights(model, out / "best.safetensors")
-    return model
-
-
-def _teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path, *,
-                     inputs: list[int], aux: list[int], channel: int | None) -> np.ndarray:
-    """Distillation from training-only channels: fit a teacher (the model's fusion; early for a single-channel
-    model) on inputs + auxiliary channels of the same training split, in ``out/teacher``, and return its
-    probabilities on the training patches (dihedral mean when ``tta``) softened by ``distill_temperature``."""
-    import lightning as L
-
-    from cytofuse.training.cache import PatchDataset
-    from cytofuse.models import create_model
-    from cytofuse.training.fit import fit, predict_proba
-
-    seen = ([inputs[channel]] if channel is not None else inputs) + aux
-    L.seed_everything(settings.seed, verbose=False)
-    teacher = create_model(
-        "early" if model_cfg.fusion == "single" else model_cfg.fusion, in_channels=len(seen), num_classes=len(classes),
-        encoder=model_cfg.encoder, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
-        late_weights="learned" if model_cfg.late_weights == "validation" else model_cfg.late_weights,
-        channel_names=[index.channel_names[i] for i in seen],
-    )
-    teach_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=seen)
-    fit(teacher, teach_ds, PatchDataset(cache, rows[val_idx], labels[val_idx], channels=seen), settings=settings,
-        out_dir=out / "teacher")
-    proba, _ = predict_proba(teacher, teach_ds, batch_size=128, tta=settings.tta)
-    soft = np.power(np.clip(proba.astype(np.float64), 1e-12, None), 1.0 / settings.distill_temperature)
-    return (soft / soft.sum(1, keepdims=True)).astype(np.float32)
-
-
-def _validation_weights(model, val_ds, settings) -> None:
-    """Late fusion: weight each branch by its balanced accuracy above chance on the validation split."""
-    import torch
-
-    from cytofuse.models.fusion import branch_validation_weights
-
-    loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
-    model.eval()
-    logits, ys = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            logits.append(model.forward_branches(x))
-            ys.append(y)
-    model.set_branch_weights(branch_validation_weights(torch.cat(logits), torch.cat(ys)))
 
 
 def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int,
@@ -587,7 +444,7 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     dump_config(cfg.resolved(), run_dir / "config.yaml")
     tables = []
     for label, sub in subs:
-        result = run_cv(sub, run_dir / "sweep" / _safe(label), progress=progress)
+        result = run_cv(sub, run_dir / "sweep" / safe_name(label), progress=progress)
         table = result.summary.copy()
         table.insert(0, cfg.sweep.parameter, label.split("=", 1)[1])
         tables.append(table)

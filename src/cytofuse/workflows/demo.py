@@ -1,56 +1,9 @@
-"""Stages wired together: image set -> patch index (-> cross-validation), with run folders."""
+"""The built-in demo: organelle phantoms with known answers, cross-validated by every fusion strategy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cytofuse.config import DataSettings, RunConfig, dump_config
-from cytofuse.io.imagesets import ImageSet
-from cytofuse.preprocess.patches import PatchIndex, build_patch_index
-from cytofuse.runs import mark_finished, prepare_run_dir
-
-
-def load_image_set(data: DataSettings) -> ImageSet:
-    """The image set a config's data section describes."""
-    if data.images is not None:
-        image_set = ImageSet.from_folder(data.images, axes=data.axes)
-    else:
-        image_set = ImageSet.from_manifest(
-            data.manifest, label_column=data.label_column, group_column=data.group_column, axes=data.axes
-        )
-    return image_set if data.group_pattern is None else image_set.with_group_pattern(data.group_pattern)
-
-
-def run_patches(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PatchIndex:
-    """Validate the image set, then write the patch stage into the run folder ``out``."""
-    image_set = load_image_set(cfg.data)
-    image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
-                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
-    out = prepare_run_dir(out, overwrite=overwrite)
-    dump_config(cfg, out / "config.yaml")
-    index = build_patch_index(image_set, cfg.patches, out, workers=cfg.workers, progress=progress)
-    mark_finished(out)
-    return index
-
-
-def print_patch_summary(index: PatchIndex, out: str | Path) -> None:
-    """Attrition per class and the images that kept too few patches."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title=f"Patches per class (channels: {', '.join(index.channel_names)})")
-    for col in ("class", "images", "candidates", "kept", "attrition %", "images below minimum"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for row in index.attrition.itertuples(index=False):
-        table.add_row(str(row.label), str(row.images), str(row.candidates), str(row.kept),
-                      f"{row.attrition_pct:.1f}", str(row.images_below_minimum))
-    console.print(table)
-    if index.sparse_images:
-        console.print(f"[yellow]{len(index.sparse_images)} image(s) kept fewer patches than min_patches:[/] "
-                      + ", ".join(index.sparse_images[:10]) + (" ..." if len(index.sparse_images) > 10 else ""))
-        console.print("  see images.parquet (notes column); patches.fallback=top_k keeps their best patches")
-    console.print(f"{len(index.patches)} patches from {len(index.images)} images written to {out}")
 
 
 DEMO_CLASSES = 5  # control + one class per organelle + one that differs only in co-localisation
@@ -132,34 +85,3 @@ def print_demo_findings(result) -> None:
                       "convolution sees the channels together, can learn it.")
 
 
-def print_cv_summary(result) -> None:
-    """The models, the handcrafted baseline and the shortcut probes side by side (mean ± sd over folds)."""
-    from rich.console import Console
-
-    from cytofuse.evaluation.metrics import format_summary_table, to_rich_table
-
-    console = Console()
-    kinds = getattr(result, "kinds", {}) or dict.fromkeys(result.metrics, "model")
-    first = next(iter(result.metrics.values()))
-    for level in ("patch", "image"):
-        table = format_summary_table({k: v["cv"] for k, v in result.metrics.items()}, level=level)
-        table = table.drop(columns=[c for c in table.columns if str(c) == "Accuracy"])  # the paper's four metrics
-        if set(kinds.values()) != {"model"}:
-            table.insert(0, "kind", [kinds.get(name, "model") for name in table.index])
-        console.print(to_rich_table(table, title=f"{level}-level metrics, mean ± sd over folds"))
-    console.print(f"measured on: {first['measured_on']}")
-    _print_probe_verdict(console, result, kinds)
-    console.print(f"run folder: {result.run_dir}")
-
-
-def _print_probe_verdict(console, result, kinds: dict) -> None:
-    """A loud warning per probe that rivals the models or sits far above chance, else one quiet line."""
-    if "probe" not in kinds.values():
-        return
-    found = getattr(result, "shortcut_warnings", [])
-    for text in found:
-        console.print(f"[bold red]WARNING:[/] {text}")
-    if found:
-        console.print("  check how the classes were imaged (plates, wells, exposure, background) before trusting the models")
-    else:
-        console.print("shortcut probes: none rivals the models or sits far above chance (image level)")

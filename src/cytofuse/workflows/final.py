@@ -99,13 +99,15 @@ def _model_settings(cfg: RunConfig, model_name: str | None) -> ModelSettings:
 def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, cv_run: str | Path | None = None,
                 model_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Fit ``model_name`` of ``cfg`` on all images for ``epochs`` (or the CV run's) and write the model folder ``out``."""
-    from cytofuse.workflows.cv import _cache, _fit_fold, normalised_view, refine_patch_index
-    from cytofuse.inference.modelfolder import _check_target, card_for, write_model_folder
+    from cytofuse.training.cache import normalised_view
+    from cytofuse.workflows.cv import refine_patch_index
+    from cytofuse.workflows.fitting import build_run_cache, fit_model
+    from cytofuse.inference.modelfolder import check_target, card_for, write_model_folder
     from cytofuse.preprocess.patches import build_patch_index
-    from cytofuse.workflows.demo import load_image_set
+    from cytofuse.workflows.patching import load_image_set
 
     out = Path(out)
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     model_cfg = _model_settings(cfg, model_name)
     branch_weights = _cv_branch_weights(model_cfg, cv_run)
     if epochs is None:
@@ -119,7 +121,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     work = out.with_name(f".{out.name}.work")
     index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress)
-    cache = _cache(image_set, index, work, progress=progress)
+    cache = build_run_cache(image_set, index, work, progress=progress)
     index = refine_patch_index(cfg, image_set, index, cache, work, progress=progress)  # empty filter, labels
     classes = sorted(index.patches["label"].unique().tolist())
     if len(classes) < 2:
@@ -134,7 +136,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     # no early stopping: the model at the end of the budget (its EMA when on) is the one kept
     view = normalised_view(cfg.patches, cache, index, rows, work / "fit", seed=cfg.cv.seed,
                            measured_on=f"all {len(rows)} training patches of the final model")
-    model = _fit_fold(model_cfg, view, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
+    model = fit_model(model_cfg, view, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
     if branch_weights is not None:
         if len(branch_weights) != model.in_channels:
             raise InputError(f"CV run {cv_run} has {len(branch_weights)} late-fusion branches, the final model "
