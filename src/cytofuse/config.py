@@ -60,7 +60,8 @@ class DataSettings(_Strict):
 class ModelSettings(_Strict):
     """One classifier: fusion strategy and encoder."""
 
-    fusion: Literal["early", "intermediate", "late", "single"] = Field("intermediate", description="Fusion strategy.")
+    fusion: str = Field("intermediate", description="Fusion strategy: early, intermediate, late, single, or one "
+                        "added with cytofuse.models.register_fusion.")
     encoder: str = Field("smallcnn", description="Encoder: smallcnn, resnet18, resnet34 or resnet50.")
     channel: str | int | None = Field(None, description="The channel of a single-channel classifier (name or index).")
     dropout: float = Field(0.4, ge=0, lt=1, description="Dropout before the classification head.")
@@ -88,6 +89,24 @@ class ModelSettings(_Strict):
         "teacher's softened probabilities (train.distill_weight, train.distill_temperature).",
     )
     auxiliary_p: float = Field(0.5, ge=0, lt=1, description="Modality dropout: probability of dropping the auxiliary features of a sample.")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, value: str) -> str:
+        from cytofuse.models.registry import list_models
+
+        if value not in list_models():
+            raise ValueError(f"fusion must be one of {list_models()}, got {value!r}")
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        from cytofuse.models.encoders import list_encoders
+
+        if value not in list_encoders():
+            raise ValueError(f"encoder must be one of {list_encoders()}, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_auxiliary(self) -> "ModelSettings":

@@ -6,7 +6,7 @@
 ``forward_features``, ``head`` and ``gradcam_layers()``.
 """
 
-from cytofuse.models.encoders import ResNetEncoder, SmallCNN, create_encoder, list_encoders
+from cytofuse.models.encoders import ResNetEncoder, SmallCNN, create_encoder, list_encoders, register_encoder
 from cytofuse.models.fusion import (
     CytofuseModel,
     EarlyFusion,
@@ -23,6 +23,7 @@ from cytofuse.models.registry import (
     create_model,
     list_models,
     load_model,
+    register_fusion,
 )
 from cytofuse.models.weights import (
     LoadReport,
@@ -58,5 +59,7 @@ __all__ = [
     "load_weights",
     "read_model_config",
     "read_state_dict",
+    "register_encoder",
+    "register_fusion",
     "save_weights",
 ]

@@ -98,6 +98,19 @@ ENCODERS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def register_encoder(name: str, builder: Callable[[int], nn.Module], *, replace: bool = False) -> None:
+    """Make ``builder(in_channels)`` available as encoder ``name`` to ``create_encoder``, ``create_model``
+    and configs (``models[].encoder``). The module it returns maps (B, C, H, W) to (B, D) features and
+    has ``out_features`` (D) and ``last_block()`` (the conv block Grad-CAM explains)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise InputError(f"register_encoder: name must be an identifier such as 'tinycnn', got {name!r}")
+    if name in ENCODERS and not replace:
+        raise InputError(f"register_encoder: encoder {name!r} exists; pass replace=True to replace it")
+    if not callable(builder):
+        raise InputError(f"register_encoder: builder must be callable (in_channels -> module), got {builder!r}")
+    ENCODERS[name] = builder
+
+
 def list_encoders() -> list[str]:
     """Names accepted by ``create_encoder`` and ``create_model(encoder=...)``."""
     return sorted(ENCODERS)

@@ -29,6 +29,22 @@ MODELS: dict[str, type[CytofuseModel]] = {
 }
 
 
+def register_fusion(name: str, cls: type[CytofuseModel], *, replace: bool = False) -> None:
+    """Make fusion strategy ``cls`` available as ``name`` to ``create_model`` and configs (``models[].fusion``).
+
+    ``cls(encoder_factory, *, encoder_name, in_channels, num_classes, dropout, hidden)`` builds its
+    encoders with ``encoder_factory(n_channels)`` and implements ``forward_features``, ``head`` and
+    ``gradcam_layers`` (see :class:`CytofuseModel`).
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise InputError(f"register_fusion: name must be an identifier such as 'gated', got {name!r}")
+    if name in MODELS and not replace:
+        raise InputError(f"register_fusion: fusion {name!r} exists; pass replace=True to replace it")
+    if not (isinstance(cls, type) and issubclass(cls, CytofuseModel)):
+        raise InputError(f"register_fusion: cls must be a subclass of CytofuseModel, got {cls!r}")
+    MODELS[name] = cls
+
+
 def list_models() -> list[str]:
     """Fusion strategies accepted by ``create_model``."""
     return list(MODELS)
