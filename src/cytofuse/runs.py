@@ -246,7 +246,8 @@ class RunFolder:
     ``images.parquet`` (the patch index), ``attrition.csv``, ``cache/`` (the patch cache),
     ``labels/`` (labels from a channel), ``folds.csv``, ``models/<name>/`` and
     ``probes/<name>/`` (:class:`ModelRun`), ``summary.csv``, ``shortcut_warnings.json``,
-    ``explain/`` and ``report/``; the marker :data:`MARKER` says cytofuse made it.
+    ``explain/``, ``report/`` and ``report.html``; a sweep adds ``sweep.csv`` and one run folder
+    per swept value in ``sweep/<label>/``. The marker :data:`MARKER` says cytofuse made it.
     """
 
     root: Path
@@ -260,7 +261,11 @@ class RunFolder:
     images = property(lambda self: self.root / "images.parquet")
     attrition = property(lambda self: self.root / "attrition.csv")
     cache = property(lambda self: self.root / "cache")
+    patch_parts = property(lambda self: self.root / ".patch_parts")  # per-image patching results while patching
     labels = property(lambda self: self.root / "labels")
+    label_rule = property(lambda self: self.labels / "label_rule.json")
+    label_values = property(lambda self: self.labels / "patch_values.parquet")
+    label_histogram = property(lambda self: self.labels / "histogram")  # base name of .png and .svg
     folds = property(lambda self: self.root / "folds.csv")
     models = property(lambda self: self.root / "models")
     probes = property(lambda self: self.root / "probes")
@@ -268,6 +273,10 @@ class RunFolder:
     shortcut_warnings = property(lambda self: self.root / "shortcut_warnings.json")
     explain = property(lambda self: self.root / "explain")
     report = property(lambda self: self.root / "report")
+    figures = property(lambda self: self.report / "figures")
+    report_page = property(lambda self: self.root / "report.html")
+    sweeps = property(lambda self: self.root / "sweep")
+    sweep_summary = property(lambda self: self.root / "sweep.csv")
 
     def model(self, name: str) -> ModelRun:
         """The folder of the model (or baseline) called ``name`` (its display name; made folder-safe)."""
@@ -275,6 +284,10 @@ class RunFolder:
 
     def probe(self, name: str) -> ModelRun:
         return ModelRun(self.probes / safe_name(name))
+
+    def sweep(self, label: str) -> "RunFolder":
+        """The run folder of one swept value (``label`` such as ``size=64``; made folder-safe)."""
+        return RunFolder(self.sweeps / safe_name(label))
 
     def model_runs(self) -> list[ModelRun]:
         """The model folders that hold metrics, in name order."""

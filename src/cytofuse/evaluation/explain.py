@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.runs import safe_name, write_text_atomic
+from cytofuse.runs import ModelRun, RunFolder, atomic_path, safe_name, write_text_atomic
 
 ABLATION_MODES = ("zero", "shuffle")
 EMBEDDING_METHODS = ("tsne", "umap")
@@ -347,12 +347,12 @@ def plot_ablation(summary: pd.DataFrame, *, out: str | Path, title: str = "Chann
 def single_channel_table(run_dir: str | Path, *, level: str = "patch") -> pd.DataFrame:
     """Balanced accuracy (mean, sd over folds) of every single-channel model of a run folder."""
     rows = []
-    for path in sorted(Path(run_dir).glob("models/*/metrics.json")):
-        metrics = json.loads(path.read_text())
+    for model in RunFolder(run_dir).model_runs():
+        metrics = json.loads(model.metrics.read_text())
         if metrics.get("model", {}).get("fusion") != "single":
             continue
         stat = metrics["cv"][level]["summary"]["balanced_accuracy"]
-        rows.append({"model": path.parent.name, "channel": str(metrics["model"].get("channel")),
+        rows.append({"model": model.name, "channel": str(metrics["model"].get("channel")),
                      "balanced_accuracy_mean": stat.get("mean"), "balanced_accuracy_sd": stat.get("sd")})
     table = pd.DataFrame(rows, columns=["model", "channel", "balanced_accuracy_mean", "balanced_accuracy_sd"])
     return table.sort_values("balanced_accuracy_mean", ascending=False, kind="stable").reset_index(drop=True)
@@ -495,15 +495,15 @@ def run_models(run_dir: str | Path) -> list[str]:
 
     Baselines (handcrafted features, probes) have predictions but no network to explain.
     """
-    folders = (p.parent for p in Path(run_dir).glob("models/*/predictions.parquet"))
-    return sorted(f.name for f in folders if any(f.glob("fold_*/best.safetensors")))
+    models = (ModelRun(p) for p in RunFolder(run_dir).models.glob("*"))
+    return sorted(m.name for m in models if m.predictions.is_file() and any(f.weights.is_file() for f in m.folds()))
 
 
 def unfinished_models(run_dir: str | Path) -> list[str]:
     """Folder names of the run's configured network models that have nothing to explain yet."""
     from cytofuse.inference.modelfolder import cv_model_names
 
-    if not (Path(run_dir) / "config.yaml").is_file():
+    if not RunFolder(run_dir).config.is_file():
         return []
     done = set(run_models(run_dir))
     return [safe_name(n) for n in cv_model_names(run_dir) if safe_name(n) not in done]
@@ -513,10 +513,10 @@ def load_fold_models(model_dir: str | Path) -> dict[int, Any]:
     """fold -> model rebuilt from ``fold_<k>/best.safetensors``."""
     from cytofuse.models import load_model
 
-    paths = sorted(Path(model_dir).glob("fold_*/best.safetensors"))
-    if not paths:
+    folds = [f for f in ModelRun(Path(model_dir)).folds() if f.weights.is_file()]
+    if not folds:
         raise RunFolderError(f"{model_dir} has no fold_<k>/best.safetensors; run cross-validation first")
-    return {int(p.parent.name.split("_")[1]): load_model(p) for p in paths}
+    return {int(f.root.name.split("_")[1]): load_model(f.weights) for f in folds}
 
 
 def _classes(predictions: pd.DataFrame) -> list[str]:
@@ -528,9 +528,8 @@ def _write_csv(table: pd.DataFrame, path: Path) -> Path:
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.partial")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
     return path
 
 
@@ -584,7 +583,7 @@ def model_view(run_dir: Path, name: str, cache):
     from cytofuse.inference.modelfolder import fold_normalisation
     from cytofuse.preprocess.patches import read_patch_index
 
-    folds = sorted((run_dir / "models" / name).glob("fold_*"))
+    folds = RunFolder(run_dir).model(name).folds()
     norm = fold_normalisation(folds) if folds else None
     if norm is None:
         return cache
@@ -606,10 +605,11 @@ def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples
     for method in methods:
         if method not in EMBEDDING_METHODS:
             raise InputError(f"explain: methods must be among {list(EMBEDDING_METHODS)}, got {method!r}")
-    pred = pd.read_parquet(run_dir / "models" / name / "predictions.parquet")
+    run = RunFolder(run_dir)
+    pred = pd.read_parquet(run.model(name).predictions)
     ctx = {"run_dir": run_dir, "name": name, "out": out, "pred": pred, "classes": _classes(pred),
-           "cache": model_view(run_dir, name, PatchCache.open(run_dir / "cache")),
-           "models": load_fold_models(run_dir / "models" / name),
+           "cache": model_view(run_dir, name, PatchCache.open(run.cache)),
+           "models": load_fold_models(run.model(name).root),
            "n_examples": n_examples, "modes": list(modes), "methods": list(methods), "thumbnails": thumbnails,
            "n_thumbnails": 150, "max_points": max_points, "seed": seed}
     for step, run in _STEPS.items():
@@ -643,7 +643,7 @@ def explain_run(run_dir: str | Path, *, model: str | Sequence[str] | None = None
         raise InputError(f"explain_run: {run_dir} holds no trained model (no models/<name>/predictions.parquet with "
                          "fold weights); give a CV run folder (`cytofuse cv CONFIG --out RUN`)")
     if unknown or not names:
-        raise InputError(f"explain_run: model {unknown or names} not found in {run_dir / 'models'}; run models are "
+        raise InputError(f"explain_run: model {unknown or names} not found in {RunFolder(run_dir).models}; run models are "
                          f"{available}" + (f"; {unfinished} have no predictions yet (their CV did not finish: "
                                            "run `cytofuse cv` again to finish it)" if unfinished else ""))
     if model is None and unfinished:
@@ -652,7 +652,7 @@ def explain_run(run_dir: str | Path, *, model: str | Sequence[str] | None = None
         warnings.warn(f"explain_run: models {unfinished} of {run_dir} have no predictions.parquet with fold weights "
                       "(their CV did not finish) and are not explained; run `cytofuse cv` again to finish them",
                       UserWarning, stacklevel=2)
-    base = Path(out) if out is not None else run_dir / "explain"
+    base = Path(out) if out is not None else RunFolder(run_dir).explain
     result = {}
     with Progress(disable=not progress) as bar:
         task = bar.add_task("explain", total=len(names) * len(_STEPS))

@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-import os
 import platform
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +24,8 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
+from cytofuse.runs import ModelRun, RunFolder, safe_name, write_text_atomic
 
-REPORT_FILE = "report.html"
-FIGURES_DIR = Path("report") / "figures"
 HEADLINE = ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")
 _LEVEL_TEXT = {"patch": "patch level (every test patch)",
                "image": "image level (patch probabilities per image combined by {method})"}
@@ -67,31 +64,25 @@ def write_report(run_dir: str | Path, *, out: str | Path | None = None, overwrit
     ``overwrite`` is false.
     """
     run_dir = Path(run_dir)
-    target = Path(out) if out is not None else run_dir / REPORT_FILE
+    target = Path(out) if out is not None else RunFolder(run_dir).report_page
     if target.exists() and not overwrite:
         raise RunFolderError(f"report {target} exists; pass --overwrite to replace it or choose another --out")
     context = report_context(run_dir)
     html = render_report(context)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, html)
 
 
 def report_context(run_dir: str | Path) -> dict:
     """Everything the page shows, as plain data; draws missing figures into ``run_dir/report/figures``."""
     run_dir = Path(run_dir)
     _check_run_folder(run_dir)
-    figures = run_dir / FIGURES_DIR
-    context = {"title": run_dir.resolve().name, "run_dir": run_dir.name, "config": (run_dir / "config.yaml").read_text(),
+    run = RunFolder(run_dir)
+    figures = run.figures
+    context = {"title": run_dir.resolve().name, "run_dir": run_dir.name, "config": run.config.read_text(),
                "state": _run_state(run_dir), "versions": software_versions(),
                "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
-    if (run_dir / "sweep.csv").is_file() or (run_dir / "sweep").is_dir():
+    if run.sweep_summary.is_file() or run.sweeps.is_dir():
         context["sweep"] = sweep_context(run_dir, figures)
     else:
         context["cv"] = cv_context(run_dir, figures)
@@ -118,20 +109,21 @@ def _cv_command(run_dir: Path) -> str:
 def _check_run_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise InputError(f"run folder {run_dir} does not exist: {_cv_command(run_dir)}")
-    if not (run_dir / "config.yaml").is_file():
+    if not RunFolder(run_dir).config.is_file():
         raise InputError(f"run folder {run_dir} lacks config.yaml, so it is no cytofuse run folder: {_cv_command(run_dir)}")
 
 
 def _check_cv_folder(run_dir: Path) -> None:
-    missing = [n for n in ("patches.parquet", "images.parquet") if not (run_dir / n).is_file()]
+    run = RunFolder(run_dir)
+    missing = [p.name for p in (run.patches, run.images) if not p.is_file()]
     if missing:
         raise InputError(f"run folder {run_dir} lacks the patch stage ({', '.join(missing)}): {_cv_command(run_dir)}")
-    found = [p for base in ("models", "probes") for p in (run_dir / base).glob("*/predictions.parquet")]
-    if not any((p.parent / "metrics.json").is_file() for p in found):
+    folders = [ModelRun(p) for base in (run.models, run.probes) for p in sorted(base.glob("*"))]
+    found = [m for m in folders if m.predictions.is_file()]
+    if not any(m.metrics.is_file() for m in found):
         what = "metrics (models/*/metrics.json; the CV stopped early)" if found else "predictions of any model (models/*/predictions.parquet)"
         raise InputError(f"run folder {run_dir} lacks {what}: {_cv_command(run_dir)}")
-    orphans = [str(p.parent) for base in ("models", "probes") for p in sorted((run_dir / base).glob("*/metrics.json"))
-               if not (p.parent / "predictions.parquet").is_file()]
+    orphans = [str(m.root) for m in folders if m.metrics.is_file() and not m.predictions.is_file()]
     if orphans:
         raise InputError(f"run folder {run_dir}: {orphans} have metrics.json but no predictions.parquet (moved or "
                          f"deleted?), which the report's curves are drawn from; restore it or run the CV again "
@@ -139,7 +131,7 @@ def _check_cv_folder(run_dir: Path) -> None:
 
 
 def _run_state(run_dir: Path) -> str:
-    marker = run_dir / ".cytofuse-run"
+    marker = RunFolder(run_dir).marker
     return marker.read_text().strip() if marker.is_file() else "unknown"
 
 
@@ -160,7 +152,7 @@ def cv_context(run_dir: Path, figures: Path) -> dict:
         "classes": classes,
         "data": data_summary(run_dir),
         "attrition": _records(attrition),
-        "attrition_figure": _attrition_figure(attrition, figures / "attrition", source=run_dir / "images.parquet"),
+        "attrition_figure": _attrition_figure(attrition, figures / "attrition", source=RunFolder(run_dir).images),
         "comparison": {level: comparison_table(entries, level=level) for level in ("image", "patch")},
         "test_comparison": comparison_table(entries, level="image", split="test") if any("test" in e.metrics for e in entries) else None,
         "measured_on": measured_on,
@@ -174,7 +166,8 @@ def cv_context(run_dir: Path, figures: Path) -> dict:
 
 def labels_context(run_dir: Path) -> dict | None:
     """The label rule (mixture, thresholds, counts) and its histogram, when labels came from a channel."""
-    rule = json.loads((run_dir / "labels" / "label_rule.json").read_text()) if (run_dir / "labels" / "label_rule.json").is_file() else None
+    run = RunFolder(run_dir)
+    rule = json.loads(run.label_rule.read_text()) if run.label_rule.is_file() else None
     if rule is None:
         return None
     mix = rule.get("mixture") or {}
@@ -183,7 +176,7 @@ def labels_context(run_dir: Path) -> dict | None:
              rule["counts"].get(name, 0)]
             for i, (name, t) in enumerate(zip(rule["classes"], (rule["low_threshold"], rule["high_threshold"])))]
     rows.append(["discarded (band between)", "–", "–", "–", "–", rule["counts"].get("discarded", 0)])
-    base = run_dir / "labels" / "histogram"
+    base = run.label_histogram
     caption = (f"{rule['statistic']} of channel {rule['channel']} per patch, per condition; the rule's source is "
                f"{rule['source']}, fitted on {rule['n_fit']} patches.")
     return {"channel": rule["channel"], "statistic": rule["statistic"], "notes": rule.get("notes", []),
@@ -213,11 +206,13 @@ def extras_table(entries: list[Entry]) -> dict | None:
 def run_entries(run_dir: Path) -> list[Entry]:
     """Every classifier of the run with metrics, in summary.csv order (models, baseline, probes)."""
     names = _summary_names(run_dir)
-    folders = {**{f"models/{p.parent.name}": p.parent for p in (run_dir / "models").glob("*/metrics.json")},
-               **{f"probes/{p.parent.name}": p.parent for p in (run_dir / "probes").glob("*/metrics.json")}}
+    run = RunFolder(run_dir)
+    folders = {f"{base.name}/{p.name}": ModelRun(p) for base in (run.models, run.probes) for p in base.glob("*")
+               if ModelRun(p).metrics.is_file()}
     entries = []
-    for key, folder in sorted(folders.items(), key=lambda kv: (names[kv[0]][0] if kv[0] in names else len(names), kv[0])):
-        metrics = json.loads((folder / "metrics.json").read_text())
+    for key, model in sorted(folders.items(), key=lambda kv: (names[kv[0]][0] if kv[0] in names else len(names), kv[0])):
+        folder = model.root
+        metrics = json.loads(model.metrics.read_text())
         order_name, kind = names[key][1:] if key in names else (None, None)
         kind = kind or metrics.get("model", {}).get("kind") or ("probe" if key.startswith("probes/") else "model")
         name = order_name or (f"probe:{folder.name}" if key.startswith("probes/") else folder.name)
@@ -227,11 +222,10 @@ def run_entries(run_dir: Path) -> list[Entry]:
 
 def _summary_names(run_dir: Path) -> dict[str, tuple[int, str, str]]:
     """Folder key ("models/<safe>" or "probes/<probe>") -> (order, display name, kind) from summary.csv."""
-    from cytofuse.runs import safe_name
-
-    if not (run_dir / "summary.csv").is_file():
+    summary = RunFolder(run_dir).summary
+    if not summary.is_file():
         return {}
-    table = pd.read_csv(run_dir / "summary.csv").drop_duplicates("model")
+    table = pd.read_csv(summary).drop_duplicates("model")
     out = {}
     for i, (name, kind) in enumerate(zip(table["model"], table["kind"])):
         key = f"probes/{name.split(':', 1)[1]}" if kind == "probe" else f"models/{safe_name(name)}"
@@ -253,15 +247,15 @@ def data_summary(run_dir: Path) -> dict:
 
 
 def _attrition(run_dir: Path) -> pd.DataFrame:
-    if (run_dir / "attrition.csv").is_file():
-        return pd.read_csv(run_dir / "attrition.csv")
+    if RunFolder(run_dir).attrition.is_file():
+        return pd.read_csv(RunFolder(run_dir).attrition)
     from cytofuse.preprocess.patches import read_patch_index
 
     return read_patch_index(run_dir).attrition
 
 
 def _shortcut_warnings(run_dir: Path) -> dict | None:
-    path = run_dir / "shortcut_warnings.json"
+    path = RunFolder(run_dir).shortcut_warnings
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -315,7 +309,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
     """Confusion (counts, row-normalised), PR and ROC at image and patch level, and training curves."""
     from cytofuse.evaluation.metrics import aggregate_by_image, plot_confusion, plot_pr_curves, plot_roc_curves, prob_columns
 
-    source = entry.folder / "predictions.parquet"
+    source = ModelRun(entry.folder).predictions
     figures, predictions = [], None
     for level in ("image", "patch"):
         result = entry.metrics["cv"][level]
@@ -323,7 +317,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
                  f"{result['n']} {'images' if level == 'image' else 'patches'}.")
         for normalize, suffix in ((False, "counts"), (True, "normalised")):
             base = out_dir / f"confusion_{level}_{suffix}"
-            if _stale(base, entry.folder / "metrics.json"):
+            if _stale(base, ModelRun(entry.folder).metrics):
                 title = f"{level.capitalize()} level, {'normalised' if normalize else 'counts'}"
                 plot_confusion(result["confusion_matrix"], classes, normalize=normalize, out=base, title=title)
             figures.append(figure(base, f"Confusion matrix ({suffix}), {level} level", where))
@@ -344,10 +338,11 @@ def _training_figure(entry: Entry, out_dir: Path) -> list[Figure]:
     """The CV's own training curves, or drawn here from the folds' history.csv when absent."""
     from cytofuse.evaluation.metrics import plot_training_curves
 
-    base = entry.folder / "training_curves"
-    histories = sorted(entry.folder.glob("fold_*/history.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    model = ModelRun(entry.folder)
+    base = model.curves
+    histories = [f.history for f in model.folds() if f.history.is_file()]
     if not _has_figure(base) and histories:
-        base = out_dir / "training_curves"
+        base = out_dir / model.curves.name
         if _stale(base, histories[-1]):
             plot_training_curves({int(p.parent.name.split("_")[1]): pd.read_csv(p) for p in histories}, base)
     if not _has_figure(base):
@@ -409,7 +404,7 @@ def figure(base: Path, title: str, caption: str) -> Figure:
 
 def explain_context(run_dir: Path, entries: list[Entry]) -> dict:
     """Figures and the ablation ranking of every model explained in ``run_dir/explain/<model>/``."""
-    folder = run_dir / "explain"
+    folder = RunFolder(run_dir).explain
     done = sorted(p.parent for p in folder.glob("*/summary.json"))
     models = []
     for model_dir in done:
@@ -452,14 +447,15 @@ def _explain_caption(stem: str, summary: dict) -> str:
 
 def sweep_context(run_dir: Path, figures: Path) -> dict:
     """Sweep curve, sweep table, attrition per swept value, and every sub-run's CV sections."""
-    if not (run_dir / "sweep.csv").is_file():
+    run = RunFolder(run_dir)
+    if not run.sweep_summary.is_file():
         raise InputError(f"run folder {run_dir} lacks sweep.csv, so its sweep is unfinished: {_cv_command(run_dir)}")
-    table = pd.read_csv(run_dir / "sweep.csv")
+    table = pd.read_csv(run.sweep_summary)
     parameter = table.columns[0]
     subs = []
     for value in pd.unique(table[parameter]):
         label = f"{parameter.split('.')[-1]}={value}"
-        sub_dir = run_dir / "sweep" / _safe_label(label)
+        sub_dir = run.sweep(label).root
         subs.append({"label": label, "value": value, "dir": sub_dir.name,
                      "cv": cv_context(sub_dir, figures / sub_dir.name)})
     attrition = pd.concat([pd.DataFrame(s["cv"]["attrition"]["rows"], columns=s["cv"]["attrition"]["columns"])
@@ -468,17 +464,11 @@ def sweep_context(run_dir: Path, figures: Path) -> dict:
     return {
         "parameter": parameter,
         "table": _records(_sweep_display(table)),
-        "curve": _sweep_figure(table, parameter, figures / "sweep_curve", source=run_dir / "sweep.csv"),
+        "curve": _sweep_figure(table, parameter, figures / "sweep_curve", source=run.sweep_summary),
         "attrition": _records(attrition),
-        "attrition_figure": _sweep_attrition_figure(attrition, parameter, figures / "sweep_attrition", source=run_dir / "sweep.csv"),
+        "attrition_figure": _sweep_attrition_figure(attrition, parameter, figures / "sweep_attrition", source=run.sweep_summary),
         "runs": subs,
     }
-
-
-def _safe_label(label: str) -> str:
-    from cytofuse.runs import safe_name
-
-    return safe_name(label)
 
 
 def _sweep_display(table: pd.DataFrame) -> pd.DataFrame:

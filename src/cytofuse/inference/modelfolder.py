@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchSettings
-from cytofuse.runs import check_replaceable, replacing_folder
+from cytofuse.runs import FitFolder, RunFolder, check_replaceable, replacing_folder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -258,16 +258,14 @@ def cv_model_names(run_dir: str | Path) -> list[str]:
 def _run_config(run_dir: Path):
     from cytofuse.config import validate_config
 
-    file = run_dir / "config.yaml"
+    file = RunFolder(run_dir).config
     if not file.is_file():
         raise InputError(f"{run_dir} is neither a model folder nor a CV run folder: it has no {CARD_FILE} or config.yaml")
     return validate_config(yaml.safe_load(file.read_text()) or {}, source=str(file))
 
 
-def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[str, list[Path]]:
-    """The chosen model's display name and its fold folders (fold_0, fold_1, ...) in a CV run."""
-    from cytofuse.runs import safe_name
-
+def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[str, list[FitFolder]]:
+    """The chosen model's display name and its trained fold folders (fold_0, fold_1, ...) in a CV run."""
     run_dir = Path(run_dir)
     names = [m.display_name for m in _run_config(run_dir).models]
     if model_name is None:
@@ -276,11 +274,11 @@ def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[st
         model_name = names[0]
     if model_name not in names:
         raise InputError(f"model_name must be one of {names} (the models of CV run {run_dir}), got {model_name!r}")
-    base = run_dir / "models" / safe_name(model_name)
-    folds = sorted(base.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
-    folds = [f for f in folds if (f / "best.safetensors").is_file()]
+    model = RunFolder(run_dir).model(model_name)
+    folds = [f for f in model.folds() if f.weights.is_file()]
     if not folds:
-        raise InputError(f"CV run {run_dir} has no trained fold of model {model_name!r} (no {base}/fold_*/best.safetensors)")
+        raise InputError(f"CV run {run_dir} has no trained fold of model {model_name!r} "
+                         f"(no fold folder in {model.root} holds {model.fold(0).weights.name})")
     return model_name, folds
 
 
@@ -293,31 +291,30 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     name, folds = cv_fold_dirs(run_dir, model_name)
-    patches_file = run_dir / "patches.parquet"
+    patches_file = RunFolder(run_dir).patches
     if not patches_file.is_file():
         raise InputError(f"CV run {run_dir} lacks patches.parquet; the run did not finish its patch stage")
     columns = pq.read_schema(patches_file).names
     channels = [c[3:] for c in columns if c.startswith("fg_")]
     table = pq.read_table(patches_file, columns=["label", "image_id"]).to_pandas()
     classes = sorted(table["label"].astype(str).unique().tolist())
-    models = [load_model(f / "best.safetensors") for f in folds]
+    models = [load_model(f.weights) for f in folds]
     trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
                   "images": int(table["image_id"].nunique()), "patches": int(len(table))}
     card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on,
                     normalisation=fold_normalisation(folds), tta=cfg.train_settings.tta)
     card = card.model_copy(update={"weights": weight_names(len(models))})
     for k, model in enumerate(models):
-        _check_config(model.config, card, str(folds[k] / "best.safetensors"))
+        _check_config(model.config, card, str(folds[k].weights))
     return models, card
 
 
-def fold_normalisation(folds: list[Path]):
+def fold_normalisation(folds: list[FitFolder]):
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
     percentiles (None for per-image normalisation or runs that stored none)."""
-    from cytofuse.runs import FitFolder
     from cytofuse.training.cache import Normalisation
 
-    files = [FitFolder(f).normalisation for f in folds]
+    files = [f.normalisation for f in folds]
     if not all(f.is_file() for f in files):
         return None
     norms = [Normalisation.model_validate_json(f.read_text()) for f in files]
@@ -331,6 +328,6 @@ def fold_normalisation(folds: list[Path]):
 def load_models(path: str | Path, *, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:
     """A model folder, or the fold ensemble of a CV run folder (told apart by model.yaml vs config.yaml)."""
     path = Path(path)
-    if (path / CARD_FILE).is_file() or not (path / "config.yaml").is_file():
+    if (path / CARD_FILE).is_file() or not RunFolder(path).config.is_file():
         return read_model_folder(path)
     return model_folder_from_cv(path, model_name)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytofuse.errors import InputError
+from cytofuse.runs import RunFolder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from cytofuse.config import LabelSettings
     from cytofuse.preprocess.patches import PatchIndex
 
-LABEL_DIR = "labels"
-RULE_FILE = "label_rule.json"
 
 
 @dataclass
@@ -156,8 +155,7 @@ def derive_patch_labels(image_set, index: "PatchIndex", settings: "LabelSettings
                          f"{rule.high_threshold:.4g} on {settings.statistic} of channel {settings.channel!r}); "
                          "set labels.low_threshold / labels.high_threshold by hand")
     kept["label"] = kept.pop("derived").astype(str)
-    out = Path(run_dir) / LABEL_DIR
-    _write_outputs(out, patches, rule, fit_mask)
+    _write_outputs(RunFolder(run_dir), patches, rule, fit_mask)
     new = PatchIndex(kept.reset_index(drop=True), index.images, index.attrition, index.channel_names, index.sparse_images)
     return new, rule
 
@@ -185,21 +183,21 @@ def _values_per_patch(image_set, index: "PatchIndex", settings: "LabelSettings",
     return values
 
 
-def _write_outputs(out: Path, patches: "pd.DataFrame", rule: LabelRule, fit_mask: np.ndarray) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _write_outputs(run: RunFolder, patches: "pd.DataFrame", rule: LabelRule, fit_mask: np.ndarray) -> None:
+    run.labels.mkdir(parents=True, exist_ok=True)
     table = patches[["patch_id", "image_id", "condition", "label_value", "derived"]].rename(columns={"derived": "label"})
     table = table.assign(used_for_fit=fit_mask)
-    tmp = out / ".patch_values.parquet.partial"
+    tmp = run.label_values.with_name(f".{run.label_values.name}.partial")
     table.to_parquet(tmp, index=False)
-    tmp.replace(out / "patch_values.parquet")
+    tmp.replace(run.label_values)
     counts = table["label"].fillna("discarded").value_counts().to_dict()
     per_condition = table.assign(label=table["label"].fillna("discarded")).groupby(["condition", "label"]).size()
     record = rule.to_json() | {"counts": {k: int(v) for k, v in counts.items()},
                                "per_condition": {f"{a}/{b}": int(v) for (a, b), v in per_condition.items()}}
-    tmp = out / f".{RULE_FILE}.partial"
+    tmp = run.label_rule.with_name(f".{run.label_rule.name}.partial")
     tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out / RULE_FILE)
-    plot_label_histogram(table["label_value"].to_numpy(), rule, out / "histogram", fit_mask=fit_mask,
+    tmp.replace(run.label_rule)
+    plot_label_histogram(table["label_value"].to_numpy(), rule, run.label_histogram, fit_mask=fit_mask,
                          conditions=table["condition"].to_numpy())
 
 
@@ -238,7 +236,7 @@ def plot_label_histogram(values: np.ndarray, rule: LabelRule, path: str | Path, 
 
 def read_label_rule(run_dir: str | Path) -> dict | None:
     """The label rule record of a run, or None when its labels came from folders or a manifest."""
-    path = Path(run_dir) / LABEL_DIR / RULE_FILE
+    path = RunFolder(run_dir).label_rule
     return json.loads(path.read_text()) if path.is_file() else None
 
 

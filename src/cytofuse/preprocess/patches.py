@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cytofuse.errors import InputError
 from cytofuse.io.readers import select_channels
+from cytofuse.runs import RunFolder
 
 # Normalisation of a channel: (raw - low) / max(high - low, NORM_EPS), in training and prediction alike.
 NORM_EPS = 1e-6
@@ -416,7 +417,6 @@ class PatchIndex:
     sparse_images: list[str]  # images that kept fewer than min_patches
 
 
-PATCHES_FILE, IMAGES_FILE, ATTRITION_FILE = "patches.parquet", "images.parquet", "attrition.csv"
 
 
 def _patch_one(image_set, image_id: str, settings: PatchSettings) -> dict:
@@ -444,7 +444,7 @@ def build_patch_index(
     Each image is read and processed on its own (one stack in memory per worker). Finished
     images are kept in ``out_dir/.patch_parts`` so an interrupted run resumes where it stopped.
     """
-    parts = _Parts(Path(out_dir) / ".patch_parts", settings) if out_dir is not None else None
+    parts = _Parts(RunFolder(out_dir).patch_parts, settings) if out_dir is not None else None
     results: dict[str, dict] = parts.load() if parts else {}
     todo = [r.image_id for r in image_set if r.image_id not in results]
     for item in _map_images(image_set, todo, settings, workers=workers, progress=progress, done=len(results)):
@@ -534,27 +534,27 @@ def attrition_table(images: "pd.DataFrame") -> "pd.DataFrame":
 
 def write_patch_index(index: PatchIndex, out_dir: str | Path) -> None:
     """Write the patch index, image statistics and attrition table, each renamed into place."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in ((PATCHES_FILE, index.patches), (IMAGES_FILE, index.images)):
-        tmp = out_dir / f".{name}.partial"
+    run = RunFolder(out_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    for path, frame in ((run.patches, index.patches), (run.images, index.images)):
+        tmp = path.with_name(f".{path.name}.partial")
         frame.to_parquet(tmp, index=False)
-        tmp.replace(out_dir / name)
-    tmp = out_dir / f".{ATTRITION_FILE}.partial"
+        tmp.replace(path)
+    tmp = run.attrition.with_name(f".{run.attrition.name}.partial")
     index.attrition.to_csv(tmp, index=False)
-    tmp.replace(out_dir / ATTRITION_FILE)
+    tmp.replace(run.attrition)
 
 
 def read_patch_index(run_dir: str | Path) -> PatchIndex:
     """Load the artifacts of the patch stage from a run folder."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    missing = [n for n in (PATCHES_FILE, IMAGES_FILE) if not (run_dir / n).is_file()]
+    run = RunFolder(run_dir)
+    missing = [p.name for p in (run.patches, run.images) if not p.is_file()]
     if missing:
         raise InputError(f"run folder {run_dir} lacks the patch stage ({', '.join(missing)}): run `cytofuse patches` first")
-    patches = pd.read_parquet(run_dir / PATCHES_FILE)
-    images = pd.read_parquet(run_dir / IMAGES_FILE)
+    patches = pd.read_parquet(run.patches)
+    images = pd.read_parquet(run.images)
     names = tuple(c[3:] for c in patches.columns if c.startswith("fg_"))
     sparse = images.loc[images["notes"].str.contains("fewer than min_patches"), "image_id"].tolist()
     return PatchIndex(patches, images, attrition_table(images), names, sparse)

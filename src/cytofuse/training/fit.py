@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
 from cytofuse.errors import InputError
+from cytofuse.runs import FitFolder
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
 
@@ -465,13 +466,15 @@ def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tup
 def _callbacks(settings: TrainSettings, out_dir: Path, extra: Sequence[L.Callback]) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    last = ModelCheckpoint(dirpath=out_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    files = FitFolder(out_dir)  # Lightning adds the .ckpt suffix to each file name
+    last = ModelCheckpoint(dirpath=out_dir, filename=files.last_checkpoint.stem, monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     if not settings.early_stopping:
         return [*extra, last]
     mode = "max" if settings.monitor == "val_balanced_accuracy" else "min"
     stop = EarlyStopping(monitor="val_smoothed", mode=mode, patience=settings.patience, min_delta=settings.min_delta)
-    best = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_smoothed", mode=mode, save_top_k=1,
-                           enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=out_dir, filename=files.best_checkpoint.stem, monitor="val_smoothed", mode=mode,
+                           save_top_k=1, enable_version_counter=False)
     return [*extra, stop, best, last]  # user callbacks see each epoch before the stopping decision
 
 
@@ -518,7 +521,7 @@ def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: Trai
 
 
 def _read_state(out_dir: Path) -> dict:
-    path = out_dir / "fit.json"
+    path = FitFolder(out_dir).state
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -536,8 +539,8 @@ def _prepare(out_dir: Path, key: str, resume: bool) -> dict:
     if state.get("key") not in (None, key) and resume:
         warnings.warn(f"fit: {out_dir} holds a fit with other settings, model or data; starting over", stacklevel=3)
     if rank_zero_only.rank == 0:
-        for name in ("last.ckpt", "best.ckpt", "best.safetensors", "history.csv", "fit.json"):
-            (out_dir / name).unlink(missing_ok=True)
+        for path in FitFolder(out_dir).files():
+            path.unlink(missing_ok=True)
         _write_state(out_dir, {"key": key, "completed": False})
     return {}
 
@@ -571,16 +574,16 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         warnings.warn("fit: train_ds augments its items and settings.augment is enabled too; patches are augmented twice", stacklevel=2)
     key = fit_key(model, train_ds, val_ds, settings)
     state = _prepare(out_dir, key, resume)
-    if state.get("completed") and (out_dir / "best.safetensors").is_file():
+    if state.get("completed") and FitFolder(out_dir).weights.is_file():
         return _stored_result(model, out_dir, state)
     weight = _resolve_class_weights(model, train_ds, settings, class_weights)
     if weight is not None and settings.sampler == "weighted" and class_weights is None:
         warnings.warn("fit: class_weighting='inverse' with sampler='weighted' corrects the imbalance twice", stacklevel=2)
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=out_dir / "history.csv")
+    module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=FitFolder(out_dir).history)
     train_loader, val_loader = _loaders(train_ds, val_ds, settings)
     module.loader_batches = len(train_loader)
-    last = out_dir / "last.ckpt"
+    last = FitFolder(out_dir).last_checkpoint
     with warnings.catch_warnings(), _quiet(not settings.progress):
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
@@ -611,18 +614,19 @@ def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_
     if trainer.interrupted:
         raise RuntimeError(f"fit: training in {out_dir} was interrupted; call fit again to resume from last.ckpt")
     prefix = "ema." if settings.ema else "model."
-    source = out_dir / ("best.ckpt" if settings.select == "best" else "last.ckpt")
+    files = FitFolder(out_dir)
+    source = files.best_checkpoint if settings.select == "best" else files.last_checkpoint
     state, best_epoch, best_score = _checkpoint_state(source, prefix=prefix)
     model.load_state_dict(state)
     history = pd.DataFrame(module.history, columns=HISTORY_COLUMNS)
     if history.empty or history["epoch"].max() < best_epoch:  # spawned workers kept the module's history
-        history = pd.read_csv(out_dir / "history.csv")
+        history = pd.read_csv(files.history)
     if settings.select == "last" and not history.empty:  # the end of the budget: the last validated epoch
         best_epoch, best_score = int(history["epoch"].iloc[-1]), float(history["val_smoothed"].iloc[-1])
     if settings.bn_recalibrate:
         recalibrate_batchnorm(model, train_loader)
-    stopped_early = settings.early_stopping and _early_stopped(out_dir / "last.ckpt")
-    result = FitResult(best_epoch, best_score, history, out_dir / "best.safetensors", stopped_early)
+    stopped_early = settings.early_stopping and _early_stopped(files.last_checkpoint)
+    result = FitResult(best_epoch, best_score, history, files.weights, stopped_early)
     _warn_if_chance(history, model, out_dir)
     if trainer.is_global_zero:
         _save_result(model, result, out_dir, settings, key=key, completed=_completed(out_dir, history, settings, stopped_early))
@@ -634,7 +638,7 @@ def _completed(out_dir: Path, history: pd.DataFrame, settings: TrainSettings, st
     if stopped_early:
         return True
     if settings.max_steps:
-        ckpt = torch.load(out_dir / "last.ckpt", map_location="cpu", weights_only=True)
+        ckpt = torch.load(FitFolder(out_dir).last_checkpoint, map_location="cpu", weights_only=True)
         return int(ckpt.get("global_step", 0)) >= settings.max_steps
     return int(history["epoch"].max()) + 1 >= settings.max_epochs
 
@@ -691,14 +695,15 @@ def _save_result(model: nn.Module, result: FitResult, out_dir: Path, settings: T
             "monitor": settings.monitor, "stopped_early": result.stopped_early, "selected": settings.select,
             "ema": settings.ema}
     save_weights(model, result.weights_path, metadata={k: str(v) for k, v in meta.items()})
-    _write_csv(result.history, out_dir / "history.csv")
+    _write_csv(result.history, FitFolder(out_dir).history)
     _write_state(out_dir, meta)
 
 
 def _stored_result(model: nn.Module, out_dir: Path, done: dict) -> FitResult:
-    load_weights(model, out_dir / "best.safetensors")
-    history = pd.read_csv(out_dir / "history.csv")
-    return FitResult(int(done["best_epoch"]), float(done["best_score"]), history, out_dir / "best.safetensors",
+    files = FitFolder(out_dir)
+    load_weights(model, files.weights)
+    history = pd.read_csv(files.history)
+    return FitResult(int(done["best_epoch"]), float(done["best_score"]), history, files.weights,
                      bool(done["stopped_early"]))
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 from cytofuse.config import ModelSettings, RunConfig, dump_config
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchIndex
-from cytofuse.runs import safe_name
+from cytofuse.runs import ModelRun, RunFolder, write_json_atomic
 from cytofuse.training.cache import normalised_view
 from cytofuse.workflows.fitting import build_run_cache, fit_model
 
@@ -139,7 +139,8 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
-    dump_config(cfg.resolved(), run_dir / "config.yaml")
+    run = RunFolder(run_dir)
+    dump_config(cfg.resolved(), run.config)
     from cytofuse.preprocess.patches import build_patch_index
 
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
@@ -151,7 +152,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
         raise InputError(f"cv.positive_class must be one of the classes {classes}, got {cfg.cv.positive_class!r}")
     folds = assign_folds(index, cfg, classes)
-    folds.to_csv(run_dir / "folds.csv", index=False)
+    folds.to_csv(run.folds, index=False)
     predictions, metrics = {}, {}
     n_folds = int(folds["fold"].max()) + 1
     # Lightning draws its own rich progress bar while training; rich allows one live display at a
@@ -173,7 +174,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
                     Console(stderr=True).print(f"[bold]{name}[/]: fold {next(done)}/{n_folds} done")
 
             predictions[name], metrics[name] = _cv_model(
-                model_cfg, cfg, cache, index, folds, classes, run_dir / "models" / safe_name(name),
+                model_cfg, cfg, cache, index, folds, classes, run.model(name),
                 progress=progress, on_fold=on_fold,
             )
     kinds = dict.fromkeys(predictions, "model")
@@ -181,7 +182,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
         predictions[name], metrics[name], kinds[name] = pred, metric, kind
     warnings = _shortcut_warnings(cfg, metrics, kinds, classes, run_dir)
     summary = summary_table(metrics, kinds=kinds)
-    summary.to_csv(run_dir / "summary.csv", index=False)
+    summary.to_csv(run.summary, index=False)
     mark_finished(run_dir)
     return CVResult(run_dir, classes, predictions, metrics, summary, kinds, warnings)
 
@@ -214,10 +215,11 @@ def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFra
     """Baseline and probes through the same folds: name -> (kind, predictions, metrics); finished ones are read back."""
     from cytofuse.evaluation.baseline import PROBES, feature_tables
 
-    targets = {"handcrafted": ("baseline", "handcrafted", run_dir / "models" / "handcrafted")} if cfg.cv.baseline else {}
+    run = RunFolder(run_dir)
+    targets = {"handcrafted": ("baseline", "handcrafted", run.model("handcrafted"))} if cfg.cv.baseline else {}
     if cfg.cv.probes:
-        targets |= {f"probe:{p}": ("probe", p, run_dir / "probes" / p) for p in PROBES}
-    todo = [t[1] for t in targets.values() if not (t[2] / "metrics.json").is_file()]
+        targets |= {f"probe:{p}": ("probe", p, run.probe(p)) for p in PROBES}
+    todo = [t[1] for t in targets.values() if not t[2].metrics.is_file()]
     if todo and progress:
         from rich.console import Console
 
@@ -233,29 +235,27 @@ def _cv_feature_sets(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFra
         if key in tables:
             out[name] = (kind, *_cv_features(tables[key], cfg, folds, classes, folder, kind=kind))
         else:
-            out[name] = (kind, pd.read_parquet(folder / "predictions.parquet"), json.loads((folder / "metrics.json").read_text()))
+            out[name] = (kind, pd.read_parquet(folder.predictions), json.loads(folder.metrics.read_text()))
     return out
 
 
-def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, classes: list[str], out: Path,
+def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, classes: list[str], out: ModelRun,
                  *, kind: str) -> tuple[pd.DataFrame, dict]:
     """Gradient boosting on one feature table through the folds; writes predictions and metrics."""
     from cytofuse.evaluation.baseline import cross_validate_features, default_classifier
     from cytofuse.evaluation.metrics import evaluate_run
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
     predictions, held = cross_validate_features(features, folds, classes, seed=cfg.cv.seed)
     predictions, held = _units(predictions, cfg), None if held is None else _units(held, cfg)
-    predictions.to_parquet(out / "predictions.parquet", index=False)
+    predictions.to_parquet(out.predictions, index=False)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     if held is not None:
-        held.to_parquet(out / "test_predictions.parquet", index=False)
+        held.to_parquet(out.test_predictions, index=False)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     metrics["model"] = {"kind": kind, "classifier": type(default_classifier()).__name__, "features": list(features.columns)}
     metrics["measured_on"] = _measured_on(folds, int(folds["fold"].max()) + 1, cfg)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out / "metrics.json")
+    write_json_atomic(out.metrics, metrics)
     return predictions, metrics
 
 
@@ -266,17 +266,15 @@ def _shortcut_warnings(cfg: RunConfig, metrics: dict, kinds: dict, classes: list
     found = shortcut_warnings(metrics, kinds, n_classes=len(classes), margin=cfg.cv.probe_margin, far=cfg.cv.probe_far)
     record = {"rule": f"probe 95% CI low > chance and (within {cfg.cv.probe_margin} of the best model "
                       f"or > chance + {cfg.cv.probe_far}), image level", "warnings": found}
-    tmp = run_dir / ".shortcut_warnings.json.partial"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run_dir / "shortcut_warnings.json")
+    write_json_atomic(RunFolder(run_dir).shortcut_warnings, record)
     return found
 
 
 def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
-              classes: list[str], out: Path, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
+              classes: list[str], out: ModelRun, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
     from cytofuse.evaluation.metrics import evaluate_run
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
     settings = cfg.train_settings
     settings = settings.model_copy(update={"progress": progress and settings.progress})
     rows = cache.positions(folds["patch_id"].to_numpy())
@@ -294,9 +292,9 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
         fit_idx, val_idx = train[fit_rel], train[val_rel]
         check_fold_classes(labels, fit_idx, classes, fold=k)
-        view = normalised_view(cfg.patches, cache, index, rows[train], out / f"fold_{k}", seed=cfg.cv.seed + k,
+        view = normalised_view(cfg.patches, cache, index, rows[train], out.fold(k).root, seed=cfg.cv.seed + k,
                                measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)")
-        model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out / f"fold_{k}")
+        model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out.fold(k).root)
         tta = settings.tta
         parts.append(_predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta))
         if cfg.cv.positive_class is not None:
@@ -305,13 +303,13 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
             test_probs.append(_predict(model, view, rows, folds, test_pool, classes, fold=-1, channels=inputs, tta=tta))
         on_fold()
     predictions = _units(pd.concat(parts, ignore_index=True), cfg)
-    predictions.to_parquet(out / "predictions.parquet", index=False)
+    predictions.to_parquet(out.predictions, index=False)
     _plot_curves(out, n_folds)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     metrics |= _extra_metrics(cfg, predictions, val_parts, index, classes)
     if test_probs:
         held = _units(_ensemble(test_probs, classes), cfg)
-        held.to_parquet(out / "test_predictions.parquet", index=False)
+        held.to_parquet(out.test_predictions, index=False)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     from cytofuse.models import count_parameters
 
@@ -320,19 +318,18 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         "auxiliary_channels": [index.channel_names[i] for i in aux],
         "normalisation": cfg.patches.normalise_scope(index.images)}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out / "metrics.json")
+    write_json_atomic(out.metrics, metrics)
     return predictions, metrics
 
 
-def _plot_curves(out: Path, n_folds: int) -> None:
+def _plot_curves(out: ModelRun, n_folds: int) -> None:
     """Training curves of every fold in one figure (PNG and SVG)."""
     from cytofuse.evaluation.metrics import plot_training_curves
 
-    histories = {k: pd.read_csv(out / f"fold_{k}" / "history.csv") for k in range(n_folds) if (out / f"fold_{k}" / "history.csv").is_file()}
+    files = {k: out.fold(k).history for k in range(n_folds)}
+    histories = {k: pd.read_csv(f) for k, f in files.items() if f.is_file()}
     if histories:
-        plot_training_curves(histories, out / "training_curves")
+        plot_training_curves(histories, out.curves)
 
 
 def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
@@ -440,15 +437,15 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     from cytofuse.runs import mark_finished, prepare_run_dir
 
     subs = sweep_configs(cfg)  # every swept config is valid before an old run is replaced
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
-    dump_config(cfg.resolved(), run_dir / "config.yaml")
+    run = RunFolder(prepare_run_dir(run_dir, overwrite=overwrite))
+    dump_config(cfg.resolved(), run.config)
     tables = []
     for label, sub in subs:
-        result = run_cv(sub, run_dir / "sweep" / safe_name(label), progress=progress)
+        result = run_cv(sub, run.sweep(label).root, progress=progress)
         table = result.summary.copy()
         table.insert(0, cfg.sweep.parameter, label.split("=", 1)[1])
         tables.append(table)
     summary = pd.concat(tables, ignore_index=True)
-    summary.to_csv(run_dir / "sweep.csv", index=False)
-    mark_finished(run_dir)
+    summary.to_csv(run.sweep_summary, index=False)
+    mark_finished(run.root)
     return summary

@@ -23,20 +23,20 @@ import numpy as np
 
 from cytofuse.config import ModelSettings, RunConfig
 from cytofuse.errors import InputError
+from cytofuse.runs import FitFolder
 
 _DUMMY_VAL = 32  # training patches handed to the trainer as its (not held-out) validation set
 
 
-def _best_epoch(fold: Path) -> int:
+def _best_epoch(fold: FitFolder) -> int:
     """0-based best epoch of one CV fold, from fit.json or history.csv."""
-    state = fold / "fit.json"
-    if state.is_file():
-        best = json.loads(state.read_text()).get("best_epoch")
+    if fold.state.is_file():
+        best = json.loads(fold.state.read_text()).get("best_epoch")
         if best is not None:
             return int(best)
-    history = fold / "history.csv"
+    history = fold.history
     if not history.is_file():
-        raise InputError(f"CV fold {fold} has neither fit.json with best_epoch nor history.csv")
+        raise InputError(f"CV fold {fold.root} has neither fit.json with best_epoch nor history.csv")
     import pandas as pd
 
     table = pd.read_csv(history)
@@ -60,7 +60,7 @@ def late_weights_from_cv(cv_run: str | Path, model_name: str | None = None) -> n
     _, folds = cv_fold_dirs(cv_run, model_name)
     weights = []
     for fold in folds:
-        file = fold / "best.safetensors"
+        file = fold.weights
         with safe_open(str(file), framework="pt") as f:
             if "head.weight_logits" not in f.keys():
                 raise InputError(f"{file} holds no late-fusion branch weights (head.weight_logits); "

@@ -11,6 +11,7 @@ import numpy as np
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchIndex
+from cytofuse.runs import FitFolder, RunFolder
 
 
 def build_run_cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bool):
@@ -23,7 +24,7 @@ def build_run_cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bo
         image = image_set.read(image_id)
         return np.asarray(image.data[select_channels(image.channel_names, channels=names)])
 
-    return build_patch_cache(index.patches, index.images, load_image=load, channels=names, out=run_dir / "cache", progress=progress)
+    return build_patch_cache(index.patches, index.images, load_image=load, channels=names, out=RunFolder(run_dir).cache, progress=progress)
 
 
 def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path):
@@ -70,7 +71,7 @@ def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
         from cytofuse.training.fit import save_weights
 
         validation_weights(model, val_ds, settings)
-        save_weights(model, out / "best.safetensors")
+        save_weights(model, FitFolder(out).weights)
     return model
 
 
@@ -95,7 +96,7 @@ def teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: Pat
     )
     teach_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=seen)
     fit(teacher, teach_ds, PatchDataset(cache, rows[val_idx], labels[val_idx], channels=seen), settings=settings,
-        out_dir=out / "teacher")
+        out_dir=FitFolder(out).teacher.root)
     proba, _ = predict_proba(teacher, teach_ds, batch_size=128, tta=settings.tta)
     soft = np.power(np.clip(proba.astype(np.float64), 1e-12, None), 1.0 / settings.distill_temperature)
     return (soft / soft.sum(1, keepdims=True)).astype(np.float32)
