@@ -332,11 +332,9 @@ def apply_override(raw: dict, item: str) -> None:
 
 def dump_config(config: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from cytofuse.runs import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def _pick(names: tuple[str, ...], wanted, what: str) -> list[int]:

@@ -18,13 +18,12 @@ TorchScript graphs are traced. Every file is written to a temporary name and ren
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import yaml
 from torch import nn
 
 from cytofuse.errors import CytofuseError, InputError
-from cytofuse.runs import check_replaceable, replacing_folder
+from cytofuse.runs import atomic_path, check_replaceable, replacing_folder, write_text_atomic
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "probabilities"
@@ -107,19 +106,6 @@ def _example(wrapped: ProbabilityModel, patch_size: int) -> torch.Tensor:
     return torch.rand(2, wrapped.in_channels, patch_size, patch_size, generator=generator)
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds,
-    removed when it fails (an existing ``path`` is never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_onnx(model: nn.Module | Sequence[nn.Module], path: str | Path, *, patch_size: int,
                 opset: int = DEFAULT_OPSET, metadata: Mapping[str, object] | None = None) -> Path:
     """Write an ONNX graph ``patches`` (batch, channel, y, x) -> ``probabilities`` (batch, class).
@@ -134,7 +120,8 @@ def export_onnx(model: nn.Module | Sequence[nn.Module], path: str | Path, *, pat
         raise InputError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     wrapped = as_probability_model(model)
     path = Path(path)
-    with _atomic(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         with torch.no_grad():
             torch.onnx.export(
                 wrapped, (_example(wrapped, patch_size),), str(tmp), dynamo=False,
@@ -157,7 +144,8 @@ def export_torchscript(model: nn.Module | Sequence[nn.Module], path: str | Path,
     patch_size = _check_patch_size(patch_size)
     wrapped = as_probability_model(model)
     path = Path(path)
-    with _atomic(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         with torch.no_grad():
             # torch's own check_trace reruns both graphs; parity is checked by ``max_abs_difference``
             traced = torch.jit.trace(wrapped, (_example(wrapped, patch_size),), check_trace=False)
@@ -358,9 +346,8 @@ def write_rdf(path: str | Path, card: object, files: Mapping[str, str | Path], *
     """
     path = Path(path)
     text = yaml.safe_dump(rdf_dict(card, files, folder=path.parent, opset=opset), sort_keys=False)
-    with _atomic(path) as tmp:
-        tmp.write_text(text)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- a whole model folder

@@ -59,7 +59,7 @@ from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import NORM_EPS as _EPS
 from cytofuse.runtime import bf16_supported
 from cytofuse.preprocess.patches import cut_patches
-from cytofuse.runs import check_replaceable, mark_finished, swap_in
+from cytofuse.runs import atomic_path, check_replaceable, mark_finished, swap_in
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -362,12 +362,8 @@ def _write_tiff_atomic(path: Path, data: np.ndarray, **kwargs) -> None:
     """``tifffile.imwrite`` to a hidden temporary name beside ``path``, renamed into place."""
     import tifffile
 
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, data, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class HeatMapWriter:
@@ -397,7 +393,9 @@ class HeatMapWriter:
         scale = self.cell = 1 if resolution == "full" else self.stitcher.block  # image pixels per stored pixel
         self._plane_shape = tuple(shape[1:]) if resolution == "full" else self.stitcher.cells_shape
         self._meta = lambda axes: _ome_metadata(axes, class_names, pixel_size_um, scale)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        # the heat map is written under the hidden name of atomic_path: close renames it onto path, abort removes it
+        self._output = atomic_path(self.path)
+        self._tmp = self._output.__enter__()
         full_shape = (len(class_names), shape[0], *self._plane_shape)
         self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
                                            photometric="minisblack", metadata=self._meta("CZYX"), returnoffset=True)
@@ -425,7 +423,7 @@ class HeatMapWriter:
         if self._error is not None:
             self._discard()
             self._raise_error()
-        os.replace(self._tmp, self.path)
+        self._output.__exit__(None, None, None)
         _write_tiff_atomic(self.path.with_name(self.path.stem + "_max.tif"), self.max_projection(full=False),
                            ome=True, photometric="minisblack", metadata=self._meta("CYX"))
 
@@ -465,7 +463,8 @@ class HeatMapWriter:
         self._file.close()
 
     def _discard(self) -> None:
-        self._tmp.unlink(missing_ok=True)
+        aborted = RuntimeError(f"heat map {self.path} discarded")
+        self._output.__exit__(RuntimeError, aborted, None)  # removes the file, never renames it
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -705,13 +704,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str], *, nice: int = 0) -> None:
     _lower_priority(nice)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
-    tmp = folder / ".overlay.png.partial"
-    try:
+    with atomic_path(folder / "overlay.png") as tmp:
         write_overlay_png(tmp, result.projection, result.heat_max, class_names,
                           title=f"{result.name}: {result.decision or 'no decision'} ({probs})")
-        os.replace(tmp, folder / "overlay.png")
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _summary_row(result: ImageResult, class_names: Sequence[str]) -> dict:

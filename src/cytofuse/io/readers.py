@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from cytofuse.errors import InputError
+from cytofuse.runs import atomic_path
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
 RGB_NAMES = ("red", "green", "blue")
@@ -72,9 +73,8 @@ def write_ome_tiff(path: str | Path, image: Image, *, overwrite: bool = False) -
         if size is not None:
             metadata[f"PhysicalSize{axis}"] = float(size)
             metadata[f"PhysicalSize{axis}Unit"] = "µm"
-    tmp = path.with_name(f".{path.name}.partial")
-    tifffile.imwrite(tmp, np.ascontiguousarray(image.data), ome=True, metadata=metadata, photometric="minisblack")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(image.data), ome=True, metadata=metadata, photometric="minisblack")
     return path
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytofuse.errors import InputError
-from cytofuse.runs import RunFolder
+from cytofuse.runs import RunFolder, atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -187,16 +187,13 @@ def _write_outputs(run: RunFolder, patches: "pd.DataFrame", rule: LabelRule, fit
     run.labels.mkdir(parents=True, exist_ok=True)
     table = patches[["patch_id", "image_id", "condition", "label_value", "derived"]].rename(columns={"derived": "label"})
     table = table.assign(used_for_fit=fit_mask)
-    tmp = run.label_values.with_name(f".{run.label_values.name}.partial")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(run.label_values)
+    with atomic_path(run.label_values) as tmp:
+        table.to_parquet(tmp, index=False)
     counts = table["label"].fillna("discarded").value_counts().to_dict()
     per_condition = table.assign(label=table["label"].fillna("discarded")).groupby(["condition", "label"]).size()
     record = rule.to_json() | {"counts": {k: int(v) for k, v in counts.items()},
                                "per_condition": {f"{a}/{b}": int(v) for (a, b), v in per_condition.items()}}
-    tmp = run.label_rule.with_name(f".{run.label_rule.name}.partial")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run.label_rule)
+    write_json_atomic(run.label_rule, record)
     plot_label_histogram(table["label_value"].to_numpy(), rule, run.label_histogram, fit_mask=fit_mask,
                          conditions=table["condition"].to_numpy())
 

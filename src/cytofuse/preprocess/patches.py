@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cytofuse.errors import InputError
 from cytofuse.io.readers import select_channels
-from cytofuse.runs import RunFolder
+from cytofuse.runs import RunFolder, atomic_path
 
 # Normalisation of a channel: (raw - low) / max(high - low, NORM_EPS), in training and prediction alike.
 NORM_EPS = 1e-6
@@ -537,12 +537,10 @@ def write_patch_index(index: PatchIndex, out_dir: str | Path) -> None:
     run = RunFolder(out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     for path, frame in ((run.patches, index.patches), (run.images, index.images)):
-        tmp = path.with_name(f".{path.name}.partial")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)
-    tmp = run.attrition.with_name(f".{run.attrition.name}.partial")
-    index.attrition.to_csv(tmp, index=False)
-    tmp.replace(run.attrition)
+        with atomic_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+    with atomic_path(run.attrition) as tmp:
+        index.attrition.to_csv(tmp, index=False)
 
 
 def read_patch_index(run_dir: str | Path) -> PatchIndex:
@@ -622,10 +620,9 @@ class _Parts:
         folder = self.folder / self.key
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(item["image_id"].encode()).hexdigest()[:24]
-        tmp = folder / f".{name}.partial"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **_part_arrays(item))
-        tmp.replace(folder / f"{name}.npz")
+        with atomic_path(folder / f"{name}.npz") as tmp:
+            with open(tmp, "wb") as fh:  # a file object: np.savez adds no .npz to it
+                np.savez(fh, **_part_arrays(item))
 
     def clear(self) -> None:
         import shutil

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
 from cytofuse.errors import InputError
-from cytofuse.runs import FitFolder
+from cytofuse.runs import FitFolder, atomic_path, write_json_atomic
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
 
@@ -382,9 +382,8 @@ def _fused_kwargs(params: list[torch.Tensor]) -> dict:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
@@ -526,9 +525,7 @@ def _read_state(out_dir: Path) -> dict:
 
 
 def _write_state(out_dir: Path, state: dict) -> None:
-    tmp = out_dir / ".fit.json.partial"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, out_dir / "fit.json")
+    write_json_atomic(FitFolder(out_dir).state, state)
 
 
 def _prepare(out_dir: Path, key: str, resume: bool) -> dict:
