@@ -96,3 +96,39 @@ def test_registration_refuses_clashes_and_bad_values(registered):
         register_encoder("two words", TinyEncoder)
     with pytest.raises(Exception, match=r"fusion must be one of \['early', 'intermediate', 'late', 'single', 'maxfusion'\], got 'mid'"):
         validate_config({"data": {"images": "x"}, "models": [{"fusion": "mid"}]})
+
+
+def test_a_registered_reader_serves_read_image_probe_and_image_folders(monkeypatch, tmp_path):
+    """A made-up text format: first line the channel names, then one 'c z y x value' line per pixel."""
+    from cytofuse.io import readers
+    from cytofuse.io.imagesets import ImageSet
+    from cytofuse.io.readers import Image, probe_image, read_image, register_reader
+
+    monkeypatch.setattr(readers, "_FORMATS", dict(readers._FORMATS))
+
+    def read_pix(path, axes):
+        lines = path.read_text().splitlines()
+        rows = np.array([[float(v) for v in line.split()] for line in lines[1:]])
+        data = np.zeros((2, 1, 3, 4), dtype=np.float32)
+        data[tuple(rows[:, :4].astype(int).T)] = rows[:, 4]
+        return Image(data, tuple(lines[0].split()), (None, 0.5, 0.5), str(path), {"format": "pix"})
+
+    register_reader(".pix", read_pix)
+    for label, value in (("a", 7), ("b", 9)):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "one.pix").write_text(f"DNA actin\n1 0 2 3 {value}\n0 0 0 0 1\n")
+    image = read_image(tmp_path / "a" / "one.pix")
+    assert image.channel_names == ("DNA", "actin") and image.data.shape == (2, 1, 3, 4)
+    assert image.data[1, 0, 2, 3] == 7 and image.data.sum() == 8
+    assert probe_image(tmp_path / "b" / "one.pix").shape == (2, 1, 3, 4)
+    found = ImageSet.from_folder(tmp_path)
+    assert sorted(r.label for r in found) == ["a", "b"] and found.read(found.records[1]).data[1, 0, 2, 3] == 9
+    from types import SimpleNamespace
+
+    flat = SimpleNamespace(data=np.zeros((3, 4), np.float32), channel_names=("x",), pixel_size_um=(None,) * 3, metadata={})
+    register_reader(".flat", lambda path, axes: flat)  # not an Image: cytofuse checks the array itself
+    (tmp_path / "one.flat").write_text("x")
+    with pytest.raises(InputError, match=r"one.flat: the reader registered for .flat returned 2-D data of shape \(3, 4\)"):
+        read_image(tmp_path / "one.flat")
+    with pytest.raises(InputError, match="register_reader: .pix files are read already; pass replace=True"):
+        register_reader(".pix", read_pix)

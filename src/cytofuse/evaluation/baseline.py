@@ -29,7 +29,6 @@ from cytofuse.errors import InputError
 
 PROBES = ("background", "intensity", "acquisition")
 GLCM_LEVELS = 16
-_QUANTILES = (1, 5, 25, 50, 75, 95, 99)
 _BG_QUANTILES = (5, 25, 50, 75, 95)
 
 
@@ -59,17 +58,19 @@ def _names(channel_names: Sequence[str] | None, n: int) -> list[str]:
 
 
 def intensity_features(patches: np.ndarray, *, channel_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Whole-patch intensity statistics per channel: mean, sd, min, max and percentiles."""
+    """Whole-patch intensity statistics per channel (``cytofuse.preprocess.emptyfilter.intensity_statistics``):
+    mean, sd, min, max (float32) and percentiles (float64), as named columns."""
+    from cytofuse.preprocess.emptyfilter import INTENSITY_QUANTILES, intensity_statistics
+
     x, _ = _check_batch(patches)
     names = _names(channel_names, x.shape[1])
-    flat = x.reshape(*x.shape[:2], -1)
+    stats = intensity_statistics(x, extremes=True)  # (N, C, 4 + Q)
     cols = {}
-    q = np.percentile(flat, _QUANTILES, axis=-1)
     for c, ch in enumerate(names):
-        cols[f"{ch}_mean"], cols[f"{ch}_sd"] = flat[:, c].mean(-1), flat[:, c].std(-1)
-        cols[f"{ch}_min"], cols[f"{ch}_max"] = flat[:, c].min(-1), flat[:, c].max(-1)
-        for i, p in enumerate(_QUANTILES):
-            cols[f"{ch}_p{p}"] = q[i, :, c]
+        for i, s in enumerate(("mean", "sd", "min", "max")):
+            cols[f"{ch}_{s}"] = stats[:, c, i].astype(np.float32)
+        for i, p in enumerate(INTENSITY_QUANTILES):
+            cols[f"{ch}_p{p:g}"] = stats[:, c, 4 + i]
     return pd.DataFrame(cols)
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cytofuse.errors import DataSetError
-from cytofuse.io.readers import check_fits_in_memory
+from cytofuse.io.readers import check_fits_in_memory, supported_suffixes
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
 CHANNEL_FILE_PATTERN = r"^(?P<channel>Ch\d+)_(?P<key>.+)\.[^.]+$"
 _MAX_LISTED = 20
 
@@ -122,11 +121,11 @@ class ImageSet:
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         files = {d.name: sorted(f for f in d.rglob("*") if f.is_file() and _is_image(f)) for d in class_dirs}
         if not any(files.values()):
-            raise DataSetError(f"image folder {root} has no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataSetError(f"image folder {root} has no class sub-folders with images ({', '.join(supported_suffixes())})")
         empty = [str(root / k) for k, v in files.items() if not v]
         if empty:
             raise DataSetError(f"image folder {root}: class folder(s) {empty} hold no image files "
-                               f"({', '.join(IMAGE_SUFFIXES)}); add images or move the folder(s) out")
+                               f"({', '.join(supported_suffixes())}); add images or move the folder(s) out")
         all_names = [f.name for v in files.values() for f in v]
         pattern = channel_pattern or (CHANNEL_FILE_PATTERN if all(re.match(CHANNEL_FILE_PATTERN, n) for n in all_names) else None)
         records = []
@@ -272,7 +271,7 @@ def _read_manifest(csv: Path):
 
 def _is_image(path: Path) -> bool:
     name = path.name.lower()
-    return not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+    return not name.startswith(".") and name.endswith(supported_suffixes())
 
 
 def _rel_id(path: Path, root: Path) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,6 @@ import numpy as np
 from cytofuse.errors import InputError
 from cytofuse.runs import atomic_path
 
-SUPPORTED_SUFFIXES = (".tif", ".tiff", ".czi", ".nd2", ".png", ".jpg", ".jpeg", ".npy")
 RGB_NAMES = ("red", "green", "blue")
 
 
@@ -182,8 +181,8 @@ def check_fits_in_memory(nbytes: int, source: str | Path, shape: Sequence[int], 
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise InputError(f"unsupported image file {path}: suffix {path.suffix!r} is not one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if suffix not in _FORMATS:
+        raise InputError(f"unsupported image file {path}: suffix {path.suffix!r} is not one of {', '.join(supported_suffixes())}")
     if not path.exists():
         raise InputError(f"image file {path} does not exist")
     if not path.is_file():
@@ -527,6 +526,37 @@ _FORMATS = {
     ".jpeg": _pillow,
     ".npy": _npy,
 }
+
+
+def supported_suffixes() -> tuple[str, ...]:
+    """File suffixes :func:`read_image` reads (lower case, with the dot), registered readers included."""
+    return tuple(_FORMATS)
+
+
+def register_reader(suffix: str, read: Callable[[Path, str | None], Image], *, replace: bool = False) -> None:
+    """Read files ending in ``suffix`` with ``read(path, axes) -> Image`` (data in (C, Z, Y, X)).
+
+    The reader then serves :func:`read_image`, :func:`probe_image`, image folders and manifests;
+    cytofuse still checks the array (4-D, finite pixels) and the channel names.
+    """
+    if not isinstance(suffix, str) or not re.fullmatch(r"\.[a-z0-9][a-z0-9._-]*", suffix.lower()):
+        raise InputError(f"register_reader: suffix must look like '.xyz', got {suffix!r}")
+    suffix = suffix.lower()
+    if suffix in _FORMATS and not replace:
+        raise InputError(f"register_reader: {suffix} files are read already; pass replace=True to replace that reader")
+    if not callable(read):
+        raise InputError(f"register_reader: read must be callable (path, axes) -> Image, got {read!r}")
+
+    def parse(path: Path, axes: str | None, load: bool) -> _Parsed:
+        image = read(path, axes)
+        data = np.asarray(getattr(image, "data", None))
+        if data.ndim != 4:
+            raise InputError(f"{path}: the reader registered for {suffix} returned {data.ndim}-D data of shape "
+                             f"{data.shape}; readers return (C, Z, Y, X) arrays in an Image")
+        return _Parsed(tuple(data.shape), data.dtype, data if load else None, list(image.channel_names),
+                       tuple(image.pixel_size_um), dict(image.metadata or {}))
+
+    _FORMATS[suffix] = parse
 
 
 # --------------------------------------------------------------------------- one file per channel

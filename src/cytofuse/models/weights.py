@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cytofuse.errors import InputError
+from cytofuse.runs import atomic_path
 
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 _CLASSIFIER_PREFIXES = ("fc.",)
@@ -146,25 +146,19 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> LoadReport:
     )
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def save_weights(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's state dict to a safetensors file (through ``cytofuse.runs.atomic_path``).
 
-
-def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write the model's state dict to a safetensors file (temporary name, then renamed).
-
-    The model's ``config`` (the ``create_model`` arguments) is stored as metadata.
+    The model's ``config`` (the ``create_model`` arguments) is stored as metadata beside
+    ``metadata`` (string values), so that ``load_model`` rebuilds the model from the file alone.
     """
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = getattr(model, "config", None) or {}
-    _atomic_save(tensors, path, {CONFIG_KEY: json.dumps(config)})
+    # copies: safetensors refuses tensors that share memory (tied or viewed parameters)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = dict(metadata or {}) | {CONFIG_KEY: json.dumps(getattr(model, "config", None) or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -124,13 +124,20 @@ def _check_groups(groups: Sequence | np.ndarray, n: int, what: str = "groups") -
 # --------------------------------------------------------------------------- features
 
 
-def intensity_features(patches: np.ndarray) -> np.ndarray:
-    """Mean, std and percentiles (1, 5, 25, 50, 75, 95, 99) of each channel: (N, 9 * C)."""
-    x = _check_patches(patches).astype(np.float32, copy=False)
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
+def intensity_statistics(patches: np.ndarray, *, extremes: bool = False) -> np.ndarray:
+    """(N, C, S) statistics of each patch and channel, computed in float32 (percentiles in float64): mean,
+    std, with ``extremes`` min and max, then the percentiles :data:`INTENSITY_QUANTILES`. No input checks."""
+    flat = np.asarray(patches, dtype=np.float32)
+    flat = flat.reshape(flat.shape[0], flat.shape[1], -1)
     q = np.percentile(flat, INTENSITY_QUANTILES, axis=2)  # (Q, N, C)
-    stats = [flat.mean(axis=2), flat.std(axis=2), *q]
-    return np.stack(stats, axis=2).reshape(x.shape[0], -1).astype(np.float32)
+    stats = [flat.mean(axis=2), flat.std(axis=2), *((flat.min(axis=2), flat.max(axis=2)) if extremes else ()), *q]
+    return np.stack(stats, axis=2)
+
+
+def intensity_features(patches: np.ndarray) -> np.ndarray:
+    """Mean, std and percentiles (1, 5, 25, 50, 75, 95, 99) of each channel: (N, 9 * C) float32."""
+    x = _check_patches(patches)
+    return intensity_statistics(x).reshape(x.shape[0], -1).astype(np.float32)
 
 
 def _build_encoder(encoder: str, pretrained: Path | str | None, seed: int):
@@ -659,14 +666,14 @@ def _read_groups_csv(folder: Path) -> dict[str, str] | None:
 
 
 def _class_files(folder: Path, name: str) -> list[Path]:
-    from cytofuse.io.readers import SUPPORTED_SUFFIXES
+    from cytofuse.io.readers import supported_suffixes
 
     sub = folder / name
     if not sub.is_dir():
         raise InputError(f"{folder}: sub-folder {name}/ is missing (expected empty/ and cells/)")
-    files = sorted(p for p in sub.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+    files = sorted(p for p in sub.iterdir() if p.suffix.lower() in supported_suffixes() and not p.name.startswith("."))
     if not files:
-        raise InputError(f"{sub}: no patch image files ({', '.join(SUPPORTED_SUFFIXES)})")
+        raise InputError(f"{sub}: no patch image files ({', '.join(supported_suffixes())})")
     return files
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
 from cytofuse.errors import InputError
+from cytofuse.models.weights import load_weights, save_weights
 from cytofuse.runs import FitFolder, atomic_path, write_json_atomic
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "val_smoothed"]
@@ -384,36 +384,6 @@ def _fused_kwargs(params: list[torch.Tensor]) -> dict:
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
-
-
-def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state dict as safetensors (temp name, then rename).
-
-    The model's ``config`` (its ``create_model`` arguments) is stored beside ``metadata`` so
-    that ``cytofuse.models.load_model`` can rebuild it from the file alone.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    from cytofuse.models.weights import CONFIG_KEY
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = dict(metadata or {})
-    if getattr(model, "config", None):
-        meta[CONFIG_KEY] = json.dumps(model.config)
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
-
-
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors weights written by :func:`save_weights` into ``model`` (strict)."""
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)))
-    return model
 
 
 def _checkpoint_state(path: Path, *, prefix: str) -> tuple[dict, int, float]:

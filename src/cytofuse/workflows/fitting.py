@@ -68,7 +68,7 @@ def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
     fit(model, train_ds, val_ds, settings=settings, out_dir=out)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
-        from cytofuse.training.fit import save_weights
+        from cytofuse.models import save_weights
 
         validation_weights(model, val_ds, settings)
         save_weights(model, FitFolder(out).weights)
