@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +88,15 @@ def _check_parent(path: Path, what: str) -> None:
 
 def swap_in(new: str | Path, path: str | Path, *, overwrite: bool, what: str = "output folder") -> Path:
     """Move the finished folder ``new`` to ``path``; an old ``path`` (checked again) is renamed away, then deleted."""
-    new, path = Path(new), Path(path)
     check_replaceable(path, overwrite=overwrite, what=what)
+    return replace_folder(new, path)
+
+
+def replace_folder(new: str | Path, path: str | Path) -> Path:
+    """Move folder ``new`` to ``path`` without any check; an old ``path`` is renamed away, then deleted
+    (and put back if the move fails). Callers check first (:func:`swap_in`) unless ``path`` is derived
+    data inside a folder cytofuse made, such as a run's patch cache."""
+    new, path = Path(new), Path(path)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
@@ -111,15 +118,24 @@ def replacing_folder(path: str | Path, *, overwrite: bool, what: str = "output f
     replaced is refused before any work; on an error the new folder is removed and ``path``
     is left untouched.
     """
-    path = Path(path)
     check_replaceable(path, overwrite=overwrite, what=what)
+    with building_folder(path) as tmp:
+        yield tmp
+        mark_finished(tmp)
+        check_replaceable(path, overwrite=overwrite, what=what)  # again, just before the swap
+
+
+@contextmanager
+def building_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``path``; when the block ends without error it replaces ``path``
+    (:func:`replace_folder`, no check), and it is removed otherwise, leaving ``path`` as it was."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this process id: cytofuse's own hidden name
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        mark_finished(tmp)
-        swap_in(tmp, path, overwrite=overwrite, what=what)
+        replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -143,6 +159,24 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
     fresh = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(fresh, ignore_errors=True)
     return swap_in(_start(fresh), path, overwrite=True, what="run folder")
+
+
+def software_versions(packages: Sequence[str] = ("torch", "numpy", "monai"), *, with_platform: bool = False,
+                      missing: str = "absent") -> dict[str, str]:
+    """Python (and with ``with_platform`` the platform) and the installed versions of ``packages``, read
+    without importing them; ``missing`` stands for a package that is not installed."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    if with_platform:
+        out["platform"] = platform.platform(terse=True)
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = missing
+    return out
 
 
 def _start(path: Path) -> Path:

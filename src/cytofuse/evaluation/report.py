@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
-from cytofuse.runs import ModelRun, RunFolder, safe_name, write_text_atomic
+from cytofuse.runs import ModelRun, RunFolder, safe_name, software_versions, write_text_atomic
 
 HEADLINE = ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")
 _LEVEL_TEXT = {"patch": "patch level (every test patch)",
@@ -80,7 +79,7 @@ def report_context(run_dir: str | Path) -> dict:
     run = RunFolder(run_dir)
     figures = run.figures
     context = {"title": run_dir.resolve().name, "run_dir": run_dir.name, "config": run.config.read_text(),
-               "state": _run_state(run_dir), "versions": software_versions(),
+               "state": _run_state(run_dir), "versions": software_versions(_VERSIONED, with_platform=True, missing="not installed"),
                "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
     if run.sweep_summary.is_file() or run.sweeps.is_dir():
         context["sweep"] = sweep_context(run_dir, figures)
@@ -560,19 +559,3 @@ def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -
         ax.grid(True, lw=0.4, alpha=0.5)
         ax.legend(frameon=False)
         save_figure(fig, base)
-
-
-# --------------------------------------------------------------------------- versions
-
-
-def software_versions() -> dict[str, str]:
-    """Python, platform and the installed versions of the packages the run depends on (no imports)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
-    for name in _VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out

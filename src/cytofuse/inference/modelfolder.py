@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchSettings
-from cytofuse.runs import FitFolder, RunFolder, check_replaceable, replacing_folder
+from cytofuse.runs import FitFolder, RunFolder, check_replaceable, replacing_folder, software_versions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,20 +34,6 @@ FORMAT = "cytofuse-model"
 FORMAT_VERSION = 1
 CARD_FILE = "model.yaml"
 FILTER_DIR = "empty_filter"  # a model's copy of its learned empty-patch filter
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of python and the libraries a model's numbers depend on (read without importing them)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "monai"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def _cytofuse_version() -> str:

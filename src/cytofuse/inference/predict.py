@@ -45,7 +45,6 @@ import functools
 import math
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +58,7 @@ from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import NORM_EPS as _EPS
 from cytofuse.runtime import bf16_supported
 from cytofuse.preprocess.patches import cut_patches
-from cytofuse.runs import atomic_path, check_replaceable, mark_finished, swap_in
+from cytofuse.runs import atomic_path, replacing_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -692,15 +691,6 @@ def _image_names(images: Sequence) -> list[str]:
     return names
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside ``out``, after checking ``out`` may be (re)placed."""
-    check_replaceable(out, overwrite=overwrite, what="prediction folder")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def _write_overlay(folder: Path, result: ImageResult, class_names: Sequence[str], *, nice: int = 0) -> None:
     _lower_priority(nice)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(class_names, result.probabilities))
@@ -771,7 +761,6 @@ def predict_images(
     models, card = load_models(model_dir_or_run, model_name=model_name)
     models = prepare_models(models, device=device)
     out = Path(out)
-    tmp = _prepare_out(out, overwrite)
     rows, tables = [], []
     names = _image_names(images)
 
@@ -783,39 +772,37 @@ def predict_images(
     # Two helper threads (see _background_nice for their priority): one reads and preprocesses the
     # next image (read_ahead), one draws the finished image's overlay while the model runs on the next.
     nice = _background_nice(workers)
-    pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
-    ahead, overlay = None, None
-    try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("predicting images", total=len(images))
-            for i, name in enumerate(names):
-                image, prepared = ahead.result() if ahead is not None else load(i, 0)
-                ahead = pool.submit(load, i + 1, nice) if read_ahead and i + 1 < len(images) else None
-                folder = tmp / "images" / name
-                folder.mkdir(parents=True)
-                result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
-                                       bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
-                                       prepared=prepared)
-                del image, prepared
+    with replacing_folder(out, overwrite=overwrite, what="prediction folder") as tmp:
+        pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
+        ahead, overlay = None, None
+        try:
+            with Progress(disable=not progress) as bar:
+                task = bar.add_task("predicting images", total=len(images))
+                for i, name in enumerate(names):
+                    image, prepared = ahead.result() if ahead is not None else load(i, 0)
+                    ahead = pool.submit(load, i + 1, nice) if read_ahead and i + 1 < len(images) else None
+                    folder = tmp / "images" / name
+                    folder.mkdir(parents=True)
+                    result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
+                                           bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
+                                           prepared=prepared)
+                    del image, prepared
+                    if overlay is not None:
+                        overlay.result()  # at most one overlay waits
+                    overlay = pool.submit(_write_overlay, folder, result, card.class_names, nice=nice)
+                    rows.append(_summary_row(result, card.class_names))
+                    tables.append(result.patches)
+                    del result
+                    bar.advance(task)
                 if overlay is not None:
-                    overlay.result()  # at most one overlay waits
-                overlay = pool.submit(_write_overlay, folder, result, card.class_names, nice=nice)
-                rows.append(_summary_row(result, card.class_names))
-                tables.append(result.patches)
-                del result
-                bar.advance(task)
-            if overlay is not None:
-                overlay.result()
-        summary = pd.DataFrame(rows)
-        summary.to_csv(tmp / SUMMARY_FILE, index=False)
-        summary.to_parquet(tmp / "summary.parquet", index=False)
-        pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
-        mark_finished(tmp)
-        swap_in(tmp, out, overwrite=overwrite, what="prediction folder")
-    finally:
-        for job in (ahead, overlay):
-            if job is not None:
-                job.cancel()
-        pool.shutdown(wait=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+                    overlay.result()
+            summary = pd.DataFrame(rows)
+            summary.to_csv(tmp / SUMMARY_FILE, index=False)
+            summary.to_parquet(tmp / "summary.parquet", index=False)
+            pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
+        finally:
+            for job in (ahead, overlay):
+                if job is not None:
+                    job.cancel()
+            pool.shutdown(wait=True)
     return summary

@@ -34,10 +34,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cytofuse.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NORMALISE_RULES = ("image", "set", "patch", "none")
 MIN_ENCODER_SIZE = 64

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from cytofuse.errors import InputError
 from cytofuse.models.tta import dihedral
 from cytofuse.preprocess.patches import NORM_EPS, PatchIndex, cut_patches
-from cytofuse.runs import FitFolder, write_text_atomic
+from cytofuse.runs import FitFolder, building_folder, write_text_atomic
 
 CACHE_ARRAY = "patches.npy"
 CACHE_META = "patches.json"
@@ -358,34 +357,10 @@ def build_patch_cache(
         "fingerprint": fingerprint,
         "normalisation": "(raw - lo) / max(hi - lo, eps) per image and channel",
     }
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
-    try:
+    with building_folder(out) as tmp:  # a stale cache is derived data of its run: replaced without a marker check
         _write_cache(index, stats, load_image=load_image, channels=channels, tmp=tmp, size=size, dtype=dtype, progress=progress, chunk=chunk)
         (tmp / CACHE_META).write_text(json.dumps(meta))
-        _replace_dir(tmp, out)
-    except BaseException:
-        _remove_dir(tmp)
-        raise
     return PatchCache.open(out)
-
-
-def _remove_dir(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move folder ``tmp`` to ``out``, replacing an old cache there."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _remove_dir(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- augmentation
