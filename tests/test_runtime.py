@@ -11,30 +11,32 @@ import sys
 import pytest
 
 from cytofuse import runtime
-from cytofuse.runtime import OPT_OUT, THRESHOLD, USER_VARIABLES, tune_malloc
+from cytofuse.runtime import MMAP_THRESHOLD, OPT_OUT, TRIM_THRESHOLD, USER_VARIABLES, tune_malloc
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-ALLOC_MIB, REPEATS = 64, 5
+ALLOC_MIB, LARGE_MIB, REPEATS = 48, 96, 5  # below and above the 64 MiB mmap threshold
 
-# Allocate, touch and free a 64 MiB block with the C library itself, after importing cytofuse;
-# print the tuning status and the minor page faults of the repeats after the first.
+# Allocate, touch and free a 48 MiB block (then a 96 MiB one) with the C library itself, after
+# importing cytofuse; print the tuning status and the minor page faults of the repeats after the first.
 _PROBE = f"""
 import ctypes, dataclasses, json, resource
 import cytofuse
 from cytofuse.runtime import tune_malloc
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-n = {ALLOC_MIB} << 20
-def once():
-    block = libc.malloc(n)
-    ctypes.memset(block, 1, n)
-    libc.free(block)
-once()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range({REPEATS}):
+def faults(mib):
+    n = mib << 20
+    def once():
+        block = libc.malloc(n)
+        ctypes.memset(block, 1, n)
+        libc.free(block)
     once()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({{"status": dataclasses.asdict(tune_malloc()), "again": tune_malloc() is tune_malloc(), "faults": faults}}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range({REPEATS}):
+        once()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({{"status": dataclasses.asdict(tune_malloc()), "again": tune_malloc() is tune_malloc(),
+                  "faults": faults({ALLOC_MIB}), "large_faults": faults({LARGE_MIB})}}))
 """
 
 
@@ -52,14 +54,16 @@ def test_tune_malloc_is_idempotent():
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt is only called on glibc")
-def test_import_raises_the_thresholds_and_repeated_large_blocks_stop_faulting():
+def test_import_raises_the_thresholds_and_repeated_blocks_below_64_mib_stop_faulting():
     tuned, default = _probe(), _probe(**{OPT_OUT: "0"})
     assert tuned["status"] == {"applied": True, "reason": "glibc mmap and trim thresholds raised",
-                               "mmap_threshold": THRESHOLD, "trim_threshold": THRESHOLD}
+                               "mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
     assert tuned["again"] is True
     pages = REPEATS * (ALLOC_MIB << 20) // 4096
     assert tuned["faults"] < pages // 100  # the freed block is reused, not unmapped and faulted in again
     assert default["faults"] >= REPEATS * ALLOC_MIB // 2  # at least one fault per 2 MiB page, even with huge pages
+    # above the threshold blocks are unmapped on free as by default: the heap keeps no holes that size
+    assert tuned["large_faults"] >= REPEATS * LARGE_MIB // 2
 
 
 @pytest.mark.parametrize(("env", "reason"), [
@@ -94,7 +98,7 @@ def test_refused_threshold_falls_back_and_other_platforms_are_left_alone(monkeyp
     monkeypatch.setattr(runtime, "_status", None)
     monkeypatch.setattr(runtime.ctypes, "CDLL", _FakeLibc)
     status = tune_malloc()
-    assert status == runtime.MallocTuning(True, "glibc mmap and trim thresholds raised", 32 << 20, THRESHOLD)
+    assert status == runtime.MallocTuning(True, "glibc mmap and trim thresholds raised", 32 << 20, TRIM_THRESHOLD)
 
     def no_libc(*_args):
         raise OSError("no C library handle")

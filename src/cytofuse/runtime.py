@@ -1,12 +1,33 @@
 """Process settings that cytofuse applies once, when it is imported.
 
-:func:`tune_malloc` keeps glibc's allocator from handing large blocks (training batches,
-activations) back to the operating system after each use. By default glibc serves blocks
-above a threshold with fresh ``mmap`` pages and unmaps them on ``free``, and trims the heap
-top as soon as 128 KiB are free; every batch is then faulted in again page by page. On CPU
-training at 400 px that was a third of the run time in the kernel (56.6 s wall, 35 s system
-before; 35.4 s and 5 s with both thresholds at 1 GiB). The peak memory grows by at most
-the blocks kept for reuse.
+:func:`tune_malloc` keeps glibc's allocator from handing mid-sized blocks (training batches,
+the smaller activations) back to the operating system after each use. By default glibc
+serves blocks above a threshold (which grows with use up to 32 MiB) with fresh ``mmap``
+pages and unmaps them on ``free``, and trims the heap top as soon as 128 KiB are free;
+every such block is then faulted in (and zeroed by the kernel) again page by page. On CPU
+training at 400 px that was a third of the run time in the kernel.
+
+The mmap threshold is fixed at 64 MiB, not higher, because of memory: blocks served from the
+heap leave holes that later blocks of other sizes do not fit, and the heap grows with them.
+Measured with ``benchmarks/bench_alloc.py`` (smallcnn, 400 px, batch 32 = 59 MiB per input
+batch, 2-3 timed steps; 2-core machine shared with other jobs, 2026-11-29) against glibc's
+defaults (peak RSS 3621 MiB, system time 0.71-0.81 of user time), two runs for most rows:
+
+======================  ================  =========================================
+thresholds              system time       peak RSS growth
+======================  ================  =========================================
+mmap 1 GiB, trim 1 GiB  0.19-0.41x        +1.7 to +3.4 GiB (+48-93 %), grows per step
+mmap 256 MiB            0.27x             +1.5 GiB (+41 %)
+mmap 128 MiB            0.72x             +1.0 GiB (+27 %)
+mmap 64 MiB (this)      0.76-0.79x        +0.2 to +0.3 GiB (+6-9 %, 3.6-5.6 batches)
+1 GiB + malloc_trim(0)  0.39x             +1.4 GiB (+39 %): the holes open within a step
+  after every step
+======================  ================  =========================================
+
+So only blocks below 64 MiB are kept for reuse: the peak grows by a few input batches, and
+the system time at 400 px falls by about a fifth (more at sizes whose blocks are all below
+64 MiB). A user who prefers speed to memory sets ``MALLOC_MMAP_THRESHOLD_=1073741824`` and
+``MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
 
 Environment: ``CYTOFUSE_MALLOPT=0`` turns it off; a ``MALLOC_MMAP_THRESHOLD_`` or
 ``MALLOC_TRIM_THRESHOLD_`` (or the same ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``) set by
@@ -22,7 +43,8 @@ from dataclasses import dataclass
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 1 << 30
+MMAP_THRESHOLD = 64 << 20  # above it blocks are mmapped and unmapped again: see the module docstring
+TRIM_THRESHOLD = 1 << 30
 FALLBACK_MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: older glibc refuses more
 OPT_OUT = "CYTOFUSE_MALLOPT"
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -43,7 +65,7 @@ _status: MallocTuning | None = None
 
 
 def tune_malloc() -> MallocTuning:
-    """Raise glibc's mmap and trim thresholds to 1 GiB for this process, once; later calls
+    """Fix glibc's mmap threshold at 64 MiB and raise its trim threshold to 1 GiB for this process, once; later calls
     return the first call's status (the environment is read on the first call only)."""
     global _status
     if _status is None:
@@ -66,8 +88,8 @@ def _apply() -> MallocTuning:
     if libc is None:
         return MallocTuning(False, "not glibc: nothing to tune")
     libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    mmap = next((value for value in (THRESHOLD, FALLBACK_MMAP_THRESHOLD) if libc.mallopt(M_MMAP_THRESHOLD, value) == 1), None)
-    trim = THRESHOLD if libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1 else None
+    mmap = next((value for value in (MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD) if libc.mallopt(M_MMAP_THRESHOLD, value) == 1), None)
+    trim = TRIM_THRESHOLD if libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 else None
     if mmap is None or trim is None:
         return MallocTuning(False, f"mallopt refused: M_MMAP_THRESHOLD set to {mmap}, M_TRIM_THRESHOLD to {trim}", mmap, trim)
     return MallocTuning(True, "glibc mmap and trim thresholds raised", mmap, trim)
