@@ -100,7 +100,7 @@ def test_unknown_key_inside_a_section_is_named(tmp_path, content, expected):
     [
         ({"patches": {"size": -3}}, "patches.size: Input should be greater than 0 (got -3)"),
         ({"patches": {"rule": "most"}}, "patches.rule: Input should be 'any', 'all' or 'mean' (got 'most')"),
-        ({"models": [{"fusion": "middle"}]}, "models.0.fusion: Input should be"),
+        ({"models": [{"fusion": "middle"}]}, "models.0.fusion: Value error, fusion must be one of ['early', 'intermediate', 'late', 'single'], got 'middle'"),
         ({"cv": {"n_folds": "many"}}, "(got 'many')"),
         ({"cv": {"val_fraction": 1.5}}, "cv.val_fraction: Input should be less than 1 (got 1.5)"),
         ({"train": {"lr": "fast"}}, "train.lr: Input should be a valid number"),

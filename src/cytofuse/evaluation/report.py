@@ -181,7 +181,7 @@ def labels_context(run_dir: Path) -> dict | None:
     return {"channel": rule["channel"], "statistic": rule["statistic"], "notes": rule.get("notes", []),
             "table": {"columns": ["class", "component mean", "component sd", "weight", "threshold", "patches"], "rows": rows},
             "per_condition": rule.get("per_condition", {}),
-            "figure": figure(base, "Labels from a fluorescence channel", caption) if _has_figure(base) else None}
+            "figure": _figure(base, "Labels from a fluorescence channel", caption) if _has_figure(base) else None}
 
 
 def extras_table(entries: list[Entry]) -> dict | None:
@@ -319,7 +319,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
             if _stale(base, ModelRun(entry.folder).metrics):
                 title = f"{level.capitalize()} level, {'normalised' if normalize else 'counts'}"
                 plot_confusion(result["confusion_matrix"], classes, normalize=normalize, out=base, title=title)
-            figures.append(figure(base, f"Confusion matrix ({suffix}), {level} level", where))
+            figures.append(_figure(base, f"Confusion matrix ({suffix}), {level} level", where))
         for kind, plot in (("pr", plot_pr_curves), ("roc", plot_roc_curves)):
             base = out_dir / f"{kind}_{level}"
             if _stale(base, source):
@@ -328,7 +328,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
                 table = aggregate_by_image(predictions, classes=classes, method=result.get("method") or "mean") if level == "image" else predictions
                 plot(table["y_true"].to_numpy(), table[prob_columns(classes)].to_numpy(), classes, base)
             label = "Precision-recall" if kind == "pr" else "ROC"
-            figures.append(figure(base, f"{label} curves (one-vs-rest), {level} level", where))
+            figures.append(_figure(base, f"{label} curves (one-vs-rest), {level} level", where))
     figures += _training_figure(entry, out_dir)
     return figures
 
@@ -347,14 +347,14 @@ def _training_figure(entry: Entry, out_dir: Path) -> list[Figure]:
     if not _has_figure(base):
         return []
     where = f"Training split of each fold (loss) and its grouped validation split (loss, balanced accuracy), {len(histories)} folds."
-    return [figure(base, "Training curves per fold", where)]
+    return [_figure(base, "Training curves per fold", where)]
 
 
 def _attrition_figure(attrition: pd.DataFrame, base: Path, *, source: Path) -> Figure:
     """Candidate and kept patches per class, attrition in percent above the bars."""
     if _stale(base, source):
         _plot_attrition(attrition, base)
-    return figure(base, "Patch attrition per class", "Every z-slice patch of every image before and after the Otsu sparsity filter and de-duplication.")
+    return _figure(base, "Patch attrition per class", "Every z-slice patch of every image before and after the Otsu sparsity filter and de-duplication.")
 
 
 def _plot_attrition(attrition: pd.DataFrame, base: Path) -> None:
@@ -387,7 +387,7 @@ def _has_figure(base: Path) -> bool:
     return any(base.with_name(base.name + ext).is_file() for ext in (".png", ".svg"))
 
 
-def figure(base: Path, title: str, caption: str) -> Figure:
+def _figure(base: Path, title: str, caption: str) -> Figure:
     """Embed the smaller of ``base.svg`` and ``base.png`` (vector line art, raster image grids)."""
     files = [p for p in (base.with_name(base.name + ".svg"), base.with_name(base.name + ".png")) if p.is_file()]
     if not files:
@@ -408,7 +408,7 @@ def explain_context(run_dir: Path, entries: list[Entry]) -> dict:
     models = []
     for model_dir in done:
         summary = json.loads((model_dir / "summary.json").read_text())
-        figures = [figure(p.with_suffix(""), _explain_title(p.stem), _explain_caption(p.stem, summary))
+        figures = [_figure(p.with_suffix(""), _explain_title(p.stem), _explain_caption(p.stem, summary))
                    for p in sorted(model_dir.glob("*.png"))]
         ablation = pd.DataFrame(summary.get("ablation") or [])
         models.append({"name": summary.get("model", model_dir.name), "figures": figures,
@@ -493,7 +493,7 @@ def _positions(values: pd.Series) -> tuple[np.ndarray, list[str]]:
 def _sweep_figure(table: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
     if _stale(base, source):
         _plot_sweep(table, parameter, base)
-    return figure(base, f"Balanced accuracy vs {parameter}",
+    return _figure(base, f"Balanced accuracy vs {parameter}",
                    "Mean ± sd over the CV folds of each sub-run; image and patch level; probes dotted.")
 
 
@@ -535,7 +535,7 @@ def _tick_labels(x: np.ndarray, ticks: list[str]) -> list[str]:
 def _sweep_attrition_figure(attrition: pd.DataFrame, parameter: str, base: Path, *, source: Path) -> Figure:
     if _stale(base, source):
         _plot_sweep_attrition(attrition, parameter, base)
-    return figure(base, f"Patch attrition per class vs {parameter}",
+    return _figure(base, f"Patch attrition per class vs {parameter}",
                    "Share of candidate patches removed by the sparsity filter and de-duplication, per class and swept value.")
 
 
