@@ -16,7 +16,7 @@ import cytofuse.training.fit  # noqa: F401  config validation imports it (torch,
 from cytofuse.cli import app
 from cytofuse.errors import RunFolderError
 from cytofuse.runs import MARKER, mark_finished, prepare_run_dir
-from cytofuse.synthetic.phantoms import CLASS_NAMES, write_synthetic_dataset
+from cytofuse.synthetic.phantoms import CLASS_NAMES
 
 HEAVY = ("torch", "lightning", "monai", "bioio", "tifffile", "skimage", "sklearn", "pandas", "matplotlib")
 
@@ -25,12 +25,10 @@ def _invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> Path:
-    """Two classes of two 4-channel phantoms, 2x64x64, with labels.csv."""
-    out = tmp_path_factory.mktemp("synth") / "data"
-    write_synthetic_dataset(out, classes=2, images_per_class=2, shape=(2, 64, 64), seed=1, progress=False)
-    return out
+@pytest.fixture
+def synth_data(small_synthetic_set) -> Path:
+    """Two classes of two 4-channel phantoms, 2x64x64, with labels.csv (the session's, conftest.py)."""
+    return small_synthetic_set
 
 
 # --------------------------------------------------------------------------- help and imports

@@ -1,5 +1,7 @@
 """The commands chained as a user would: synth -> cv -> train -> predict -> export."""
 
+import shutil
+
 import pandas as pd
 import pytest
 import yaml
@@ -23,19 +25,33 @@ def _tiny_project(runner, tmp_path):
     return data, config
 
 
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """``cytofuse synth`` and ``cytofuse cv`` of the tiny project, once for the module: (data, config, run, cv result).
+    Tests that write into the run folder take a copy."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pipeline")
+    runner = CliRunner()
+    data, config = _tiny_project(runner, root)
+    result = runner.invoke(app, ["cv", str(config), "--out", str(root / "run")])
+    return data, config, root / "run", result
+
+
 # torch's own deprecation notices for its legacy ONNX exporter and torch.jit (the export path we use)
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-def test_synth_cv_train_predict_export(tmp_path):
+def test_synth_cv_train_predict_export(cli_run, tmp_path):
     import torch
 
     torch.set_num_threads(1)
     runner = CliRunner()
-    data, config = _tiny_project(runner, tmp_path)
-    result = runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")])
+    data, config, run, result = cli_run
     assert result.exit_code == 0, result.output
     assert "balanced" in result.output.lower() and "2-fold CV grouped by" in result.output
+    shutil.copytree(run, tmp_path / "run")
 
     result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "model"), "--cv-run", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -58,13 +74,14 @@ def test_synth_cv_train_predict_export(tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
-def test_explain_command_on_a_finished_run(tmp_path):
+def test_explain_command_on_a_finished_run(cli_run, tmp_path):
     import torch
 
     torch.set_num_threads(1)
     runner = CliRunner()
-    data, config = _tiny_project(runner, tmp_path)
-    assert runner.invoke(app, ["cv", str(config), "--out", str(tmp_path / "run")]).exit_code == 0
+    data, config, run, result = cli_run
+    assert result.exit_code == 0
+    shutil.copytree(run, tmp_path / "run")  # explain writes into the run folder
     result = runner.invoke(app, ["explain", str(tmp_path / "run"), "--no-umap", "--n-examples", "1"])
     assert result.exit_code == 0, result.output
     folder = tmp_path / "run" / "explain" / "intermediate"

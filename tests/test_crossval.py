@@ -63,13 +63,10 @@ def test_a_training_split_without_a_class_is_an_error():
         check_fold_classes(np.array([0, 0, 1, 2]), np.array([0, 1, 3]), ["a", "b", "c"], fold=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synth") / "data"
-    write_synthetic_dataset(out, classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
-    return out / "labels.csv"
+@pytest.fixture
+def tiny_set(synthetic_set):
+    """The manifest of the session's shared synthetic set (conftest.py)."""
+    return synthetic_set / "labels.csv"
 
 
 def test_run_cv_end_to_end_on_tiny_synthetic_data(tiny_set, tmp_path):

@@ -30,12 +30,9 @@ def test_every_example_is_tested():
         "auxiliary_channel.yaml", "livedead_labels.yaml", "organelle_fusion.yaml"]
 
 
-def test_organelle_fusion_example(tmp_path):
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
-
-    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
+def test_organelle_fusion_example(synthetic_set, tmp_path):
     cfg = load_config(EXAMPLES / "organelle_fusion.yaml", overrides=[
-        f"data.manifest={tmp_path / 'data' / 'labels.csv'}", "patches.size=32", "cv.n_folds=2", *FAST])
+        f"data.manifest={synthetic_set / 'labels.csv'}", "patches.size=32", "cv.n_folds=2", *FAST])
     result = run_cv(cfg, tmp_path / "run", progress=False)
     assert set(result.summary["model"]) >= {"early", "intermediate", "late", "single:mitochondria", "handcrafted"}
 

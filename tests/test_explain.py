@@ -240,14 +240,12 @@ def _cv_config(manifest, *, epochs: int, n_folds: int, models, **patches):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, synthetic_set):
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("explain")
-    write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
-    cfg = _cv_config(root / "data" / "labels.csv", epochs=1, n_folds=2,
+    cfg = _cv_config(synthetic_set / "labels.csv", epochs=1, n_folds=2,
                      models=[{"fusion": "intermediate", "encoder": "smallcnn"},
                              {"fusion": "single", "channel": "mitochondria", "encoder": "smallcnn"}])
     run_cv(cfg, root / "run", progress=False)

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from cytofuse.cli import app
 from cytofuse.errors import RunFolderError
 from cytofuse.runs import MARKER, check_replaceable, mark_finished, prepare_run_dir, replacing_folder
-from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
 
 def _invoke(*args) -> tuple[int, str]:
@@ -25,16 +24,21 @@ def _users_folder(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ow") / "data"
-    write_synthetic_dataset(out, classes=2, images_per_class=2, shape=(2, 64, 64), seed=1, progress=False)
-    return out
+@pytest.fixture
+def data(small_synthetic_set) -> Path:
+    """The session's shared set (conftest.py): read-only, so config and model folder live beside it in ``work``."""
+    return small_synthetic_set
 
 
 @pytest.fixture(scope="module")
-def config(data) -> Path:
-    file = data.parent / "run.yaml"
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ow")
+
+
+@pytest.fixture(scope="module")
+def config(small_synthetic_set, work) -> Path:
+    data = small_synthetic_set
+    file = work / "run.yaml"
     file.write_text(yaml.safe_dump({"data": {"manifest": str(data / "labels.csv")}, "patches": {"size": 32},
                                     "models": [{"fusion": "early", "encoder": "smallcnn"}],
                                     "cv": {"n_folds": 2, "probes": False, "baseline": False},
@@ -43,7 +47,7 @@ def config(data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(data) -> Path:
+def model_dir(work) -> Path:
     from cytofuse.inference.modelfolder import card_for, write_model_folder
     from cytofuse.models import create_model
     from cytofuse.preprocess.patches import PatchSettings
@@ -51,7 +55,7 @@ def model_dir(data) -> Path:
     model = create_model("early", in_channels=4, num_classes=2, encoder="smallcnn").eval()
     card = card_for([model], class_names=["a", "b"], channel_names=["c0", "c1", "c2", "c3"],
                     patches=PatchSettings(size=32))
-    return write_model_folder(data.parent / "model", [model], card)
+    return write_model_folder(work / "model", [model], card)
 
 
 def _commands(target: Path, data: Path, config: Path, model_dir: Path) -> dict[str, list]:
@@ -94,14 +98,14 @@ def test_synth_overwrite_replaces_its_own_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
 
 
-def test_cv_overwrite_with_an_invalid_config_leaves_the_finished_run(tmp_path, config):
+def test_cv_overwrite_with_an_invalid_config_leaves_the_finished_run(tmp_path, data, config):
     run = prepare_run_dir(tmp_path / "run")
     (run / "summary.csv").write_text("model,balanced_accuracy\nearly,0.91\n")
     mark_finished(run)
     code, output = _invoke("cv", config, "--out", run, "--overwrite", "--set", "cv.n_folds=1")
     assert code == 2 and "n_folds must be >= 2 or 'loo', got 1" in output
     bad = tmp_path / "bad.yaml"
-    bad.write_text(config.read_text().replace(str(config.parent / "data"), str(tmp_path / "nowhere")))
+    bad.write_text(config.read_text().replace(str(data), str(tmp_path / "nowhere")))
     code, output = _invoke("cv", bad, "--out", run, "--overwrite")
     assert code == 2 and "nowhere" in output
     assert (run / "summary.csv").read_text() == "model,balanced_accuracy\nearly,0.91\n"

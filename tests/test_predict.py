@@ -168,14 +168,15 @@ def test_bf16_autocast_agrees_with_fp32(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory):
+def cv_run(tmp_path_factory, synthetic_set):
+    import shutil
+
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cv")
-    write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
+    shutil.copytree(synthetic_set, root / "data")  # the tests write beside it (root / "pred", ...)
     cfg = validate_config({
         "data": {"manifest": str(root / "data" / "labels.csv")},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},

@@ -114,19 +114,17 @@ def test_sweep_tick_labels_follow_sorted_positions():
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory):
+def cv_run(tmp_path_factory, synthetic_set):
     """A finished CV run on tiny synthetic data (1 epoch, smallcnn, 2 folds), as in test_crossval."""
     import torch
 
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
-    write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
     cfg = validate_config({
-        "data": {"manifest": str(root / "data" / "labels.csv")},
+        "data": {"manifest": str(synthetic_set / "labels.csv")},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
         "models": [{"fusion": "early", "encoder": "smallcnn"}, {"fusion": "single", "channel": "mitochondria", "encoder": "smallcnn"}],
         "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
@@ -187,17 +185,15 @@ def test_report_of_a_run_without_explanations_names_the_command(cv_run, tmp_path
 
 
 @pytest.mark.slow
-def test_sweep_report_has_curve_attrition_per_value_and_sub_runs(tmp_path):
+def test_sweep_report_has_curve_attrition_per_value_and_sub_runs(synthetic_set, tmp_path):
     import torch
 
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_sweep
-    from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
-    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(2, 96, 96), seed=0, progress=False)
     cfg = validate_config({
-        "data": {"manifest": str(tmp_path / "data" / "labels.csv")},
+        "data": {"manifest": str(synthetic_set / "labels.csv")},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
         "models": [{"fusion": "early", "encoder": "smallcnn"}],
         "train": {"max_epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"},
