@@ -132,3 +132,36 @@ def test_a_registered_reader_serves_read_image_probe_and_image_folders(monkeypat
         read_image(tmp_path / "one.flat")
     with pytest.raises(InputError, match="register_reader: .pix files are read already; pass replace=True"):
         register_reader(".pix", read_pix)
+
+
+def test_a_registered_report_section_is_rendered_from_the_run_folder(synthetic_set, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from cytofuse.evaluation import report as report_mod
+    from cytofuse.evaluation.report import Section, register_section, write_report
+    from cytofuse.workflows.cv import run_cv
+
+    monkeypatch.setattr(report_mod, "SECTIONS", [])
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "data": {"manifest": str(synthetic_set / "labels.csv")},
+        "patches": {"size": 32, "min_ratio": 0.0, "max_per_image": 4},
+        "models": [{"fusion": "early", "name": "early"}],
+        "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False},
+    })
+    run_cv(cfg, tmp_path / "run", progress=False)
+
+    def fold_sizes(run):  # patches per CV fold, read from the run's own folds table
+        folds = pd.read_csv(run.folds)
+        return Section("Patches per fold", "Test patches in each fold.", folds.groupby("fold").size().rename("patches").reset_index())
+
+    register_section(fold_sizes)
+    register_section(lambda run: None)  # nothing to show for this run: no section
+    html = write_report(tmp_path / "run").read_text()
+    n = pd.read_csv(tmp_path / "run" / "folds.csv").groupby("fold").size().tolist()
+    assert "<h2" in html and "Patches per fold</h2>" in html and "Test patches in each fold." in html
+    for count in n:
+        assert f">{count}</td>" in html
+    with pytest.raises(InputError, match="build must be callable"):
+        register_section("fold_sizes")

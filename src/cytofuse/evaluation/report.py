@@ -26,6 +26,39 @@ from cytofuse.errors import InputError, RunFolderError
 from cytofuse.runs import ModelRun, RunFolder, safe_name, software_versions, write_text_atomic
 
 HEADLINE = ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")
+
+
+@dataclass
+class Section:
+    """A report section added with :func:`register_section`: a title, a paragraph and an optional table."""
+
+    title: str
+    text: str = ""
+    table: pd.DataFrame | None = None
+
+
+SECTIONS: list = []  # functions RunFolder -> Section | None, rendered in order after the built-in sections
+
+
+def register_section(build) -> None:
+    """Add ``build(run: RunFolder) -> Section | None`` to every CV report (None: nothing to show for that run)."""
+    if not callable(build):
+        raise InputError(f"register_section: build must be callable (RunFolder -> Section | None), got {build!r}")
+    SECTIONS.append(build)
+
+
+def extra_sections(run_dir: Path) -> list[dict]:
+    """The registered sections of one run, as the template renders them."""
+    out = []
+    for build in SECTIONS:
+        section = build(RunFolder(run_dir))
+        if section is None:
+            continue
+        if not isinstance(section, Section):
+            raise InputError(f"report section {getattr(build, '__name__', build)!r} returned {type(section).__name__}, not a Section")
+        out.append({"title": section.title, "text": section.text,
+                    "table": None if section.table is None else _records(section.table)})
+    return out
 _LEVEL_TEXT = {"patch": "patch level (every test patch)",
                "image": "image level (patch probabilities per image combined by {method})"}
 _VERSIONED = ("cytofuse", "torch", "numpy", "monai", "scikit-learn", "pandas", "matplotlib", "lightning")
@@ -160,6 +193,7 @@ def cv_context(run_dir: Path, figures: Path) -> dict:
         "explain": explain_context(run_dir, entries),
         "labels": labels_context(run_dir),
         "extras": extras_table(entries),
+        "sections": extra_sections(run_dir),
     }
 
 
