@@ -18,6 +18,7 @@ run just before it (the machine's speed drifts), and the median is printed:
   so reading costs almost nothing) and from a zlib-compressed tiled copy (decoding is slow);
 - the forward with batches side by side vs intra-op threads, and bf16 autocast vs fp32, with
   the max |probability difference| and the decision agreement over every patch;
+- system time / user time (``getrusage`` of the process) of each end-to-end case and forward;
 - peak resident memory during prediction above the resident memory before it, vs the stack.
 
     python benchmarks/bench_predict.py [--z 100] [--yx 1364] [--size 64] [--batch 64] [--reps 3]
@@ -68,6 +69,14 @@ def rss_mb(field: str) -> float:
         if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s() -> np.ndarray:
+    """User and system CPU seconds of this process so far (all threads)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return np.array([r.ru_utime, r.ru_stime])
 
 
 def reset_peak() -> None:
@@ -139,11 +148,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
     def predict(out: str, paths: list, **kw) -> tuple[float, float]:
         shutil.rmtree(work / out, ignore_errors=True)
         reset_peak()
-        before = rss_mb("VmRSS")
+        before, cpu0 = rss_mb("VmRSS"), cpu_s()
         t, _ = timed(lambda: predict_images(folder, paths, out=work / out, batch_size=args.batch, progress=False, **kw))
+        cpu[out] = cpu.get(out, 0) + cpu_s() - cpu0
         return t, rss_mb("VmHWM") - before
 
     w = default_workers()
+    cpu: dict[str, np.ndarray] = {}  # user, system seconds summed over the repetitions, per case / forward
     cases = {  # name: (precision, workers, images (negative: the compressed file), keyword arguments)
         "fp32": ("fp32", w, 1, {}),
         "bf16": ("bf16", w, 1, {}),
@@ -159,8 +170,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     fwd: dict[tuple[str, int], list[float]] = {(p, k): [] for p, k, _, _ in cases.values()}
     for rep in range(args.reps):
         for (precision, workers), times in fwd.items():
+            cpu0 = cpu_s()
             times.append(forward_only(models, n, size=args.size, batch=args.batch, bf16=precision == "bf16",
                                       workers=workers))
+            key = f"forward {precision} workers={workers}"
+            cpu[key] = cpu.get(key, 0) + cpu_s() - cpu0
         for name, (precision, workers, k, kw) in cases.items():
             files = [path] * k if k > 0 else [packed] * -k
             out = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
@@ -186,6 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     agree = float((p32.argmax(1) == p16.argmax(1)).mean())
     print(f"bf16 accuracy        max |prob diff| {np.abs(p32 - p16).max():.4f}   mean {np.abs(p32 - p16).mean():.5f}   "
           f"patch decision agreement {agree:.4f}   (probability range {p32[:, 0].min():.3f}-{p32[:, 0].max():.3f})")
+    for name, (user, system) in cpu.items():
+        print(f"system / user time {name:41s} {system / max(user, 1e-9):6.3f}   (user {user:.1f} s, system {system:.1f} s)")
     for name, peak in peaks.items():
         print(f"peak memory {name:41s} {peak:6.0f} MB above the resident set before predict   "
               f"stack {stack_mb:.0f} MB   ratio {peak / stack_mb:5.2f}")

@@ -92,6 +92,24 @@ class EpochClock(L.Callback):
         self.epochs: list[float] = []
         self.train_parts: list[float] = []
         self.threads = 0
+        self.step_cpu = np.zeros(2)  # user, system seconds inside the training steps (batch start to end)
+        self.val_cpu = np.zeros(2)  # and inside the validation epochs
+
+    def _cpu(self) -> np.ndarray:
+        return np.array(_cpu_times())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch = self._cpu()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_cpu += self._cpu() - self._batch
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val_cpu += self._cpu() - self._val
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val = self._cpu()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.threads = torch.get_num_threads()
@@ -203,21 +221,126 @@ def table_row(tmp: Path, size: int, encoder: str, *, batch: int, epochs: int, th
     u1, s1 = _cpu_times()
     bare = [run_plain(train_ds, val_ds, settings, encoder=encoder)]
     f, b = best_throughput(len(train_ds), fits, "train_parts"), best_throughput(len(train_ds), bare, "train_parts")
+    (su, ss), (vu, vs) = fits[0].step_cpu, fits[0].val_cpu
     return {"size": size, "encoder": f"{encoder} x3 (intermediate)", "patches": len(train_ds), "fit img/s": round(f, 1),
             "bare img/s": round(b, 1), "fit / bare": round(f / b, 2),
-            "sys / user (fit)": round((s1 - s0) / max(u1 - u0, 1e-9), 3)}
+            "sys / user (fit)": round((s1 - s0) / max(u1 - u0, 1e-9), 3),
+            "sys / user (steps)": round(ss / max(su, 1e-9), 3),
+            "sys / user (rest)": round((s1 - s0 - ss - vs) / max(u1 - u0 - su - vu, 1e-9), 3),
+            "rest user+sys s": round(u1 - u0 - su - vu + s1 - s0 - ss - vs, 1)}
 
 
 def print_table(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_table_") as tmp:
         rows = []
         for size, encoder in TABLE:
-            if size > args.max_size:
+            if size > args.max_size or (args.sizes and size not in args.sizes) or (
+                    args.encoders and encoder not in args.encoders):
                 continue
             rows.append(table_row(Path(tmp), size, encoder, batch=args.batch, epochs=args.epochs, threads=args.threads))
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
         print("\n" + pd.DataFrame(rows).to_string(index=False))
         print("targets: fit / bare >= 0.9, sys / user <= 0.10")
+
+
+# --------------------------------------------------------------------------- profile of one training step
+
+PHASES = ("loader (collate + augmentation)", "forward + loss", "backward", "optimiser step + EMA")
+OP_GROUPS = [  # (label, predicate on a torch.profiler op name); first match wins
+    ("conv backward", lambda n: "convolution_backward" in n or "mkldnn_convolution_backward" in n),
+    ("conv forward", lambda n: n in ("aten::conv2d", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution")),
+    ("batch norm fwd+bwd", lambda n: "batch_norm" in n),
+    ("optimiser", lambda n: n.startswith("Optimizer.step") or "adam" in n.lower() or n.startswith("aten::_foreach")),
+    ("relu / pool / add fwd+bwd", lambda n: any(k in n for k in ("relu", "threshold", "pool", "aten::add"))),
+]
+
+
+def _rusage() -> tuple[float, float, float, int]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def profile_step(args) -> None:
+    """Wall, user, system time and minor faults per phase of the bare training step (the recipe's CPU
+    path, as in ``run_plain``), torch.profiler's self CPU time of one step grouped by kind of op, and
+    Lightning's overhead (``fit``'s training time per step minus the bare step's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cytofuse.training.fit import resolve_precision
+
+    n = args.batch * (args.profile_steps + 1)
+    with tempfile.TemporaryDirectory(prefix="bench_train_profile_") as tmp:
+        cache, labels = random_cache(Path(tmp) / "cache", n_patches=n, size=args.size)
+        train_ds, val_ds = datasets(cache, labels, args.batch)
+        settings = TrainSettings(max_epochs=2, batch_size=args.batch, accelerator="cpu", progress=False,
+                                 augment=Augment())
+        bf16 = resolve_precision(settings) == "bf16-mixed"
+        model = new_model(encoder=args.encoder).to(memory_format=torch.channels_last)
+        ema = [p.detach().clone() for p in model.parameters()]
+        weight = torch.as_tensor(class_weights(train_ds.labels, NUM_CLASSES))
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch, shuffle=True,
+                                             collate_fn=AugmentCollate(settings.augment), drop_last=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, fused=True)
+        model.train()
+        totals = {phase: np.zeros(4) for phase in PHASES}
+
+        def step(batches, record: bool) -> None:
+            marks = [_rusage()]
+            x, y = next(batches)
+            x = x.contiguous(memory_format=torch.channels_last)
+            marks.append(_rusage())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x).float(), y, weight=weight)
+            marks.append(_rusage())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            marks.append(_rusage())
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.01)
+            marks.append(_rusage())
+            if record:
+                for phase, a, b in zip(PHASES, marks, marks[1:]):
+                    totals[phase] += np.subtract(b, a)
+
+        batches = iter(loader)
+        step(batches, record=False)  # warm-up: oneDNN primitives, first-touch of the heap
+        for _ in range(args.profile_steps - 1):
+            step(batches, record=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(batches, record=True)
+        recorded = args.profile_steps
+        bare_step = sum(t[0] for t in totals.values()) / recorded
+
+        groups: dict[str, float] = {}
+        for event in prof.key_averages():
+            label = next((g for g, match in OP_GROUPS if match(event.key)), "other ops")
+            groups[label] = groups.get(label, 0.0) + event.self_cpu_time_total / 1e6
+        clock = run_fit(train_ds, val_ds, settings, Path(tmp) / "fit", encoder=args.encoder)
+        fit_step = clock.train_parts[-1] / len(loader)
+
+    print(f"one training step: {args.encoder} x3 intermediate fusion, {args.size} px, batch {args.batch}, "
+          f"precision {'bf16-mixed' if bf16 else 'fp32'}, channels_last, fused AdamW + EMA, "
+          f"{torch.get_num_threads()} threads; mean of {recorded} steps after a warm-up step")
+    rows = [{"phase": phase, "wall s": t[0] / recorded, "share": t[0] / recorded / bare_step,
+             "user s": t[1] / recorded, "sys s": t[2] / recorded, "minor faults": int(t[3] / recorded)}
+            for phase, t in totals.items()]
+    rows.append({"phase": "bare step", "wall s": bare_step, "share": 1.0,
+                 "user s": sum(t[1] for t in totals.values()) / recorded,
+                 "sys s": sum(t[2] for t in totals.values()) / recorded,
+                 "minor faults": int(sum(t[3] for t in totals.values()) / recorded)})
+    rows.append({"phase": "fit step (Lightning), 2nd epoch", "wall s": fit_step, "share": fit_step / bare_step,
+                 "user s": float("nan"), "sys s": float("nan"), "minor faults": -1})
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    total = sum(groups.values())
+    print(f"\ntorch.profiler, self CPU time of the last step by kind of op (sum over threads {total:.2f} s):")
+    print(pd.DataFrame([{"ops": g, "self CPU s": t, "share": t / total} for g, t in
+                        sorted(groups.items(), key=lambda kv: -kv[1])]).to_string(index=False,
+                                                                                    float_format=lambda v: f"{v:.3f}"))
+    if args.profile_ops:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_ops))
 
 
 # --------------------------------------------------------------------------- main
@@ -236,11 +359,24 @@ def main() -> None:
     parser.add_argument("--table", action="store_true",
                         help="the table over patch sizes and encoders (fit vs bare step, system-time share)")
     parser.add_argument("--max-size", type=int, default=350, help="--table: largest patch size to include")
+    parser.add_argument("--sizes", type=int, nargs="+", help="--table: only these patch sizes")
+    parser.add_argument("--encoders", nargs="+", help="--table: only these encoders")
+    parser.add_argument("--profile", action="store_true",
+                        help="where one training step's time goes at --size (use --size 350 --batch 4 "
+                             "--encoder resnet50 for the paper's setting): phases, ops, Lightning's overhead")
+    parser.add_argument("--encoder", default="resnet50", help="--profile: the encoder (x3, intermediate fusion)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="--profile: measured steps after one warm-up")
+    parser.add_argument("--profile-ops", type=int, default=0, help="--profile: also print torch.profiler's top N ops")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
 
     torch.set_num_threads(args.threads)
+    if args.profile:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            profile_step(args)
+        return
     if args.table:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
