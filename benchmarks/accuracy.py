@@ -139,11 +139,14 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
     result = run_cv(validate_config(raw, source=name), work / f"run_{name}_{label}", overwrite=True, progress=False)
     minutes = (time.perf_counter() - start) / 60
     rows = []
-    for model, metrics in result.metrics.items():
-        summary = metrics["cv"][level]["summary"]
+    from cytofuse.evaluation.metrics import RunMetrics
+
+    for model, data in result.metrics.items():
+        metrics = RunMetrics(data, source=model)
+        bacc = metrics.stat("balanced_accuracy", level)
         rows.append({"task": name, "variant": label, "model": model, "kind": result.kinds.get(model, "model"),
-                     "level": level, "bacc": summary["balanced_accuracy"]["mean"], "bacc_sd": summary["balanced_accuracy"]["sd"],
-                     "mcc": summary["mcc"]["mean"], "minutes": round(minutes, 1)})
+                     "level": level, "bacc": bacc.mean, "bacc_sd": bacc.sd,
+                     "mcc": metrics.stat("mcc", level).mean, "minutes": round(minutes, 1)})
     return rows
 
 

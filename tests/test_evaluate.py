@@ -453,3 +453,24 @@ def test_positive_class_report_uses_validation_thresholds_only():
     assert report["pooled"]["argmax"]["tp"] == 0 and report["pooled"]["tuned"]["tp"] == 2
     with pytest.raises(InputError, match="positive_class must be one of the classes"):
         positive_class_report(val, test, classes=classes, positive="other")
+
+
+def test_run_metrics_reads_stats_without_nested_keys():
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.4, 0.6], [0.7, 0.3], [0.45, 0.55], [0.3, 0.7], [0.1, 0.9]])
+    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(8)], "y_true": y, "fold": [0, 0, 1, 1, 0, 0, 1, 1],
+                          "prob_a": p[:, 0], "prob_b": p[:, 1]})
+    data = {"cv": ev.evaluate_run(frame, classes=["a", "b"], n_boot=50), "model": {"parameters": 12}, "measured_on": "x"}
+    m = ev.RunMetrics(data)
+    stat = m.stat("balanced_accuracy", "patch")
+    assert stat.mean == pytest.approx(data["cv"]["patch"]["summary"]["balanced_accuracy"]["mean"])
+    assert stat.n_folds_defined == 2 and m.classes == ["a", "b"] and m.model["parameters"] == 12 and m.splits == ["cv"]
+    # fold 0 (patches 0, 1, 4, 5) is all right; fold 1 misreads patch 6 (a as b): balanced accuracy 1.0 and 0.75
+    assert stat.mean == pytest.approx(0.875) and stat.sd == pytest.approx(np.std([1.0, 0.75], ddof=1))
+    assert m.measured_on == "x"
+    with pytest.raises(InputError, match="no 'test' split; it has \\['cv'\\]"):
+        m.stat("mcc", split="test")
+    with pytest.raises(InputError, match="no metric 'f2'"):
+        m.stat("f2")
+    with pytest.raises(InputError, match="not a model's metrics"):
+        ev.RunMetrics({"patch": {}})

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
+from cytofuse.evaluation.metrics import RunMetrics
 from cytofuse.runs import ModelRun, RunFolder, atomic_path, safe_name, write_text_atomic
 
 ABLATION_MODES = ("zero", "shuffle")
@@ -348,12 +349,12 @@ def single_channel_table(run_dir: str | Path, *, level: str = "patch") -> pd.Dat
     """Balanced accuracy (mean, sd over folds) of every single-channel model of a run folder."""
     rows = []
     for model in RunFolder(run_dir).model_runs():
-        metrics = json.loads(model.metrics.read_text())
-        if metrics.get("model", {}).get("fusion") != "single":
+        metrics = RunMetrics.read(model.metrics)
+        if metrics.model.get("fusion") != "single":
             continue
-        stat = metrics["cv"][level]["summary"]["balanced_accuracy"]
-        rows.append({"model": model.name, "channel": str(metrics["model"].get("channel")),
-                     "balanced_accuracy_mean": stat.get("mean"), "balanced_accuracy_sd": stat.get("sd")})
+        stat = metrics.stat("balanced_accuracy", level)
+        rows.append({"model": model.name, "channel": str(metrics.model.get("channel")),
+                     "balanced_accuracy_mean": stat.mean, "balanced_accuracy_sd": stat.sd})
     table = pd.DataFrame(rows, columns=["model", "channel", "balanced_accuracy_mean", "balanced_accuracy_sd"])
     return table.sort_values("balanced_accuracy_mean", ascending=False, kind="stable").reset_index(drop=True)
 

@@ -19,6 +19,7 @@ Conventions, chosen so the numbers can go into a paper as they are:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -451,6 +452,61 @@ def _group_members(groups: Any, n: int) -> list[np.ndarray] | None:
 
 
 # --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class MetricStat:
+    """One metric over folds: mean and sd (None when undefined) and in how many folds it was defined."""
+
+    mean: float | None
+    sd: float | None
+    n_folds_defined: int
+
+
+class RunMetrics:
+    """A typed view of a model's ``metrics.json`` (splits ``cv`` and ``test``, levels ``patch`` and ``image``),
+    so readers ask ``stat("mcc", level="image")`` instead of spelling nested keys."""
+
+    def __init__(self, data: Mapping[str, Any], *, source: str = "metrics") -> None:
+        if "cv" not in data and "test" not in data:
+            raise InputError(f"{source}: not a model's metrics (no 'cv' or 'test' split); keys {sorted(data)}")
+        self.data, self.source = dict(data), source
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunMetrics":
+        return cls(json.loads(Path(path).read_text()), source=str(path))
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("cv", "test") if s in self.data]
+
+    def result(self, level: str = "patch", split: str = "cv") -> dict:
+        """The :func:`evaluate_run` block of one split and level (n, n_folds, summary, pooled, ...)."""
+        if split not in self.data:
+            raise InputError(f"{self.source}: no {split!r} split; it has {self.splits}")
+        if level not in ("patch", "image"):
+            raise InputError(f"level must be 'patch' or 'image', got {level!r}")
+        return self.data[split][level]
+
+    def stat(self, metric: str, level: str = "patch", split: str = "cv") -> MetricStat:
+        summary = self.result(level, split)["summary"]
+        if metric not in summary:
+            raise InputError(f"{self.source}: no metric {metric!r}; it has {sorted(summary)}")
+        found = summary[metric]
+        return MetricStat(found.get("mean"), found.get("sd"), int(found.get("n_folds_defined", 0)))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data[self.splits[0]]["classes"])
+
+    @property
+    def measured_on(self) -> str:
+        return str(self.data.get("measured_on", ""))
+
+    @property
+    def model(self) -> dict:
+        """The model's settings and parameter count (empty for the baseline and probes)."""
+        return dict(self.data.get("model", {}))
 
 
 def format_summary_table(results: Mapping[str, dict], *, level: str = "patch", digits: int = 3) -> pd.DataFrame:

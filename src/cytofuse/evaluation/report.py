@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cytofuse.errors import InputError, RunFolderError
+from cytofuse.evaluation.metrics import RunMetrics
 from cytofuse.runs import ModelRun, RunFolder, safe_name, software_versions, write_text_atomic
 
 HEADLINE = ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")
@@ -174,7 +175,7 @@ def cv_context(run_dir: Path, figures: Path) -> dict:
     """Data summary, attrition, comparison tables, per-classifier figures and explanations of one CV run."""
     _check_cv_folder(run_dir)
     entries = run_entries(run_dir)
-    classes = entries[0].metrics["cv"]["classes"]
+    classes = RunMetrics(entries[0].metrics, source=str(entries[0].folder)).classes
     attrition = _attrition(run_dir)
     for entry in entries:
         entry.figures = entry_figures(entry, classes, figures / entry.folder.name if entry.kind != "probe"
@@ -310,8 +311,9 @@ def comparison_table(entries: list[Entry], *, level: str, split: str = "cv") -> 
     table = table[[METRIC_LABELS[m] for m in HEADLINE]]
     table.insert(0, "kind", [e.kind for e in chosen])
     table.insert(1, "parameters", [_params(e) for e in chosen])
-    table["Pooled balanced accuracy (95% CI)"] = [_pooled(e.metrics[split][level]) for e in chosen]
-    table["folds"] = [e.metrics[split][level].get("n_folds") for e in chosen]
+    results = [RunMetrics(e.metrics, source=str(e.folder)).result(level, split) for e in chosen]
+    table["Pooled balanced accuracy (95% CI)"] = [_pooled(r) for r in results]
+    table["folds"] = [r.get("n_folds") for r in results]
     return _records(table.reset_index().rename(columns={"run": "classifier"}))
 
 
@@ -345,7 +347,7 @@ def entry_figures(entry: Entry, classes: list[str], out_dir: Path) -> list[Figur
     source = ModelRun(entry.folder).predictions
     figures, predictions = [], None
     for level in ("image", "patch"):
-        result = entry.metrics["cv"][level]
+        result = RunMetrics(entry.metrics, source=str(entry.folder)).result(level)
         where = (f"Pooled test predictions of all {result['n_folds']} folds, {_LEVEL_TEXT[level].format(method=result.get('method'))}: "
                  f"{result['n']} {'images' if level == 'image' else 'patches'}.")
         for normalize, suffix in ((False, "counts"), (True, "normalised")):

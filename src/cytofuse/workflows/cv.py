@@ -399,15 +399,17 @@ def _ensemble(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
 
 def summary_table(metrics: dict[str, dict], *, split: str = "cv", kinds: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per model and level: mean and sd over folds of the headline metrics; ``kind`` says model, baseline or probe."""
+    from cytofuse.evaluation.metrics import RunMetrics
+
     rows = []
-    for name, m in metrics.items():
+    for name, data in metrics.items():
+        m = RunMetrics(data, source=name)
         for level in ("patch", "image"):
-            summary = m[split][level]["summary"]
             row = {"model": name, "kind": (kinds or {}).get(name, "model"), "level": level,
-                   "parameters": m.get("model", {}).get("parameters")}
+                   "parameters": m.model.get("parameters")}
             for metric in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1"):
-                stat = summary.get(metric) or {}
-                row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.get("mean"), stat.get("sd")
+                stat = m.stat(metric, level, split)
+                row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.mean, stat.sd
             rows.append(row)
     return pd.DataFrame(rows)
 
