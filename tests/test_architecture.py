@@ -20,7 +20,7 @@ LAYERS = (
     {"inference", "synthetic"},  # model folders and prediction; synthetic data
     {"evaluation", "export"},  # metrics, plots, baseline, explanations, report; export formats
     {"workflows"},  # cross-validation, final model, demo
-    {"cli"},
+    {"cli", "api"},  # the command and the Python entry points
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -13,8 +13,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # glibc unmapped and re-faulted every large training batch: a third of CPU training time
-# was system time. Raise its mmap and trim thresholds for this process (and the DataLoader
-# workers it forks); CYTOFUSE_MALLOPT=0 or the user's own MALLOC_*_THRESHOLD_ turns it off.
+# was system time. Fix its mmap threshold at 64 MiB and raise its trim threshold for this
+# process (and the DataLoader workers it forks); CYTOFUSE_MALLOPT=0 or the user's own
+# MALLOC_*_THRESHOLD_ turns it off.
 from cytofuse.runtime import tune_malloc  # noqa: E402
 
 tune_malloc()
