@@ -100,15 +100,11 @@ def three_channel_set(tmp_path_factory):
     return out / "labels.csv"
 
 
-def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp_path, monkeypatch):
-    """Spy on every forward pass of a CV run: eval-mode passes (validation, test folds) see 2 channels."""
-    from cytofuse.workflows.cv import run_cv
+@pytest.fixture
+def forward_spy(monkeypatch) -> list[tuple[bool, int]]:
+    """(training mode, input channels) of every forward pass of an intermediate-fusion model."""
     from cytofuse.models.fusion import IntermediateFusion
-    from cytofuse.inference.modelfolder import load_models
-    from cytofuse.inference.predict import predict_images
-    from cytofuse.io.readers import Image, read_image
 
-    torch.set_num_threads(1)
     seen: list[tuple[bool, int]] = []
     original = IntermediateFusion.forward_features
 
@@ -117,6 +113,18 @@ def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp
         return original(self, x)
 
     monkeypatch.setattr(IntermediateFusion, "forward_features", spy)
+    return seen
+
+
+def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp_path, forward_spy):
+    """Spy on every forward pass of a CV run: eval-mode passes (validation, test folds) see 2 channels."""
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.inference.modelfolder import load_models
+    from cytofuse.inference.predict import predict_images
+    from cytofuse.io.readers import Image, read_image
+
+    torch.set_num_threads(1)
+    seen = forward_spy
     cfg = validate_config({
         "data": {"manifest": str(three_channel_set)},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
@@ -182,22 +190,14 @@ def test_patch_dataset_soft_targets_make_triples(tmp_path):
         PatchDataset(Cache(), np.array([0, 2]), np.array([0, 1]), soft_targets=np.ones((3, 2)))
 
 
-def test_cv_distills_from_a_teacher_that_sees_the_auxiliary_channel(three_channel_set, tmp_path, monkeypatch):
+def test_cv_distills_from_a_teacher_that_sees_the_auxiliary_channel(three_channel_set, tmp_path, forward_spy):
     """auxiliary_mode 'distill': a 3-channel teacher per fold in fold_k/teacher; the model itself only ever sees 2."""
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.models.fusion import IntermediateFusion
     from cytofuse.inference.modelfolder import load_models
     from cytofuse.training.fit import TrainSettings
 
     torch.set_num_threads(1)
-    seen: list[tuple[bool, int]] = []
-    original = IntermediateFusion.forward_features
-
-    def spy(self, x):
-        seen.append((self.training, int(x.shape[1])))
-        return original(self, x)
-
-    monkeypatch.setattr(IntermediateFusion, "forward_features", spy)
+    seen = forward_spy
     cfg = validate_config({
         "data": {"manifest": str(three_channel_set)},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
