@@ -247,9 +247,8 @@ def _model_folders(root: Path) -> None:
     patches = rng.normal(100, 3, (20, 4, 32, 32)).astype(np.float32)
     patches[10:, :, 8:24, 8:24] += 300
     EmptyFilter(encoder="intensity").fit(patches, np.arange(20) >= 10).save(root / "filter")
-    settings = PatchSettings(size=32, empty_filter=root / "filter")
     folder = write_model_folder(root / "legacy_model", [model], card.model_copy(
-        update={"patches": settings.model_dump(mode="json")}))
+        update={"recipe": card.recipe.with_empty_filter(root / "filter")}))
     copy = folder / "empty_filter"
     (copy / "svm.safetensors").unlink()
     (copy / "svm.joblib").write_bytes(b"a pickle from an older cytofuse: never opened")

@@ -141,10 +141,10 @@ def test_a_model_folder_carries_its_empty_filter(tmp_path):
     settings = PatchSettings(size=32, stride=16, min_ratio=0.0, empty_filter=tmp_path / "flt")
     card = card_for([model], class_names=["a", "b"], channel_names=["BF"], patches=settings)
     folder = write_model_folder(tmp_path / "model", [model], card)
-    assert yaml.safe_load((folder / "model.yaml").read_text())["patches"]["empty_filter"] == "empty_filter"
+    assert yaml.safe_load((folder / "model.yaml").read_text())["recipe"]["settings"]["empty_filter"] == "empty_filter"
     shutil.move(tmp_path / "flt", tmp_path / "moved")
     _, read = read_model_folder(folder)
-    assert read.patch_settings().empty_filter == folder / "empty_filter"
+    assert read.recipe.prediction_settings().empty_filter == folder / "empty_filter"
     image = Image(stack, ("BF",), source="field.tif")
     summary = predict_images(folder, [image], out=tmp_path / "pred", progress=False, precision="fp32")
     assert 0 < summary.loc[0, "patches"] < 7 * 3  # the filter dropped the empty right half's patches
@@ -155,4 +155,4 @@ def test_a_model_folder_carries_its_empty_filter(tmp_path):
     assert (again / "empty_filter").is_dir()
     with pytest.raises(InputError, match="does not exist; a model folder carries a copy"):
         write_model_folder(tmp_path / "bad", models, read.model_copy(
-            update={"patches": read.patches | {"empty_filter": str(tmp_path / "nowhere")}}))
+            update={"recipe": read.recipe.with_empty_filter(tmp_path / "nowhere")}))

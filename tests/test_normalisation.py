@@ -101,8 +101,8 @@ def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
     assert isinstance(view, NormalisedCache)
     np.testing.assert_allclose(view.norm.high, np.mean(every, axis=0))
     _, card = load_models(tmp_path / "run", model_name="cnn")
-    assert card.normalisation["scope"] == "dataset" and card.tta
-    np.testing.assert_allclose(card.fixed_bounds()[1], np.mean(every, axis=0))
+    assert card.recipe.scope == "dataset" and card.tta
+    np.testing.assert_allclose(card.recipe.bounds()[1], np.mean(every, axis=0))
 
 
 def test_class_recall_table_pools_images_over_folds():

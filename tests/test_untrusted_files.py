@@ -172,7 +172,7 @@ def test_a_model_folder_with_an_old_pickled_filter_copy_is_refused(tmp_path):
 
     folder = _model_with_filter(tmp_path)
     _, card = read_model_folder(folder)  # the copy of the current format is read
-    assert card.patch_settings().empty_filter == folder / "empty_filter"
+    assert card.recipe.settings.empty_filter == folder / "empty_filter"
     copy = folder / "empty_filter"
     card_json = json.loads((copy / "card.json").read_text())
     (copy / "svm.safetensors").unlink()

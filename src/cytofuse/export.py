@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from torch import nn
 
 from cytofuse.errors import CytofuseError, InputError
 from cytofuse.runs import atomic_path, check_replaceable, replacing_folder, write_text_atomic
+
+if TYPE_CHECKING:
+    from cytofuse.inference.modelfolder import ModelCard
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "probabilities"
@@ -242,13 +246,24 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _card_dict(card: object) -> dict:
-    raw = card.model_dump(mode="json") if hasattr(card, "model_dump") else card
-    if not isinstance(raw, Mapping) or not {"class_names", "channel_names", "patches"} <= raw.keys():
+def _card(card: object) -> "ModelCard":
+    """A ModelCard, or a mapping read as one (either card layout)."""
+    from pydantic import ValidationError
+
+    from cytofuse.inference.modelfolder import ModelCard
+
+    if isinstance(card, ModelCard):
+        return card
+    if not isinstance(card, Mapping) or not {"class_names", "channel_names"} <= card.keys():
         raise InputError(
-            f"card must be a ModelCard or a mapping with class_names, channel_names and patches, got {card!r}"
+            f"card must be a ModelCard or a mapping with class_names, channel_names and patches (or recipe), got {card!r}"
         )
-    return dict(raw)
+    try:
+        return ModelCard.model_validate(dict(card))
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise InputError("card must be a ModelCard or a mapping that is a valid model card:\n  "
+                         + "\n  ".join(lines)) from None
 
 
 def _preprocessing_note(low: float, high: float) -> str:
@@ -260,16 +275,16 @@ def _preprocessing_note(low: float, high: float) -> str:
     )
 
 
-def _input_spec(card: dict) -> dict:
-    size = int(card["patches"].get("size", 0))
-    low, high = (float(p) for p in card.get("normalisation", {}).get("percentiles", [1.0, 99.8]))
+def _input_spec(card: "ModelCard") -> dict:
+    size = card.recipe.settings.size
+    low, high = (float(p) for p in card.recipe.settings.percentiles)
     return {
         "id": INPUT_NAME,
         "description": "z-slice patches of the model's channels, normalised per image: "
         + _preprocessing_note(low, high),
         "axes": [
             {"type": "batch"},
-            {"type": "channel", "channel_names": list(card["channel_names"])},
+            {"type": "channel", "channel_names": list(card.channel_names)},
             {"type": "space", "id": "y", "size": size},
             {"type": "space", "id": "x", "size": size},
         ],
@@ -282,11 +297,11 @@ def _input_spec(card: dict) -> dict:
     }
 
 
-def _output_spec(card: dict) -> dict:
+def _output_spec(card: "ModelCard") -> dict:
     return {
         "id": OUTPUT_NAME,
         "description": "class probabilities (softmax; an ensemble outputs the mean over its members)",
-        "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(card["class_names"])}],
+        "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(card.class_names)}],
         "data": {"type": "float32"},
     }
 
@@ -311,17 +326,17 @@ def _weights_spec(files: Mapping[str, str | Path], folder: Path, opset: int) -> 
 
 def rdf_dict(card: object, files: Mapping[str, str | Path], *, folder: str | Path, opset: int = DEFAULT_OPSET) -> dict:
     """The bioimage.io-style resource description of exported ``files`` ({format: path}) for ``card``."""
-    card = _card_dict(card)
-    model = card.get("model", {})
-    n_members = max(len(card.get("weights", [])), 1)
+    card = _card(card)
+    model = card.model
+    n_members = max(len(card.weights), 1)
     what = f"{model.get('name', '?')} fusion over {model.get('encoder', '?')} encoders"
     return {
         "type": "model",
         "format_version": "0.5.3",
-        "name": f"cytofuse {model.get('name', 'model')} classifier: {', '.join(card['class_names'])}",
+        "name": f"cytofuse {model.get('name', 'model')} classifier: {', '.join(card.class_names)}",
         "description": (
             f"Patch classifier ({what}{f', ensemble of {n_members} fold models' if n_members > 1 else ''}) "
-            f"of {len(card['class_names'])} classes from channels {', '.join(card['channel_names'])}. "
+            f"of {len(card.class_names)} classes from channels {', '.join(card.channel_names)}. "
             "Outputs class probabilities per patch; whole-image predictions average the patches kept by "
             "cytofuse's Otsu sparsity filter."
         ),
@@ -331,10 +346,10 @@ def rdf_dict(card: object, files: Mapping[str, str | Path], *, folder: str | Pat
         "outputs": [_output_spec(card)],
         "weights": _weights_spec(files, Path(folder), opset),
         "config": {"cytofuse": {
-            "cytofuse_version": card.get("cytofuse_version"), "class_names": list(card["class_names"]),
-            "channel_names": list(card["channel_names"]), "normalisation": card.get("normalisation"),
-            "patches": card["patches"], "model": model, "ensemble_members": n_members,
-            "trained_on": card.get("trained_on", {}),
+            "cytofuse_version": card.cytofuse_version, "class_names": list(card.class_names),
+            "channel_names": list(card.channel_names), "normalisation": card.recipe.normalisation_summary(),
+            "patches": card.recipe.settings.model_dump(mode="json"), "model": model, "ensemble_members": n_members,
+            "trained_on": card.trained_on,
         }},
     }
 
@@ -361,12 +376,12 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def _metadata(card: dict, patch_size: int) -> dict[str, object]:
+def _metadata(card: "ModelCard", patch_size: int) -> dict[str, object]:
     return {
-        "class_names": card["class_names"], "channel_names": card["channel_names"], "patch_size": patch_size,
-        "normalisation": card.get("normalisation"), "output": "class probabilities",
-        "ensemble_members": max(len(card.get("weights", [])), 1), "cytofuse_version": card.get("cytofuse_version"),
-        "tta": "mean over the 8 dihedral transforms of each patch" if card.get("tta") else "none",
+        "class_names": list(card.class_names), "channel_names": list(card.channel_names), "patch_size": patch_size,
+        "normalisation": card.recipe.normalisation_summary(), "output": "class probabilities",
+        "ensemble_members": max(len(card.weights), 1), "cytofuse_version": card.cytofuse_version,
+        "tta": "mean over the 8 dihedral transforms of each patch" if card.tta else "none",
     }
 
 
@@ -396,19 +411,18 @@ def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequ
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist or is not a folder")
     check_replaceable(out, overwrite=overwrite, what="export folder")
-    models, card_model = read_model_folder(model_dir)
-    card = _card_dict(card_model)
-    patch_size = _check_patch_size(card["patches"].get("size"))
+    models, card = read_model_folder(model_dir)
+    patch_size = _check_patch_size(card.recipe.settings.size)
     with replacing_folder(out, overwrite=overwrite, what="export folder") as tmp:
         names = _write_export(tmp, models, card, formats, patch_size=patch_size, opset=opset, verify=verify)
         shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
     return {key: out / name for key, name in {**names, "card": CARD_FILE}.items()}
 
 
-def _write_export(folder: Path, models: list[nn.Module], card: dict, formats: list[str], *, patch_size: int,
+def _write_export(folder: Path, models: list[nn.Module], card: "ModelCard", formats: list[str], *, patch_size: int,
                   opset: int, verify: bool) -> dict[str, str]:
     """Write the exported graphs and rdf.yaml into ``folder``; their names by format (and "rdf")."""
-    wrapped, meta = as_probability_model(models, tta=bool(card.get("tta"))), _metadata(card, patch_size)
+    wrapped, meta = as_probability_model(models, tta=card.tta), _metadata(card, patch_size)
     files = {f: folder / FILE_NAMES[f] for f in formats}
     if "onnx" in files:
         export_onnx(wrapped, files["onnx"], patch_size=patch_size, opset=opset, metadata=meta)

@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchSettings
+from cytofuse.preprocess.recipe import Normalisation, PatchRecipe
 from cytofuse.runs import FitFolder, RunFolder, check_replaceable, replacing_folder, software_versions
 
 if TYPE_CHECKING:
     from torch import nn
 
 FORMAT = "cytofuse-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the patch recipe as one `recipe` (1: `patches` and `normalisation` dicts)
 CARD_FILE = "model.yaml"
 FILTER_DIR = "empty_filter"  # a model's copy of its learned empty-patch filter
 
@@ -43,7 +44,11 @@ def _cytofuse_version() -> str:
 
 
 class ModelCard(BaseModel):
-    """What a model folder holds: classes, input channels, patching and normalisation rules, provenance."""
+    """What a model folder holds: classes, input channels, the patch recipe, provenance.
+
+    format_version 2 stores the patch recipe as ``recipe`` (``PatchRecipe``: settings, channels,
+    normalisation); a format_version 1 card (``patches`` and ``normalisation`` dicts) is read into one.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,70 +57,67 @@ class ModelCard(BaseModel):
     cytofuse_version: str = Field(default_factory=_cytofuse_version)
     class_names: list[str] = Field(..., min_length=2, description="Classes in the order of the model's outputs.")
     channel_names: list[str] = Field(..., min_length=1, description="The model's input channels, in order, by name.")
-    patches: dict = Field(default_factory=dict, description="The PatchSettings used in training.")
-    normalisation: dict = Field(
-        default_factory=lambda: {"method": "percentile", "percentiles": [1.0, 99.8]},
-        description="Per channel: (raw - low) / max(high - low, eps); low and high are each image's percentiles "
-        "(scope image) or stored here (scope dataset: the training images' percentiles; fixed).",
-    )
+    recipe: PatchRecipe = Field(..., description="How patches are cut and normalised: as in training.")
     weights: list[str] = Field(default_factory=list, description="Weight files; more than one is an ensemble.")
     tta: bool = Field(False, description="Predict with the mean class probability over the 8 dihedral transforms.")
     model: dict = Field(default_factory=dict, description="The model's create_model arguments (for display).")
     trained_on: dict = Field(default_factory=dict, description="Images, patches, epochs, source run.")
     software: dict = Field(default_factory=software_versions)
 
-    @field_validator("normalisation")
+    @model_validator(mode="before")
     @classmethod
-    def _check_normalisation(cls, value: dict) -> dict:
-        if value.get("method") != "percentile" or len(value.get("percentiles", ())) != 2:
-            raise ValueError(f"normalisation must be {{method: percentile, percentiles: [low, high]}}, got {value}")
-        scope = value.get("scope", "image")
-        if scope not in ("image", "dataset", "fixed"):
-            raise ValueError(f"normalisation.scope must be image, dataset or fixed, got {scope!r}")
-        if scope != "image":
-            n = len(value.get("channels") or [])
-            if not n or len(value.get("low") or []) != n or len(value.get("high") or []) != n:
-                raise ValueError(f"normalisation with scope {scope!r} needs channels, low and high of equal length, "
-                                 f"got {value}")
-        return value
+    def _read_layout(cls, data):
+        """channel_names from the recipe when only it names them; a format_version 1 card's ``patches`` and
+        ``normalisation`` dicts become its recipe."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "recipe" not in data:
+            patches = data.pop("patches", None) or {}
+            norm = data.pop("normalisation", None) or {"method": "percentile", "percentiles": [1.0, 99.8]}
+            if not isinstance(patches, dict) or not isinstance(norm, dict):
+                raise ValueError(f"patches and normalisation must be mappings, got {patches!r} and {norm!r}")
+            names = data.get("channel_names")
+            try:
+                data["recipe"] = PatchRecipe.from_card_v1(patches, norm, names if isinstance(names, list) else [])
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"patches / normalisation (format_version 1 layout): {problems}") from None
+            data["format_version"] = FORMAT_VERSION
+        elif "channel_names" not in data and isinstance(data["recipe"], (PatchRecipe, dict)):
+            recipe = data["recipe"]
+            data["channel_names"] = list(recipe.channels if isinstance(recipe, PatchRecipe) else
+                                         recipe.get("channels") or [])
+        return data
 
-    def fixed_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(low, high) per card channel for dataset / fixed normalisation, None for per-image percentiles."""
-        norm = self.normalisation
-        if norm.get("scope", "image") == "image":
-            return None
-        where = {c: i for i, c in enumerate(norm["channels"])}
-        missing = [c for c in self.channel_names if c not in where]
-        if missing:
-            raise InputError(f"model card: normalisation lists channels {norm['channels']}, not {missing}")
-        idx = [where[c] for c in self.channel_names]
-        return np.asarray(norm["low"], np.float64)[idx], np.asarray(norm["high"], np.float64)[idx]
-
-    def patch_settings(self) -> PatchSettings:
-        """The training PatchSettings for prediction: the card's channels, every patch (no per-image cap)."""
-        raw = dict(self.patches) | {"channels": None, "exclude_channels": [], "max_per_image": None}
-        raw["percentiles"] = tuple(self.normalisation["percentiles"])
-        return PatchSettings.model_validate(raw)
+    @model_validator(mode="after")
+    def _check_channels(self) -> "ModelCard":
+        if self.recipe.channels != self.channel_names:
+            raise ValueError(f"recipe.channels {self.recipe.channels} differ from channel_names {self.channel_names}")
+        return self
 
 
-def card_for(models: list["nn.Module"], *, class_names: list[str], channel_names: list[str],
-             patches: PatchSettings, trained_on: dict | None = None, normalisation=None, tta: bool = False) -> ModelCard:
-    """A card for ``models`` trained with ``patches`` (weights names are set when the folder is written).
+def card_for(models: list["nn.Module"], *, class_names: list[str], recipe: PatchRecipe | None = None,
+             channel_names: list[str] | None = None, patches: PatchSettings | None = None,
+             trained_on: dict | None = None, normalisation: Normalisation | None = None, tta: bool = False) -> ModelCard:
+    """A card for ``models`` trained with ``recipe`` (weights names are set when the folder is written).
 
-    A model that names its input channels (``config["channel_names"]``: a subset of the patch
-    channels, without any training-only auxiliary channel) gets those as the card's channels.
+    Instead of a recipe, its pieces may be given: ``patches`` (the PatchSettings), ``channel_names`` and
+    ``normalisation``. A model that names its input channels (``config["channel_names"]``: a subset of
+    the patch channels, without any training-only auxiliary channel) gets those as the card's channels.
     """
     config = dict(getattr(models[0], "config", None) or {})
+    if recipe is None:
+        if patches is None or channel_names is None:
+            raise InputError("card_for needs a recipe, or patches and channel_names")
+        recipe = PatchRecipe.build(patches, channel_names, normalisation)
+    elif patches is not None or channel_names is not None or normalisation is not None:
+        raise InputError("card_for takes a recipe or its pieces (patches, channel_names, normalisation), not both")
     if config.get("channel_names"):
-        channel_names = list(config["channel_names"])
+        recipe = PatchRecipe.build(recipe.settings, config["channel_names"], recipe.normalisation)
     return ModelCard(
-        class_names=list(class_names), channel_names=list(channel_names),
-        patches=patches.model_dump(mode="json"),
-        normalisation={"method": "percentile", "percentiles": list(patches.percentiles)}
-        | ({} if normalisation is None else {"scope": normalisation.scope, "channels": list(normalisation.channels),
-                                             "low": normalisation.low, "high": normalisation.high,
-                                             "measured_on": normalisation.measured_on}),
-        model=dict(getattr(models[0], "config", None) or {}), trained_on=dict(trained_on or {}), tta=tta,
+        class_names=list(class_names), channel_names=list(recipe.channels), recipe=recipe,
+        model=config, trained_on=dict(trained_on or {}), tta=tta,
     )
 
 
@@ -155,7 +157,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     card = card.model_copy(update={"weights": names})
     for k, model in enumerate(models):
         _check_config(dict(getattr(model, "config", None) or {}), card, f"write_model_folder: models[{k}]")
-    source_filter = card.patches.get("empty_filter")
+    source_filter = card.recipe.settings.empty_filter
     if source_filter is not None and not Path(source_filter).is_dir():
         raise InputError(f"write_model_folder: the model's empty-patch filter {source_filter} (patches.empty_filter) "
                          "does not exist; a model folder carries a copy of it")
@@ -166,7 +168,7 @@ def write_model_folder(out: str | Path, models: list["nn.Module"], card: ModelCa
     with replacing_folder(out, overwrite=overwrite, what="model folder") as tmp:
         if source_filter is not None:  # the card names the copy, relative to the folder
             shutil.copytree(source_filter, tmp / FILTER_DIR)
-            card = card.model_copy(update={"patches": card.patches | {"empty_filter": FILTER_DIR}})
+            card = card.model_copy(update={"recipe": card.recipe.with_empty_filter(FILTER_DIR)})
         for model, name in zip(models, names):
             save_weights(model, tmp / name)
         (tmp / CARD_FILE).write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
@@ -216,13 +218,14 @@ def read_model_folder(path: str | Path) -> tuple[list["nn.Module"], ModelCard]:
     card = read_card(path)
     if not card.weights:
         raise InputError(f"{path / CARD_FILE} lists no weight files")
-    own_filter = card.patches.get("empty_filter")
-    if own_filter is not None and not Path(own_filter).is_absolute():  # the folder's copy, relative to it
-        card = card.model_copy(update={"patches": card.patches | {"empty_filter": str(path / own_filter)}})
-    if own_filter is not None and Path(card.patches["empty_filter"]).is_dir():  # a missing one is named at predict time
+    own_filter = card.recipe.settings.empty_filter
+    if own_filter is not None and not own_filter.is_absolute():  # the folder's copy, relative to it
+        card = card.model_copy(update={"recipe": card.recipe.with_empty_filter(path / own_filter)})
+    own_filter = card.recipe.settings.empty_filter
+    if own_filter is not None and own_filter.is_dir():  # a missing one is named at predict time
         from cytofuse.preprocess.emptyfilter import check_filter_folder
 
-        check_filter_folder(card.patches["empty_filter"])
+        check_filter_folder(own_filter)
     models = []
     for name in card.weights:
         file = path / name
@@ -287,19 +290,17 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     models = [load_model(f.weights) for f in folds]
     trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
                   "images": int(table["image_id"].nunique()), "patches": int(len(table))}
-    card = card_for(models, class_names=classes, channel_names=channels, patches=cfg.patches, trained_on=trained_on,
-                    normalisation=fold_normalisation(folds), tta=cfg.train_settings.tta)
+    recipe = PatchRecipe.build(cfg.patches, channels, fold_normalisation(folds))
+    card = card_for(models, class_names=classes, recipe=recipe, trained_on=trained_on, tta=cfg.train_settings.tta)
     card = card.model_copy(update={"weights": weight_names(len(models))})
     for k, model in enumerate(models):
         _check_config(model.config, card, str(folds[k].weights))
     return models, card
 
 
-def fold_normalisation(folds: list[FitFolder]):
+def fold_normalisation(folds: list[FitFolder]) -> Normalisation | None:
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
     percentiles (None for per-image normalisation or runs that stored none)."""
-    from cytofuse.training.cache import Normalisation
-
     files = [f.normalisation for f in folds]
     if not all(f.is_file() for f in files):
         return None

@@ -94,8 +94,8 @@ def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
     """Thresholds, percentiles and kept patch origins of one (C, Z, Y, X) stack of the card's channels."""
     from cytofuse.preprocess.patches import extract_patches
 
-    res = extract_patches(stack, channel_names=card.channel_names, settings=card.patch_settings())
-    bounds = card.fixed_bounds()
+    res = extract_patches(stack, channel_names=card.channel_names, settings=card.recipe.prediction_settings())
+    bounds = card.recipe.bounds()
     if bounds is not None:  # dataset or fixed scope: the training images' (or the given) range, not this image's
         res.low, res.high = bounds
     return res
@@ -613,7 +613,7 @@ def apply_empty_filter(stack: np.ndarray, res: "ImagePatches", filter_dir: Path,
 
     if not Path(filter_dir).is_dir():
         raise InputError(f"the model was trained with the empty-patch filter {filter_dir}, which is missing here; "
-                         "copy it to that path (the card's patches.empty_filter) to predict as in training")
+                         "copy it to that path (the card's recipe.settings.empty_filter) to predict as in training")
     flt = EmptyFilter.load(filter_dir)
     keep = np.ones(len(res.origins), bool)
     for start in range(0, len(keep), chunk):
@@ -637,7 +637,7 @@ def _z_ordered(res: "ImagePatches") -> "ImagePatches":
 def prepare_image(image: "Image", card: "ModelCard", *, name: str) -> tuple[np.ndarray, "ImagePatches"]:
     """The model's channels of one image and its kept patches in z order, preprocessed as in training."""
     stack = select_model_channels(image, card.channel_names)
-    settings = card.patch_settings()
+    settings = card.recipe.prediction_settings()
     res = _z_ordered(preprocess(stack, card))
     if settings.empty_filter is not None:
         res = apply_empty_filter(stack, res, settings.empty_filter, size=settings.size, name=name)
@@ -653,7 +653,7 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
     import pandas as pd
 
     stack, res = prepared if prepared is not None else prepare_image(image, card, name=name)
-    settings = card.patch_settings()
+    settings = card.recipe.prediction_settings()
     workers = default_workers() if workers is None else workers
     step = overlay_step(stack.shape[2:])  # the overlay needs every step-th pixel only
     writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, WeightedRandomSampler
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from cytofuse.errors import InputError
 from cytofuse.models.tta import dihedral
 from cytofuse.preprocess.patches import NORM_EPS, PatchIndex, cut_patches
+from cytofuse.preprocess.recipe import Normalisation
 from cytofuse.runs import FitFolder, building_folder, write_text_atomic
 
 CACHE_ARRAY = "patches.npy"
@@ -125,23 +125,6 @@ class CacheChannels:
 
     def __repr__(self) -> str:
         return f"CacheChannels({self.cache!r}, channels={self.channels})"
-
-
-class Normalisation(BaseModel):
-    """How raw intensities become model inputs: ``(raw - low) / max(high - low, eps)`` per channel.
-
-    scope 'image': each image's own percentiles (``low``/``high`` unset: the patch cache holds
-    them already); 'dataset': percentiles of the training images' patch pixels; 'fixed': given.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    scope: Literal["image", "dataset", "fixed"] = Field("image", description="Where low and high come from.")
-    percentiles: tuple[float, float] = Field((1.0, 99.8), description="Percentiles mapped to 0 and 1.")
-    channels: list[str] = Field(default_factory=list, description="Channel of each low / high entry.")
-    low: list[float] | None = Field(None, description="Per channel (dataset and fixed scopes).")
-    high: list[float] | None = Field(None, description="Per channel (dataset and fixed scopes).")
-    measured_on: str = Field("", description="What the dataset percentiles were computed from.")
 
 
 def raw_rows(cache, rows: np.ndarray, image_lo: np.ndarray, image_hi: np.ndarray) -> np.ndarray:
@@ -606,8 +589,8 @@ def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, 
         norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
     elif scope == "fixed":
         low, high = settings.fixed_bounds(len(channels))
-        norm = Normalisation(scope="fixed", channels=channels, low=low.tolist(), high=high.tolist(),
-                             measured_on="patches.fixed_range")
+        norm = Normalisation(scope="fixed", percentiles=tuple(settings.percentiles), channels=channels,
+                             low=low.tolist(), high=high.tolist(), measured_on="patches.fixed_range")
     else:
         norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
                                      percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)

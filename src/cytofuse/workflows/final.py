@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytofuse.config import ModelSettings, RunConfig
+from cytofuse.config import ModelSettings, RunConfig, model_channels
 from cytofuse.errors import InputError
 from cytofuse.runs import FitFolder
 
@@ -104,6 +104,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     from cytofuse.workflows.fitting import build_run_cache, fit_model
     from cytofuse.inference.modelfolder import check_target, card_for, write_model_folder
     from cytofuse.preprocess.patches import build_patch_index
+    from cytofuse.preprocess.recipe import PatchRecipe
     from cytofuse.workflows.patching import load_image_set
 
     out = Path(out)
@@ -148,8 +149,9 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     if branch_weights is not None:
         trained_on["branch_weights"] = {"values": [round(float(w), 6) for w in branch_weights],
                                         "from": f"mean over the folds of CV run {Path(cv_run).name}"}
-    card = card_for([model], class_names=classes, channel_names=list(index.channel_names), patches=cfg.patches,
-                    trained_on=trained_on, normalisation=getattr(view, "norm", None), tta=settings.tta)
+    inputs, _ = model_channels(model_cfg, index.channel_names)
+    recipe = PatchRecipe.build(cfg.patches, [index.channel_names[i] for i in inputs], getattr(view, "norm", None))
+    card = card_for([model], class_names=classes, recipe=recipe, trained_on=trained_on, tta=settings.tta)
     write_model_folder(out, [model.eval()], card, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return out
