@@ -207,6 +207,127 @@ def _train_settings():
     return TrainSettings
 
 
+# Settings a search may change, by section; the rest (hardware, seeds, channels, names) are no hyperparameters.
+_NOT_TUNABLE = {
+    "train": {"accelerator", "devices", "strategy", "num_nodes", "precision", "deterministic", "progress",
+              "num_workers", "seed", "augment"},
+    "models": {"name", "channel", "channels", "auxiliary", "pretrained"},
+}
+
+
+def tunable_parameters() -> list[str]:
+    """Every setting path a ``tune.space`` may name: ``train.<field>``, ``train.augment.<field>``, ``models.<field>``."""
+    from cytofuse.training.cache import Augment
+
+    names = [f"train.{f}" for f in _train_settings().model_fields if f not in _NOT_TUNABLE["train"]]
+    names += [f"train.augment.{f}" for f in Augment.model_fields]
+    names += [f"models.{f}" for f in ModelSettings.model_fields if f not in _NOT_TUNABLE["models"]]
+    return names
+
+
+class TuneRange(_Strict):
+    """One searched setting: a numeric range ``{low, high, log, step}`` or a list ``{choices: [...]}``.
+
+    A range whose bounds are both integers is searched over integers."""
+
+    low: int | float | None = Field(None, description="Lowest value of a range.")
+    high: int | float | None = Field(None, description="Highest value of a range.")
+    log: bool = Field(False, description="Draw the range on a log scale (low must be > 0).")
+    step: int | float | None = Field(None, gt=0, description="Spacing of the values of a range (not with log).")
+    choices: list[str | int | float | bool | None] | None = Field(None, description="The values of a categorical setting.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneRange":
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError(f"give either choices {self.choices} or a range (low, high, log, step), not both")
+            if not self.choices:
+                raise ValueError("choices is empty: list at least one value")
+            if len({repr(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"choices {self.choices} repeat a value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a range needs both low and high (got low={self.low}, high={self.high}), or give choices")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return self.choices is None and isinstance(self.low, int) and isinstance(self.high, int) and (
+            self.step is None or isinstance(self.step, int))
+
+    def candidates(self) -> list:
+        """The values that bound the search: both ends of a range, every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class TuneSettings(_Strict):
+    """Nested hyperparameter search (``cytofuse tune``): Optuna's TPE sampler and Hyperband pruner, each trial
+    scored on a grouped validation split inside an outer training fold, never on an outer test fold."""
+
+    space: dict[str, TuneRange] = Field(..., description="Setting path -> range or choices, e.g. "
+                                        "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}.")
+    trials: int = Field(20, ge=1, description="Trials (complete or pruned) per study: one study per outer fold, "
+                        "plus one on all data when final is 'all'.")
+    timeout_min: float | None = Field(None, gt=0, description="Wall-clock budget of the whole search in minutes, "
+                                      "shared equally by its studies; None: no limit.")
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="Share of an outer training part's groups that score "
+                                "the trials (grouped and stratified as the outer folds).")
+    seed: int = Field(0, description="Seed of the TPE sampler and of the inner splits.")
+    reduction_factor: int = Field(3, ge=2, description="Hyperband's reduction factor (epochs are its resource).")
+    final: Literal["all", "folds"] = Field(
+        "all", description="Parameters of best_config.yaml: 'all' runs one more inner search on every CV group; "
+        "'folds' takes each parameter's median (numbers) or most frequent value (choices) over the outer folds' bests.")
+    defaults: bool = Field(True, description="Also score the untuned config on the same outer folds.")
+
+    @field_validator("space")
+    @classmethod
+    def _known_names(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("empty: name at least one setting to search, e.g. "
+                             "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")
+        known = tunable_parameters()
+        for name in value:
+            if name.startswith("patches."):
+                raise ValueError(f"{name!r} changes the patch cache and cannot be searched yet; "
+                                 f"compare patch settings with a sweep (sweep.parameter)")
+            if name not in known:
+                import difflib
+
+                near = difflib.get_close_matches(name, known, n=3)
+                hint = f"did you mean {' or '.join(near)}? " if near else ""
+                raise ValueError(f"unknown parameter {name!r}; {hint}searchable settings: {', '.join(known)}")
+        return value
+
+
+def _set_path(raw: dict, name: str, value) -> None:
+    """Set setting ``name`` (``train.lr``, ``train.augment.gain``, ``models.dropout``) in a config mapping;
+    ``models.*`` sets the field of every model entry."""
+    section, *rest = name.split(".")
+    if section == "models":
+        for entry in raw["models"]:
+            entry[rest[0]] = value
+        return
+    node = raw.setdefault(section, {})
+    for part in rest[:-1]:
+        node = node.setdefault(part, {})
+    node[rest[-1]] = value
+
+
+def with_parameters(config: "RunConfig", params: dict) -> "RunConfig":
+    """``config`` with each searched setting of ``params`` (path -> value) set, validated, without its tune section."""
+    raw = config.model_dump(mode="json", exclude={"tune"})
+    for name, value in params.items():
+        _set_path(raw, name, value)
+    return RunConfig.model_validate(raw)
+
+
 class RunConfig(_Strict):
     """Everything a run needs; saved resolved in the run folder."""
 
@@ -219,6 +340,7 @@ class RunConfig(_Strict):
     labels: LabelSettings | None = Field(None, description="Optional: patch labels from a fluorescence channel.")
     cv: CVSettings = Field(default_factory=CVSettings, description="Cross-validation.")
     sweep: SweepSettings | None = Field(None, description="Optional sweep over one setting.")
+    tune: TuneSettings | None = Field(None, description="Optional: the search space of `cytofuse tune`.")
     workers: int = Field(1, ge=1, description="Worker processes for patch extraction.")
 
     @model_validator(mode="after")
@@ -260,6 +382,25 @@ class RunConfig(_Strict):
         except ValidationError as exc:  # keep the section in each error's location: train.lr, not lr
             details = [{k: e[k] for k in ("type", "input", "ctx") if k in e} | {"loc": ("train", *e["loc"])} for e in exc.errors()]
             raise ValidationError.from_exception_data(type(self).__name__, details) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_tune(self) -> "RunConfig":
+        """Both ends of every searched range, and every choice, must make a valid config."""
+        if self.tune is None:
+            return self
+        if self.sweep is not None:
+            raise ValueError("tune and sweep cannot be combined: tune searches settings of one CV, a sweep runs several")
+        if len(self.models) != 1:
+            names = [m.display_name for m in self.models]
+            raise ValueError(f"tune searches the settings of one model; the config has {len(names)} {names}: keep one")
+        for name, spec in self.tune.space.items():
+            for value in spec.candidates():
+                try:
+                    with_parameters(self, {name: value})
+                except ValidationError as exc:
+                    reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
+                    raise ValueError(f"tune.space.{name}: value {value!r} is not a valid {name} ({reason})") from None
         return self
 
     @property
