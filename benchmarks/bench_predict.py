@@ -45,15 +45,8 @@ from cytofuse.io.readers import Image, write_ome_tiff  # noqa: E402
 from cytofuse.inference.modelfolder import card_for, read_model_folder, write_model_folder  # noqa: E402
 from cytofuse.models import create_model  # noqa: E402
 from cytofuse.preprocess.patches import PatchSettings  # noqa: E402
-from cytofuse.inference.predict import (  # noqa: E402
-    _in_order,
-    _single_threaded_ops,
-    default_workers,
-    ensemble_proba,
-    predict_images,
-    prepare_models,
-    preprocess,
-)
+from cytofuse.inference.predict import ensemble_proba, predict_images, prepare_models, preprocess  # noqa: E402
+from cytofuse.inference.threads import default_workers, in_order, single_threaded_ops  # noqa: E402
 
 NAMES = ["mito", "early_endosome", "recycling_endosome"]
 
@@ -95,11 +88,11 @@ def forward_only(models, n: int, *, size: int, batch: int, bf16: bool, workers: 
     def run(start: int) -> np.ndarray:
         return ensemble_proba(models, x[: min(batch, n - start)], bf16=bf16)
 
-    with _single_threaded_ops(workers > 0):
-        for _ in _in_order(run, range(0, 4 * batch * max(workers, 1), batch), workers):  # warm-up
+    with single_threaded_ops(workers > 0):
+        for _ in in_order(run, range(0, 4 * batch * max(workers, 1), batch), workers):  # warm-up
             pass
         t = time.perf_counter()
-        for _ in _in_order(run, range(0, n, batch), workers):
+        for _ in in_order(run, range(0, n, batch), workers):
             pass
         return time.perf_counter() - t
 

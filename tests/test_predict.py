@@ -9,7 +9,8 @@ from cytofuse.io.readers import Image, write_ome_tiff
 from cytofuse.inference.modelfolder import card_for, write_model_folder
 from cytofuse.models import create_model
 from cytofuse.preprocess.patches import PatchSettings
-from cytofuse.inference.predict import cut_patches, predict_images, stitch
+from cytofuse.inference.heatmaps import stitch
+from cytofuse.inference.predict import cut_patches, predict_images
 
 
 def _hand_model():
@@ -254,7 +255,7 @@ def _overlapping_patches(shape=(4, 40, 56), size=16, stride=8, seed=0):
 
 
 def test_streamed_heat_map_equals_in_memory_stitching(tmp_path):
-    from cytofuse.inference.predict import HeatMapWriter
+    from cytofuse.inference.writers import HeatMapWriter
 
     shape, size, stride = (4, 44, 60), 16, 8  # 44 and 60 leave a border no patch covers
     origins, probs = _overlapping_patches(shape, size, stride)
@@ -283,7 +284,7 @@ def test_streamed_heat_map_equals_in_memory_stitching(tmp_path):
 
 
 def test_stride_resolution_stores_one_pixel_per_cell(tmp_path):
-    from cytofuse.inference.predict import HeatMapWriter
+    from cytofuse.inference.writers import HeatMapWriter
 
     shape, size, stride = (4, 40, 56), 16, 8
     origins, probs = _overlapping_patches(shape, size, stride)
@@ -302,7 +303,7 @@ def test_stride_resolution_stores_one_pixel_per_cell(tmp_path):
 
 
 def test_writer_errors_surface_and_leave_no_file(tmp_path, monkeypatch):
-    from cytofuse.inference.predict import HeatMapWriter
+    from cytofuse.inference.writers import HeatMapWriter
 
     shape = (4, 40, 56)
     origins, probs = _overlapping_patches(shape)
@@ -346,7 +347,7 @@ def test_an_interrupted_prediction_leaves_no_output(model_dir, tmp_path, monkeyp
 
 
 def test_predict_images_writes_stride_resolution_heat_maps_by_default(model_dir, tmp_path):
-    from cytofuse.inference.predict import upsample_cells
+    from cytofuse.inference.heatmaps import upsample_cells
 
     image = Image(_halves(), ("a", "b"), pixel_size_um=(1.0, 0.5, 0.5))
     summary = predict_images(model_dir, [image], out=tmp_path / "pred", progress=False, precision="fp32")
@@ -392,7 +393,7 @@ def test_read_ahead_gives_the_same_outputs_and_surfaces_a_bad_file(model_dir, tm
 
 def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
     """3 or 4 cells along x once made tifffile read the last axis as colour samples and refuse the shape."""
-    from cytofuse.inference.predict import HeatMapWriter
+    from cytofuse.inference.writers import HeatMapWriter
 
     shape, size = (4, 64, 64), 16  # 4 x 4 cells
     origins, probs = _overlapping_patches(shape, size, size)
@@ -407,7 +408,8 @@ def test_a_stride_heat_map_a_few_cells_wide_is_not_taken_for_rgb(tmp_path):
 def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(tmp_path):
     from PIL import Image as PILImage
 
-    from cytofuse.inference.predict import _inferno, _sample_cells, overlay_step, upsample_cells, write_overlay_png
+    from cytofuse.inference.heatmaps import sample_cells, upsample_cells
+    from cytofuse.inference.writers import _inferno, overlay_step, write_overlay_png
 
     projection = np.zeros((1, 300, 400), np.uint16)
     projection[0, :, 200:] = 1000  # left half dark, right half bright
@@ -429,7 +431,7 @@ def test_overlay_colours_the_heat_map_over_the_grey_image_and_leaves_nan_clear(t
     cells = np.random.default_rng(0).random((21, 21)).astype(np.float32)
     step = overlay_step((1364, 1364))
     assert step == 3
-    np.testing.assert_array_equal(_sample_cells(cells, 64, (1364, 1364), step),
+    np.testing.assert_array_equal(sample_cells(cells, 64, (1364, 1364), step),
                                   upsample_cells(cells, 64, (1364, 1364))[::step, ::step])
 
 
@@ -455,16 +457,16 @@ def test_in_order_keeps_the_order_and_raises_the_first_error():
     import threading
     import time
 
-    from cytofuse.inference.predict import _in_order
+    from cytofuse.inference.threads import in_order
 
     def slow_first(i):
         time.sleep(0.02 if i % 3 == 0 else 0.0)  # later items finish first
         return i, threading.get_ident()
 
-    results = list(_in_order(slow_first, range(20), 3))
+    results = list(in_order(slow_first, range(20), 3))
     assert [i for i, _ in results] == list(range(20))
     assert len({t for _, t in results}) > 1 and threading.get_ident() not in {t for _, t in results}
-    assert [i for i, t in _in_order(slow_first, range(5), 0)] == list(range(5))
+    assert [i for i, t in in_order(slow_first, range(5), 0)] == list(range(5))
 
     def fails_at_7(i):
         if i == 7:
@@ -473,7 +475,7 @@ def test_in_order_keeps_the_order_and_raises_the_first_error():
 
     seen = []
     with pytest.raises(ValueError, match="item 7"):
-        for i in _in_order(fails_at_7, range(100), 2):
+        for i in in_order(fails_at_7, range(100), 2):
             seen.append(i)
     assert seen == list(range(7))
 
