@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from cytofuse.io.voc import read_voc_boxes
 from cytofuse.preprocess.emptyfilter import (
     EmptyFilter,
     evaluate_filter,
-    intensity_features,
     label_grid,
-    normalise_patches,
-    patch_features,
     patches_from_voc_fields,
     read_labelled_patches,
-    read_voc_boxes,
 )
+from cytofuse.preprocess.patchfeatures import intensity_features, normalise_patches, patch_features
 from cytofuse.errors import InputError, RunFolderError
 
 
@@ -115,11 +113,11 @@ def test_patch_features_encode_each_channel_separately_with_a_seeded_encoder():
 def test_pretrained_weights_replace_the_random_encoder(tmp_path):
     import torch
 
-    from cytofuse.preprocess.emptyfilter import _build_encoder
+    from cytofuse.preprocess.patchfeatures import build_encoder
 
     x = normalise_patches(synthetic_patches(3, size=64)[0])
     weights = tmp_path / "other.pth"
-    state = _build_encoder("resnet18", None, 5).state_dict()
+    state = build_encoder("resnet18", None, 5).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, weights)
     loaded = patch_features(x, pretrained=weights, seed=0)
     np.testing.assert_allclose(loaded, patch_features(x, seed=5), rtol=1e-5, atol=1e-6)

@@ -58,9 +58,9 @@ def _names(channel_names: Sequence[str] | None, n: int) -> list[str]:
 
 
 def intensity_features(patches: np.ndarray, *, channel_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Whole-patch intensity statistics per channel (``cytofuse.preprocess.emptyfilter.intensity_statistics``):
+    """Whole-patch intensity statistics per channel (``cytofuse.preprocess.patchfeatures.intensity_statistics``):
     mean, sd, min, max (float32) and percentiles (float64), as named columns."""
-    from cytofuse.preprocess.emptyfilter import INTENSITY_QUANTILES, intensity_statistics
+    from cytofuse.preprocess.patchfeatures import INTENSITY_QUANTILES, intensity_statistics
 
     x, _ = _check_batch(patches)
     names = _names(channel_names, x.shape[1])

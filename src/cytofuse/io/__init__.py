@@ -1,2 +1,2 @@
 """Stage 1, input: image readers and writers (one array layout), image sets (folders, manifests,
-labels, groups) and imaging-flow-cytometry montage cutting."""
+labels, groups), imaging-flow-cytometry montage cutting and Pascal-VOC box annotations."""

@@ -5,13 +5,14 @@ the last convolutional stage of a ResNet-18 (global-average-pooled) and an SVM t
 patches labelled empty / non-empty. An alternative or complement to the Otsu foreground
 filter of :mod:`cytofuse.preprocess.patches`, useful where Otsu fails (bright-field, grid lines, debris).
 
-- :func:`normalise_patches`: the intensity rule applied before features (default per image).
-- :func:`patch_features`: (N, C, H, W) -> (N, D) features; each channel encoded separately by
-  one 1-channel encoder, D = 512 * C for ResNet-18. ``encoder="intensity"`` gives cheap
-  intensity statistics instead (the shortcut baseline).
+- :func:`cytofuse.preprocess.patchfeatures.normalise_patches`: the intensity rule applied before
+  features; :func:`cytofuse.preprocess.patchfeatures.patch_features`: CNN features or intensity
+  statistics of each patch.
 - :class:`EmptyFilter`: fit / predict / decision_function / save / load.
 - :func:`evaluate_filter`: grouped held-out F1 of both classes, features computed once.
-- :func:`read_labelled_patches`, :func:`patches_from_voc_fields`: labelled patches from disk.
+- :func:`read_labelled_patches`, :func:`patches_from_voc_fields`: labelled patches from disk
+  (Pascal-VOC annotations and fields are read by :mod:`cytofuse.io.voc`).
+- :func:`filter_patch_index`: the filter applied to a run's patch index.
 
 No weights can be downloaded: without ``pretrained`` the CNN is randomly initialised with a
 fixed seed. Random convolutional features are still a rich texture description, and the SVM
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,169 +39,27 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytofuse.errors import InputError
+from cytofuse.io.voc import read_grey_field, read_voc_boxes, voc_fields
+from cytofuse.preprocess.patchfeatures import (
+    NORMALISE_RULES,
+    build_encoder,
+    check_groups,
+    check_patches,
+    encode,
+    intensity_features,
+    normalise_patches,
+    patch_features,
+    stretch,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-NORMALISE_RULES = ("image", "set", "patch", "none")
-MIN_ENCODER_SIZE = 64
-INTENSITY_QUANTILES = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
 CARD_NAME = "card.json"
 MODEL_NAME = "svm.safetensors"
 LEGACY_MODEL_NAME = "svm.joblib"  # card_version 1: a pickle, never read
 ENCODER_NAME = "encoder.safetensors"
 CARD_VERSION = 2
-_GREY_MEAN, _GREY_STD = 0.449, 0.226  # ImageNet mean / std averaged over RGB
-
-
-# --------------------------------------------------------------------------- normalisation
-
-
-def _check_patches(patches: np.ndarray, what: str = "patches") -> np.ndarray:
-    patches = np.asarray(patches)
-    if patches.ndim != 4 or 0 in patches.shape:
-        raise InputError(f"{what} must be a non-empty (N, C, H, W) array, got shape {patches.shape}")
-    if not np.issubdtype(patches.dtype, np.number) or np.issubdtype(patches.dtype, np.complexfloating):
-        raise InputError(f"{what} must be a real numeric array, got dtype {patches.dtype}")
-    if np.issubdtype(patches.dtype, np.floating) and not np.isfinite(patches).all():
-        raise InputError(f"{what} contain NaN or infinite values")
-    return patches
-
-
-def _stretch(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    return np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-
-
-def _percentile_stretch(x: np.ndarray, axes: tuple[int, ...], percentiles: tuple[float, float]) -> np.ndarray:
-    lo, hi = np.percentile(x, percentiles, axis=axes, keepdims=True)
-    return _stretch(x.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32))
-
-
-def normalise_patches(
-    patches: np.ndarray,
-    *,
-    rule: str = "patch",
-    groups: Sequence | np.ndarray | None = None,
-    percentiles: tuple[float, float] = (1.0, 99.8),
-) -> np.ndarray:
-    """Map (N, C, H, W) patches to float32 in [0, 1], per channel, by ``rule``.
-
-    - ``"patch"`` (default): percentiles of each patch. It stretches the noise of a blank
-      patch to full contrast, but on real bright-field fields (live/dead set, 64 px, grouped
-      5-fold) it was the best rule: F1 of the empty class 0.931 (random ResNet-18) and 0.951
-      (intensity statistics) against 0.910 / 0.921 per image and 0.829 / 0.836 per set
-      (trivial 0.829), because field contrast varies a lot between images. It is invariant to
-      any increasing affine rescaling, so patches already normalised per image give the same
-      result as raw ones.
-    - ``"image"``: percentiles of all patches of the same image (``groups`` gives the image
-      of each patch; None = the whole batch is one image), as the patch stage normalises.
-    - ``"set"``: percentiles over the whole batch (keeps brightness differences between images).
-    - ``"none"``: cast to float32 unchanged (patches already normalised by the caller).
-    """
-    patches = _check_patches(patches)
-    if rule not in NORMALISE_RULES:
-        raise InputError(f"rule must be one of {list(NORMALISE_RULES)}, got {rule!r}")
-    lo_q, hi_q = percentiles
-    if not 0.0 <= lo_q < hi_q <= 100.0:
-        raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-    if rule == "none":
-        return patches.astype(np.float32, copy=False)
-    if rule == "patch":
-        return _percentile_stretch(patches, (2, 3), percentiles)
-    if rule == "set" or groups is None:
-        return _percentile_stretch(patches, (0, 2, 3), percentiles)
-    groups = _check_groups(groups, len(patches))
-    out = np.empty(patches.shape, np.float32)
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        out[idx] = _percentile_stretch(patches[idx], (0, 2, 3), percentiles)
-    return out
-
-
-def _check_groups(groups: Sequence | np.ndarray, n: int, what: str = "groups") -> np.ndarray:
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise InputError(f"{what} must have one entry per patch ({n}), got shape {groups.shape}")
-    return groups
-
-
-# --------------------------------------------------------------------------- features
-
-
-def intensity_statistics(patches: np.ndarray, *, extremes: bool = False) -> np.ndarray:
-    """(N, C, S) statistics of each patch and channel, computed in float32 (percentiles in float64): mean,
-    std, with ``extremes`` min and max, then the percentiles :data:`INTENSITY_QUANTILES`. No input checks."""
-    flat = np.asarray(patches, dtype=np.float32)
-    flat = flat.reshape(flat.shape[0], flat.shape[1], -1)
-    q = np.percentile(flat, INTENSITY_QUANTILES, axis=2)  # (Q, N, C)
-    stats = [flat.mean(axis=2), flat.std(axis=2), *((flat.min(axis=2), flat.max(axis=2)) if extremes else ()), *q]
-    return np.stack(stats, axis=2)
-
-
-def intensity_features(patches: np.ndarray) -> np.ndarray:
-    """Mean, std and percentiles (1, 5, 25, 50, 75, 95, 99) of each channel: (N, 9 * C) float32."""
-    x = _check_patches(patches)
-    return intensity_statistics(x).reshape(x.shape[0], -1).astype(np.float32)
-
-
-def _build_encoder(encoder: str, pretrained: Path | str | None, seed: int):
-    """A 1-channel encoder in eval mode: seeded random weights, or ``pretrained`` loaded."""
-    import torch
-
-    from cytofuse.models.encoders import create_encoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = create_encoder(encoder, in_channels=1)
-    if pretrained is not None:
-        from cytofuse.models.weights import load_encoder_weights
-
-        load_encoder_weights(net, pretrained)
-    return net.eval()
-
-
-def _encode(net, patches: np.ndarray, batch_size: int) -> np.ndarray:
-    """Features of every channel of (N, C, H, W) patches in [0, 1], concatenated per patch."""
-    import torch
-    import torch.nn.functional as F
-
-    n, c, h, w = patches.shape
-    scale = max(1.0, MIN_ENCODER_SIZE / min(h, w))
-    size = (max(h, round(h * scale)), max(w, round(w * scale)))
-    out = np.empty((n, c, net.out_features), np.float32)
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(patches[start:start + batch_size], np.float32))
-            x = x.reshape(-1, 1, h, w)
-            if size != (h, w):
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            x = ((x - _GREY_MEAN) / _GREY_STD).contiguous(memory_format=torch.channels_last)
-            out[start:start + batch_size] = net(x).reshape(-1, c, net.out_features).numpy()
-    return out.reshape(n, -1)
-
-
-def patch_features(
-    patches: np.ndarray,
-    *,
-    encoder: str = "resnet18",
-    pretrained: Path | str | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> np.ndarray:
-    """(N, D) features of normalised (N, C, H, W) patches (values roughly in [0, 1]).
-
-    Each channel goes through the same 1-channel encoder (global-average-pooled last stage)
-    and the features are concatenated: D = ``out_features * C`` (512 * C for resnet18).
-    Patches smaller than 64 px are resized up. Without ``pretrained`` the encoder has random
-    weights drawn with ``seed`` (no download). ``encoder="intensity"`` returns
-    :func:`intensity_features` (no torch).
-    """
-    patches = _check_patches(patches)
-    if encoder == "intensity":
-        return intensity_features(patches)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    return _encode(_build_encoder(encoder, pretrained, seed), patches, batch_size)
 
 
 # --------------------------------------------------------------------------- the filter
@@ -379,12 +237,12 @@ class EmptyFilter:
         if self.encoder == "intensity":
             return intensity_features(x)
         if self._net is None:
-            self._net = _build_encoder(self.encoder, self.pretrained, self.seed)
-        return _encode(self._net, x, self.batch_size)
+            self._net = build_encoder(self.encoder, self.pretrained, self.seed)
+        return encode(self._net, x, self.batch_size)
 
     def fit(self, patches: np.ndarray, labels: np.ndarray | Sequence | None = None, *, groups=None) -> "EmptyFilter":
         """Fit on (N, C, H, W) patches; ``labels`` True = has cells, None = all non-empty (one-class)."""
-        patches = _check_patches(patches)
+        patches = check_patches(patches)
         labels = _check_labels(labels, len(patches))
         if labels is None or labels.all():
             warnings.warn(
@@ -422,7 +280,7 @@ class EmptyFilter:
     def _check_fitted_input(self, patches: np.ndarray) -> np.ndarray:
         if self.model_ is None or self.card_ is None:
             raise InputError("EmptyFilter is not fitted: call fit(patches, labels) or EmptyFilter.load(path)")
-        patches = _check_patches(patches)
+        patches = check_patches(patches)
         want = self.card_["n_channels"]
         if patches.shape[1] != want:
             raise InputError(f"patches have {patches.shape[1]} channels but the filter was fitted on {want}")
@@ -466,7 +324,7 @@ class EmptyFilter:
         if self.encoder != "intensity":
             from safetensors.torch import save_file
 
-            net = self._net or _build_encoder(self.encoder, self.pretrained, self.seed)
+            net = self._net or build_encoder(self.encoder, self.pretrained, self.seed)
             save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / ENCODER_NAME))
         (folder / CARD_NAME).write_text(json.dumps(self.card_, indent=2))
 
@@ -535,7 +393,7 @@ def _load_svm(path: Path, card: dict) -> SVMArrays:
 def _load_encoder(path: Path, card: dict):
     from safetensors.torch import load_file
 
-    net = _build_encoder(card["encoder"], None, card["params"]["seed"])
+    net = build_encoder(card["encoder"], None, card["params"]["seed"])
     file = path / ENCODER_NAME
     if not file.is_file():
         raise InputError(f"{path}: {ENCODER_NAME} is missing for encoder {card['encoder']!r}")
@@ -587,7 +445,7 @@ def _check_split_inputs(labels, groups, n: int, n_splits: int) -> tuple[np.ndarr
     labels = _check_labels(labels, n)
     if labels is None or labels.all():
         raise InputError("labels must contain both empty (False) and non-empty (True) patches for evaluation")
-    groups = _check_groups(groups, n)
+    groups = check_groups(groups, n)
     for name, g in (("empty", groups[~labels]), ("cells", groups[labels])):
         if len(np.unique(g)) < n_splits:
             raise InputError(
@@ -621,7 +479,7 @@ def evaluate_filter(
     per-fold F1 of the empty class, counts, and ``trivial_f1_empty`` (F1 of calling every
     patch empty).
     """
-    patches = _check_patches(patches)
+    patches = check_patches(patches)
     labels, groups = _check_split_inputs(labels, groups, len(patches), n_splits)
     if features is None:
         x = normalise_patches(patches, rule=normalise, groups=groups)
@@ -727,25 +585,6 @@ def _crop_centre(patch: np.ndarray, size: int | None, path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- box-annotated fields
 
 
-def read_voc_boxes(xml_path: str | Path) -> list[tuple[str, float, float, float, float]]:
-    """(name, xmin, ymin, xmax, ymax) of every object in a Pascal-VOC annotation file."""
-    xml_path = Path(xml_path)
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as err:
-        raise InputError(f"{xml_path}: not a readable Pascal-VOC XML file: {err}") from err
-    boxes = []
-    for obj in root.iter("object"):
-        box = obj.find("bndbox")
-        if box is None:
-            raise InputError(f"{xml_path}: an object has no bndbox")
-        coords = [float(box.findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")]
-        if not np.isfinite(coords).all():
-            raise InputError(f"{xml_path}: bndbox needs xmin, ymin, xmax, ymax, got {coords}")
-        boxes.append((obj.findtext("name", ""), *coords))
-    return boxes
-
-
 def label_grid(
     boxes: Sequence[tuple[str, float, float, float, float]], shape_yx: tuple[int, int], *, size: int, stride: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -766,12 +605,7 @@ def label_grid(
 
 
 def _field_patches(png: Path, *, size: int, stride: int):
-    from cytofuse.io.readers import read_image
-
-    image = read_image(png)
-    field = image.data[:, 0].astype(np.float32)
-    if field.shape[0] > 1:  # colour bright-field: its mean is the grey image
-        field = field.mean(axis=0, keepdims=True)
+    field = read_grey_field(png)
     if min(field.shape[1:]) < size:
         raise InputError(f"{png}: field {field.shape[1:]} is smaller than size={size}")
     ys, xs, label = label_grid(read_voc_boxes(png.with_suffix(".xml")), field.shape[1:], size=size, stride=stride)
@@ -804,7 +638,7 @@ def patches_from_voc_fields(
     if normalise not in NORMALISE_RULES:
         raise InputError(f"normalise must be one of {list(NORMALISE_RULES)}, got {normalise!r}")
     folder = Path(folder)
-    pngs = _voc_fields(folder)
+    pngs = voc_fields(folder)
     if max_fields is not None and max_fields < len(pngs):
         pick = np.random.default_rng(seed).choice(len(pngs), size=max_fields, replace=False)
         pngs = [pngs[i] for i in sorted(pick)]
@@ -815,7 +649,7 @@ def patches_from_voc_fields(
             continue
         if normalise == "image":
             lo, hi = np.percentile(field, (1.0, 99.8), axis=(1, 2), keepdims=True)
-            cut = _stretch(cut, lo[None], hi[None])
+            cut = stretch(cut, lo[None], hi[None])
         parts.append(cut)
         rows.append(pd.DataFrame({"field": png.stem, "y": ys, "x": xs, "label": lab, "field_mean": field.mean()}))
     if not parts:
@@ -826,15 +660,6 @@ def patches_from_voc_fields(
         patches = normalise_patches(patches, rule=normalise, groups=meta["field"].to_numpy())
     return patches, meta["label"].to_numpy(bool), meta["field"].to_numpy(), meta
 
-
-def _voc_fields(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise InputError(f"patches_from_voc_fields: {folder} is not a folder")
-    pngs = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
-    pngs = [p for p in pngs if p.with_suffix(".xml").is_file()]
-    if not pngs:
-        raise InputError(f"{folder}: no image files with a Pascal-VOC .xml beside them")
-    return pngs
 
 
 def filter_patch_index(index, cache, filter_dir: str | Path, *, chunk: int = 512, progress: bool = True):
