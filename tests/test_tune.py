@@ -3,6 +3,11 @@ trial), resumption and pruning."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import pytest
 
 from cytofuse.config import validate_config
@@ -58,3 +63,81 @@ def test_a_valid_space_and_with_parameters():
     assert tuned.train_settings.lr == 0.003 and tuned.train_settings.augment.gain == 0.1
     assert tuned.train_settings.batch_size == 16
     assert tuned.models[0].dropout == 0.2 and tuned.models[0].encoder == "resnet18"
+
+
+# --------------------------------------------------------------------------- the nested search on a tiny set
+
+
+def _tiny(manifest, **tune) -> dict:
+    return {
+        "data": {"manifest": str(manifest)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 2, "batch_size": 16, "progress": False, "accelerator": "cpu", "tta": False},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False},
+        "tune": {"space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                           "models.dropout": {"low": 0.0, "high": 0.5}},
+                 "trials": 2, "final": "folds", **tune},
+    }
+
+
+@pytest.fixture
+def spy_fits(monkeypatch):
+    """Every fit_model call of the tune workflow: (out folder, patch ids of the fit part, of the validation part)."""
+    import cytofuse.workflows.tune as tune
+
+    calls = []
+    real = tune.fit_model
+
+    def spy(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out):
+        calls.append((Path(out), np.asarray(fit_idx), np.asarray(val_idx)))
+        return real(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out)
+
+    monkeypatch.setattr(tune, "fit_model", spy)
+    return calls
+
+
+def test_nested_search_never_shows_an_outer_test_group_to_a_trial(synthetic_set, tmp_path, spy_fits):
+    import time
+
+    import torch
+    import yaml
+
+    from cytofuse.workflows.tune import run_tune
+
+    torch.set_num_threads(1)
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv"))
+    started = time.monotonic()
+    result = run_tune(cfg, tmp_path / "run", progress=False)
+    seconds = time.monotonic() - started
+    run = tmp_path / "run"
+    folds = pd.read_csv(run / "folds.csv")
+    # the search: 2 trials per outer fold, each fitted and scored inside the outer training part only
+    trial_calls = [c for c in spy_fits if "trials" in c[0].parts]
+    assert len(trial_calls) == 4
+    for out, fit_idx, val_idx in spy_fits:
+        k = int(next(p for p in out.parts if p.startswith("outer_")).split("_")[1])
+        test_groups = set(folds.loc[folds["fold"] == k, "group"])
+        seen = set(folds.iloc[np.concatenate([fit_idx, val_idx])]["group"])
+        assert test_groups and not seen & test_groups, f"{out} saw outer test groups {seen & test_groups}"
+        if "trials" in out.parts:  # trials: inner fit and inner validation parts are grouped apart
+            assert not set(folds.iloc[fit_idx]["group"]) & set(folds.iloc[val_idx]["group"])
+    # the refits: tuned and default on each outer fold
+    assert sorted(str(c[0].relative_to(run / "tune")) for c in spy_fits if "trials" not in c[0].parts) == [
+        "outer_0/default", "outer_0/tuned", "outer_1/default", "outer_1/tuned"]
+    nested = json.loads((run / "tune" / "nested.json").read_text())
+    assert set(nested["metrics"]) == {"tuned", "default"}
+    for proc in ("tuned", "default"):
+        bacc = nested["metrics"][proc]["image"]["summary"]["balanced_accuracy"]["mean"]
+        assert 0.0 <= bacc <= 1.0
+    table = pd.read_csv(run / "tune" / "nested.csv")
+    assert set(table["procedure"]) == {"tuned", "default"}
+    trials = pd.read_csv(run / "tune" / "trials.csv")
+    assert sorted(trials["study"].unique()) == ["outer_0", "outer_1"] and len(trials) == 4
+    best = yaml.safe_load((run / "best_config.yaml").read_text())
+    assert "tune" not in best
+    assert best["train"]["lr"] == pytest.approx(result.final["train.lr"])
+    assert 1e-4 <= best["train"]["lr"] <= 1e-2 and 0.0 <= best["models"][0]["dropout"] <= 0.5
+    validate_config(best)  # ready for cytofuse cv
+    assert not list((run / "tune").glob("outer_*/trials/*")), "trial folders are removed after scoring"
+    print(f"tiny nested search: {seconds:.1f} s")

@@ -1,0 +1,489 @@
+"""Nested hyperparameter search (``cytofuse tune``): Optuna's TPE sampler and Hyperband pruner inside the
+run's grouped cross-validation, so that no reported number has seen the data it is scored on.
+
+For each OUTER fold of the run's grouped CV (the folds ``cytofuse cv`` uses: same patches, same seed):
+
+1. the outer-training part is split, grouped and stratified as the outer folds, into an inner fit part
+   and an inner validation part (``tune.val_fraction`` of its groups);
+2. an Optuna study (TPE sampler seeded with ``tune.seed``, Hyperband pruner with epochs as its resource)
+   runs ``tune.trials`` trials; each trial fits the model with its settings on the inner fit part and
+   reports the inner validation balanced accuracy after every epoch (:class:`EpochReporter`), so the
+   pruner can stop a poor trial early; the trial's score is its last reported value;
+3. the best trial's settings are refitted on the outer-training part (with the validation split of
+   ``cv.val_fraction`` that ``cytofuse cv`` uses) and scored on the outer test fold; the untuned config is
+   fitted and scored on the same outer fold (``tune.defaults``).
+
+The outer test folds, and the held-out test set of ``cv.test_fraction``, are never seen by a trial. The
+outer-fold balanced accuracy of step 3 estimates the whole procedure, tuning included.
+
+``best_config.yaml`` (ready for ``cytofuse cv`` / ``cytofuse train``, without its tune section) holds, with
+``tune.final: all`` (default), the best settings of one more inner search on every CV group (the same
+procedure as in each outer fold, applied to all data: what the nested estimate describes); with
+``tune.final: folds``, per setting the median over the outer folds' best trials (numbers; integers rounded)
+or the most frequent value (choices; ties go to the earlier fold).
+
+The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the storage given as
+``storage`` (an SQLAlchemy URL such as ``postgresql://...``, which several processes or machines can share,
+or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
+continues each study up to ``tune.trials`` complete or pruned trials. A study remembers a fingerprint of
+the config it was made for and refuses to continue for another one.
+
+Run folder (beside the usual ``config.yaml``, ``patches.parquet``, ``folds.csv``, ``cache/``)::
+
+    tune/study.db                       the Optuna studies: outer_<k> and all
+    tune/outer_<k>/{tuned,default}/     the refits of outer fold k (fit.json, history.csv, weights)
+    tune/trials.csv                     every trial of every study: state, value, settings
+    tune/nested.json, tune/nested.csv   nested estimate of the tuned procedure and of the defaults
+    best_config.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from cytofuse.config import RunConfig, TuneRange, dump_config, with_parameters
+from cytofuse.errors import ConfigError, InputError
+from cytofuse.preprocess.patches import PatchIndex
+from cytofuse.runs import MARKER, RunFolder, mark_finished, prepare_run_dir, write_json_atomic, write_text_atomic
+from cytofuse.training.cache import normalised_view
+from cytofuse.workflows.cv import assign_folds, check_fold_classes, inner_split, refine_patch_index
+from cytofuse.workflows.fitting import build_run_cache, fit_model
+
+MONITOR = "val_balanced_accuracy"
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+class EpochReporter(L.Callback):
+    """Reports the validation metric to an Optuna trial after every validation epoch and raises
+    ``optuna.TrialPruned`` when the trial's pruner says so (optuna-integration's Lightning callback breaks
+    with current Lightning). ``reported`` maps epoch -> value."""
+
+    def __init__(self, trial, monitor: str = MONITOR) -> None:
+        self.trial, self.monitor = trial, monitor
+        self.reported: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        import optuna
+
+        epoch, value = int(trainer.current_epoch), float(trainer.callback_metrics[self.monitor])
+        self.reported[epoch] = value
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.monitor} {value:.3f}")
+
+
+@contextmanager
+def reporting_to(callback: L.Callback, out: Path):
+    """While open, fits into ``out`` made through :func:`cytofuse.workflows.fitting.fit_model` get ``callback``.
+
+    ``fit_model`` has no callbacks argument; it looks up ``cytofuse.training.fit.fit`` when called, so the
+    lookup is answered with a wrapper for this one folder (a teacher's fit in ``out/teacher`` gets nothing).
+    The trial checks afterwards that the callback saw its epochs, so a change there cannot silently
+    switch pruning off.
+    """
+    import cytofuse.training.fit as fitting
+
+    original = fitting.fit
+
+    def fit_reporting(model, train_ds, val_ds, *, out_dir, callbacks=(), **kwargs):
+        if Path(out_dir) == Path(out):
+            callbacks = (*callbacks, callback)
+        return original(model, train_ds, val_ds, out_dir=out_dir, callbacks=callbacks, **kwargs)
+
+    fitting.fit = fit_reporting
+    try:
+        yield
+    finally:
+        fitting.fit = original
+
+
+# --------------------------------------------------------------------------- the data of a run
+
+
+@dataclass
+class RunData:
+    """What every fit of a tune run reads: the patch index, cache, folds (as ``folds.csv``) and classes."""
+
+    index: PatchIndex
+    cache: object
+    folds: pd.DataFrame
+    classes: list[str]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.cache.positions(self.folds["patch_id"].to_numpy())
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.folds["y_true"].to_numpy()
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.folds["group"].to_numpy()
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.folds["fold"].max()) + 1
+
+    def outer(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(training part, test fold) of outer fold ``k``; the held-out test set (fold -1) is in neither."""
+        fold = self.folds["fold"].to_numpy()
+        return np.flatnonzero((fold != k) & (fold >= 0)), np.flatnonzero(fold == k)
+
+    @property
+    def pool(self) -> np.ndarray:
+        """Every CV patch (the held-out test set excluded): the data of the final search."""
+        return np.flatnonzero(self.folds["fold"].to_numpy() >= 0)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, *, progress: bool) -> RunData:
+    """Patches, cache and folds exactly as ``cytofuse cv`` makes them (resumed stages are read back)."""
+    from cytofuse.preprocess.patches import build_patch_index
+    from cytofuse.workflows.patching import load_image_set
+
+    image_set = load_image_set(cfg.data)
+    n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
+    image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
+                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
+    index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
+    if index.sparse_images and len(index.sparse_images) == len(index.images):
+        raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
+    cache = build_run_cache(image_set, index, run_dir, progress=progress)
+    index = refine_patch_index(cfg, image_set, index, cache, run_dir, progress=progress)
+    classes = sorted(index.patches["label"].unique().tolist())
+    folds = assign_folds(index, cfg, classes)
+    folds.to_csv(RunFolder(run_dir).folds, index=False)
+    return RunData(index, cache, folds, classes)
+
+
+# --------------------------------------------------------------------------- storage and studies
+
+
+def open_storage(url: str):
+    """An Optuna storage: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``) or a journal file path."""
+    import optuna
+
+    try:
+        if "://" in url:
+            return optuna.storages.RDBStorage(url)
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(url)))
+    except Exception as exc:  # noqa: BLE001 - any driver's error, re-raised with the URL named
+        raise ConfigError(f"--storage {url!r}: cannot open the study storage ({type(exc).__name__}: {exc})") from None
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """What a study's trials depend on: the config without the search's budget (trials, timeout)."""
+    raw = cfg.model_dump(mode="json")
+    raw["tune"] = {k: v for k, v in raw["tune"].items() if k not in ("trials", "timeout_min", "final", "defaults")}
+    for key in ("workers",):
+        raw.pop(key, None)
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("progress", "num_workers")}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool = False):
+    """The study ``name`` in ``storage`` (created, or loaded when it exists and was made for this config)."""
+    import optuna
+
+    if overwrite:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
+    tune = cfg.tune
+    max_epochs = tune.space["train.max_epochs"].high if "train.max_epochs" in tune.space else (
+        "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs)
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs,
+                                              reduction_factor=tune.reduction_factor),
+    )
+    mark = config_fingerprint(cfg)
+    found = study.user_attrs.get("config")
+    if found is None:
+        study.set_user_attr("config", mark)
+    elif found != mark:
+        raise ConfigError(f"study {name!r} in the storage was made for another config or search space "
+                          f"(fingerprint {found}, this config {mark}); pass --overwrite, or another --out / --storage")
+    return study
+
+
+def finished_trials(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def suggest(trial, name: str, spec: TuneRange):
+    """One value of setting ``name`` for ``trial``."""
+    if spec.choices is not None:
+        return trial.suggest_categorical(name, spec.choices)
+    if spec.integer:
+        return trial.suggest_int(name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+    return trial.suggest_float(name, float(spec.low), float(spec.high), step=spec.step, log=spec.log)
+
+
+# --------------------------------------------------------------------------- one search
+
+
+@dataclass
+class SearchResult:
+    name: str
+    params: dict
+    value: float
+    complete: int
+    pruned: int
+    failed: int
+
+
+def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, work: Path, *, trials: int,
+           timeout_s: float | None, seed: int, overwrite: bool = False, on_trial=lambda study, trial: None) -> SearchResult:
+    """Run study ``name`` up to ``trials`` complete or pruned trials, each fitted on an inner fit part of
+    ``pool`` and scored on the grouped inner validation part of ``pool`` (no patch outside ``pool``)."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    labels, groups, rows = data.labels, data.groups, data.rows
+    fit_rel, val_rel = inner_split(labels[pool], groups[pool], fraction=cfg.tune.val_fraction, seed=seed,
+                                   what="inner validation")
+    fit_idx, val_idx = pool[fit_rel], pool[val_rel]
+    check_fold_classes(labels, fit_idx, data.classes, fold=-1 if name == "all" else int(name.rsplit("_", 1)[1]))
+    view = normalised_view(cfg.patches, data.cache, data.index, rows[fit_idx], None, seed=seed,
+                           measured_on=f"the {len(fit_idx)} inner-fit patches of study {name}")
+    study = open_study(name, storage, cfg, seed=seed, overwrite=overwrite)
+
+    def objective(trial) -> float:
+        params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
+        trial_cfg = with_parameters(cfg, params)
+        settings = trial_cfg.train_settings.model_copy(update={"progress": False})
+        out = work / name / "trials" / str(trial.number)
+        reporter = EpochReporter(trial)
+        try:
+            with reporting_to(reporter, out):
+                fit_model(trial_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes,
+                          settings, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if not reporter.reported:
+            raise RuntimeError(f"trial {trial.number} of study {name}: the fit reported no validation epoch to "
+                               "the pruner (fit_model no longer calls cytofuse.training.fit.fit at call time?)")
+        return reporter.reported[max(reporter.reported)]
+
+    todo = trials - finished_trials(study)
+    if todo > 0:
+        study.optimize(objective, n_trials=todo, timeout=timeout_s, catch=(),
+                       callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), on_trial])
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    if not states[TrialState.COMPLETE]:
+        raise InputError(f"study {name}: no trial completed ({states[TrialState.PRUNED]} pruned, "
+                         f"{states[TrialState.FAIL]} failed); raise tune.trials or tune.timeout_min")
+    best = study.best_trial
+    return SearchResult(name, dict(best.params), float(best.value), states[TrialState.COMPLETE],
+                        states[TrialState.PRUNED], states[TrialState.FAIL])
+
+
+# --------------------------------------------------------------------------- outer folds
+
+
+def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> pd.DataFrame:
+    """Fit ``cfg`` with ``params`` on outer fold ``k``'s training part as ``cytofuse cv`` does (validation split
+    of ``cv.val_fraction``, normalisation from the training part) and predict its test fold."""
+    from cytofuse.config import model_channels
+    from cytofuse.training.cache import PatchDataset
+    from cytofuse.training.fit import predict_proba
+
+    run_cfg = with_parameters(cfg, params)
+    settings = run_cfg.train_settings.model_copy(update={"progress": False})
+    labels, groups, rows = data.labels, data.groups, data.rows
+    train, test = data.outer(k)
+    fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
+    fit_idx, val_idx = train[fit_rel], train[val_rel]
+    check_fold_classes(labels, fit_idx, data.classes, fold=k)
+    inputs, _ = model_channels(run_cfg.models[0], data.index.channel_names)
+    view = normalised_view(cfg.patches, data.cache, data.index, rows[train], out, seed=cfg.cv.seed + k,
+                           measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
+                           channels=[data.index.channel_names[i] for i in inputs])
+    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out)
+    ds = PatchDataset(view, rows[test], labels[test], channels=inputs)
+    proba, _ = predict_proba(model, ds, batch_size=128, tta=settings.tta)
+    frame = data.folds.iloc[test][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
+    frame.insert(3, "fold", k)
+    for c, name in enumerate(data.classes):
+        frame[f"prob_{name}"] = proba[:, c]
+    return frame
+
+
+def consensus(cfg: RunConfig, bests: list[dict]) -> dict:
+    """Per setting: the median over the folds' best values (integers rounded), or the most frequent choice."""
+    out = {}
+    for name, spec in cfg.tune.space.items():
+        values = [b[name] for b in bests if name in b]
+        if spec.choices is not None:
+            out[name] = Counter(values).most_common(1)[0][0]
+        else:
+            median = float(np.median(values))
+            out[name] = int(round(median)) if spec.integer else median
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    classes: list[str]
+    folds: list[SearchResult]
+    final: dict
+    best_config: Path
+    summary: pd.DataFrame
+    metrics: dict = field(default_factory=dict)  # "tuned" / "default" -> evaluate_run output
+    seconds: float = 0.0
+
+
+def _open_run(run_dir: Path, *, overwrite: bool) -> Path:
+    """A new run folder, an unfinished one, or a finished tune run (to continue its studies to more trials)."""
+    marker = run_dir / MARKER
+    if not overwrite and marker.is_file() and (run_dir / "tune").is_dir() and marker.read_text().strip() == "finished":
+        marker.write_text("running\n")
+        return run_dir
+    return prepare_run_dir(run_dir, overwrite=overwrite)
+
+
+def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, timeout_min: float | None = None,
+             storage: str | None = None, overwrite: bool = False, progress: bool = True) -> TuneResult:
+    """The nested search of the module docstring; writes the tune run folder and returns its results."""
+    import optuna
+
+    if cfg.tune is None:
+        raise ConfigError("the config has no tune section: add tune.space (the settings to search), e.g. "
+                          "tune: {space: {train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}")
+    update = {k: v for k, v in {"trials": trials, "timeout_min": timeout_min}.items() if v is not None}
+    if update:
+        cfg = cfg.model_copy(update={"tune": cfg.tune.model_validate(cfg.tune.model_dump() | update)})
+    tune = cfg.tune
+    started = time.monotonic()
+    storage_obj = open_storage(storage) if storage else None  # an unreachable storage fails before any work
+    run_dir = _open_run(Path(run_dir), overwrite=overwrite)
+    run = RunFolder(run_dir)
+    work = run_dir / "tune"
+    work.mkdir(exist_ok=True)
+    dump_config(cfg.resolved(), run.config)
+    data = prepare_data(cfg, run_dir, progress=progress)
+    if storage_obj is None:
+        storage_obj = open_storage(f"sqlite:///{(work / 'study.db').resolve()}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [f"outer_{k}" for k in range(data.n_folds)] + (["all"] if tune.final == "all" else [])
+    deadline = started + tune.timeout_min * 60 if tune.timeout_min else None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: dict[str, SearchResult] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress) as bar:
+        task = bar.add_task("tune", total=len(names) * tune.trials)
+        for i, name in enumerate(names):
+            pool = data.pool if name == "all" else data.outer(int(name.rsplit("_", 1)[1]))[0]
+            left = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - i))
+
+            def on_trial(study, trial, name=name) -> None:
+                bar.advance(task)
+                try:
+                    best = f"{study.best_value:.3f}"
+                except ValueError:  # no complete trial yet
+                    best = "-"
+                bar.update(task, description=f"tune {name}: trial {trial.number} {trial.state.name.lower()}, best {best}")
+
+            bar.update(task, description=f"tune {name}")
+            results[name] = search(name, cfg, data, pool, storage_obj, work, trials=tune.trials, timeout_s=left,
+                                   seed=tune.seed + i, overwrite=overwrite, on_trial=on_trial)
+            bar.update(task, completed=(i + 1) * tune.trials)
+        bar.update(task, description="tune: refits on the outer folds")
+        procedures = {"tuned": lambda k: results[f"outer_{k}"].params}
+        if tune.defaults:
+            procedures["default"] = lambda k: {}
+        parts: dict[str, list[pd.DataFrame]] = {p: [] for p in procedures}
+        for k in range(data.n_folds):
+            for proc, params in procedures.items():
+                parts[proc].append(score_outer(cfg, data, k, params(k), work / f"outer_{k}" / proc))
+    final = results["all"].params if tune.final == "all" else consensus(cfg, [results[f"outer_{k}"].params
+                                                                               for k in range(data.n_folds)])
+    best_config = _write_best_config(cfg, final, run_dir)
+    metrics, summary = _nested_estimate(cfg, data, parts)
+    _write_trials(storage_obj, names, work / "trials.csv")
+    result = TuneResult(run_dir, data.classes, [results[n] for n in names if n != "all"], final, best_config, summary,
+                        metrics, time.monotonic() - started)
+    write_json_atomic(work / "nested.json", {
+        "measured_on": f"{data.n_folds} outer folds of the grouped CV (cv.seed {cfg.cv.seed}); trials scored on a "
+                       f"grouped inner validation split ({tune.val_fraction:.0%} of each outer training part's groups)",
+        "final": {"rule": tune.final, "params": final},
+        "folds": [vars(r) for r in result.folds] + ([vars(results["all"])] if "all" in results else []),
+        "metrics": metrics, "seconds": result.seconds})
+    summary.to_csv(work / "nested.csv", index=False)
+    mark_finished(run_dir)
+    return result
+
+
+def _write_best_config(cfg: RunConfig, params: dict, run_dir: Path) -> Path:
+    best = with_parameters(cfg, params).resolved()
+    text = yaml_dump(best.model_dump(mode="json", exclude={"tune"}))
+    header = (f"# written by cytofuse tune: the settings {json.dumps(params)} (tune.final: {cfg.tune.final}) on the "
+              "config's other settings; ready for cytofuse cv / cytofuse train\n")
+    return write_text_atomic(run_dir / "best_config.yaml", header + text)
+
+
+def yaml_dump(raw: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _nested_estimate(cfg: RunConfig, data: RunData, parts: dict[str, list[pd.DataFrame]]) -> tuple[dict, pd.DataFrame]:
+    from cytofuse.evaluation.metrics import RunMetrics, evaluate_run
+
+    metrics, rows = {}, []
+    for proc, frames in parts.items():
+        predictions = pd.concat(frames, ignore_index=True)
+        metrics[proc] = evaluate_run(predictions, classes=data.classes, method=cfg.cv.aggregate, n_boot=0,
+                                     seed=cfg.cv.seed)
+        view = RunMetrics({"cv": metrics[proc]}, source=proc)
+        for level in ("patch", "image"):
+            row = {"procedure": proc, "level": level}
+            for metric in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1"):
+                stat = view.stat(metric, level)
+                row[f"{metric}_mean"], row[f"{metric}_sd"] = stat.mean, stat.sd
+            rows.append(row)
+    return metrics, pd.DataFrame(rows)
+
+
+def _write_trials(storage, names: list[str], path: Path) -> None:
+    import optuna
+
+    frames = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+        frame.insert(0, "study", name)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    table["duration"] = table["duration"].dt.total_seconds()
+    table.to_csv(path, index=False)
