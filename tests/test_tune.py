@@ -141,3 +141,124 @@ def test_nested_search_never_shows_an_outer_test_group_to_a_trial(synthetic_set,
     validate_config(best)  # ready for cytofuse cv
     assert not list((run / "tune").glob("outer_*/trials/*")), "trial folders are removed after scoring"
     print(f"tiny nested search: {seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+class _FakeTrial:
+    def __init__(self, prune_below: float) -> None:
+        self.prune_below, self.reports = prune_below, []
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self) -> bool:
+        return self.reports[-1][1] < self.prune_below
+
+
+class _FakeTrainer:
+    def __init__(self, epoch, value, sanity=False):
+        import torch
+
+        self.current_epoch, self.sanity_checking = epoch, sanity
+        self.callback_metrics = {"val_balanced_accuracy": torch.tensor(value)}
+
+
+def test_epoch_reporter_reports_each_epoch_and_prunes_a_poor_trial():
+    import optuna
+
+    from cytofuse.workflows.tune import EpochReporter
+
+    trial = _FakeTrial(prune_below=0.6)
+    reporter = EpochReporter(trial)
+    reporter.on_validation_end(_FakeTrainer(0, 0.1, sanity=True), None)  # sanity check: not an epoch
+    reporter.on_validation_end(_FakeTrainer(0, 0.75), None)
+    assert trial.reports == [(0, 0.75)]
+    with pytest.raises(optuna.TrialPruned, match=r"pruned at epoch 1 with val_balanced_accuracy 0\.250"):
+        reporter.on_validation_end(_FakeTrainer(1, 0.25), None)
+    assert reporter.reported == {0: 0.75, 1: 0.25}
+
+
+def test_a_pruned_trial_stops_training_inside_lightning(synthetic_set, tmp_path, spy_fits, monkeypatch):
+    """Through fit_model and Lightning: a pruner that prunes everything stops each trial after its first epoch."""
+    import optuna
+    import torch
+
+    import cytofuse.workflows.tune as tune
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(tune, "make_pruner", lambda *a, **kw: optuna.pruners.ThresholdPruner(lower=1.01))
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv", defaults=False))
+    with pytest.raises(Exception, match=r"study outer_0: no trial completed \(2 pruned, 0 failed\)"):
+        tune.run_tune(cfg, tmp_path / "run", progress=False)
+    study = optuna.load_study(study_name="outer_0", storage=f"sqlite:///{tmp_path / 'run' / 'tune' / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    assert all(list(t.intermediate_values) == [0] for t in study.trials)  # stopped after epoch 0 of 2
+
+
+# --------------------------------------------------------------------------- resumption and storage
+
+
+def test_a_killed_search_resumes_to_the_requested_total(synthetic_set, tmp_path, spy_fits, monkeypatch):
+    import optuna
+    import torch
+
+    import cytofuse.workflows.tune as tune
+
+    torch.set_num_threads(1)
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv", defaults=False))
+    spy = tune.fit_model
+
+    def dies_at_second_trial(*args):
+        if len(spy_fits) == 1:
+            raise RuntimeError("killed")
+        return spy(*args)
+
+    monkeypatch.setattr(tune, "fit_model", dies_at_second_trial)
+    with pytest.raises(RuntimeError, match="killed"):
+        tune.run_tune(cfg, tmp_path / "run", progress=False)
+    storage = f"sqlite:///{tmp_path / 'run' / 'tune' / 'study.db'}"
+    first = optuna.load_study(study_name="outer_0", storage=storage)
+    assert [t.state.name for t in first.trials] == ["COMPLETE", "FAIL"]
+    kept = first.trials[0].params
+
+    monkeypatch.setattr(tune, "fit_model", spy)
+    spy_fits.clear()
+    tune.run_tune(cfg, tmp_path / "run", progress=False)
+    outer_0 = optuna.load_study(study_name="outer_0", storage=storage)
+    assert [t.state.name for t in outer_0.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert outer_0.trials[0].params == kept
+    trial_fits = [c[0] for c in spy_fits if "trials" in c[0].parts]
+    assert sum("outer_0" in p.parts for p in trial_fits) == 1 and sum("outer_1" in p.parts for p in trial_fits) == 2
+
+    # a finished search continues when asked for more trials; its refits of unchanged settings are read back
+    spy_fits.clear()
+    tune.run_tune(cfg, tmp_path / "run", trials=3, progress=False)
+    for name in ("outer_0", "outer_1"):
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 3
+    assert sum("trials" in c[0].parts for c in spy_fits) == 2
+
+
+def test_a_changed_space_does_not_continue_an_old_study(synthetic_set, tmp_path):
+    import torch
+
+    from cytofuse.workflows.tune import run_tune
+
+    torch.set_num_threads(1)
+    raw = _tiny(synthetic_set / "labels.csv", defaults=False, trials=1)
+    run_tune(validate_config(raw), tmp_path / "run", progress=False)
+    raw["tune"]["space"]["train.lr"]["high"] = 0.1
+    with pytest.raises(ConfigError, match=r"study 'outer_0' in the storage was made for another config or search space"):
+        run_tune(validate_config(raw), tmp_path / "run", progress=False)
+
+
+def test_an_unreachable_storage_is_named(synthetic_set, tmp_path):
+    from cytofuse.workflows.tune import run_tune
+
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv"))
+    url = "postgresql://nobody@127.0.0.1:9/none"
+    with pytest.raises(ConfigError, match=r"--storage 'postgresql://nobody@127\.0\.0\.1:9/none': cannot open the study storage"):
+        run_tune(cfg, tmp_path / "run", storage=url, progress=False)
+    assert not (tmp_path / "run").exists()  # checked before anything is written

@@ -199,6 +199,13 @@ def config_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def make_pruner(max_epochs: int | str, *, reduction_factor: int):
+    """Hyperband over epochs: brackets of successive halving from 1 epoch up to the (largest) budget."""
+    import optuna
+
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=reduction_factor)
+
+
 def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool = False):
     """The study ``name`` in ``storage`` (created, or loaded when it exists and was made for this config)."""
     import optuna
@@ -214,8 +221,7 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs,
-                                              reduction_factor=tune.reduction_factor),
+        pruner=make_pruner(max_epochs, reduction_factor=tune.reduction_factor),
     )
     mark = config_fingerprint(cfg)
     found = study.user_attrs.get("config")
