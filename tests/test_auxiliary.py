@@ -142,6 +142,16 @@ def test_cv_never_feeds_an_auxiliary_channel_at_test_time(three_channel_set, tmp
     assert len(baseline)  # the baseline ran on the test-time channels (default baseline_channels)
     models, card = load_models(tmp_path / "run", model_name="aux")
     assert card.channel_names == ["mitochondria", "early_endosome"]
+    # each fold's recipe names the model's input channels, not the auxiliary one; explain sees those only
+    from cytofuse.evaluation.explain import model_view
+    from cytofuse.preprocess.recipe import PatchRecipe
+    from cytofuse.runs import RunFolder
+    from cytofuse.training.cache import PatchCache
+
+    for fold in RunFolder(tmp_path / "run").model("aux").folds():
+        assert PatchRecipe.read(fold.recipe).channels == ["mitochondria", "early_endosome"]
+    view = model_view(tmp_path / "run", "aux", PatchCache.open(tmp_path / "run" / "cache"))
+    assert list(view.channels) == ["mitochondria", "early_endosome"] and view[[0]].shape[1] == 2
     # an image without the auxiliary channel is predicted
     full = read_image(pd.read_csv(three_channel_set)["path"].map(lambda p: three_channel_set.parent / p).iloc[0])
     keep = [full.channel_names.index(c) for c in card.channel_names]

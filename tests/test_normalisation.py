@@ -56,53 +56,117 @@ def test_scope_auto_is_dataset_for_single_tiles_and_image_for_fields():
         PatchSettings(fixed_range=[10, 5])
 
 
-def test_cv_fold_statistics_come_from_training_images_only(tmp_path):
-    """Recompute each fold's percentiles from the raw files of its training images: they match the run's."""
+CHANNELS = ["mitochondria", "early_endosome", "recycling_endosome"]
+
+
+@pytest.fixture(scope="module")
+def dataset_run(tmp_path_factory):
+    """A 2-fold CV run of single-tile images (dataset scope): (config, run folder)."""
     import torch
 
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_cv
-    from cytofuse.workflows.patching import load_image_set
     from cytofuse.synthetic.phantoms import write_synthetic_dataset
 
     torch.set_num_threads(1)
-    write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=4, shape=(1, 32, 32), seed=3, progress=False)
+    root = tmp_path_factory.mktemp("dataset_run")
+    write_synthetic_dataset(root / "data", classes=2, images_per_class=4, shape=(1, 32, 32), seed=3, progress=False)
     cfg = validate_config({
-        "data": {"manifest": str(tmp_path / "data" / "labels.csv")},
+        "data": {"manifest": str(root / "data" / "labels.csv")},
         "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
         "models": [{"fusion": "early", "encoder": "smallcnn", "name": "cnn"}],
         "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
         "cv": {"n_folds": 2, "baseline": False, "probes": False, "val_fraction": 0.34},
     })
-    run_cv(cfg, tmp_path / "run", progress=False)
-    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    run_cv(cfg, root / "run", progress=False)
+    return cfg, root / "run"
+
+
+def test_cv_fold_statistics_come_from_training_images_only(dataset_run):
+    """Recompute each fold's percentiles from the raw files of its training images: they match the run's
+    fold recipes, which hold the model's input channels, the patch settings and that normalisation."""
+    from cytofuse.preprocess.recipe import PatchRecipe
+    from cytofuse.runs import RunFolder
+    from cytofuse.workflows.patching import load_image_set
+
+    cfg, run = dataset_run
+    folds = pd.read_csv(run / "folds.csv")
     image_set = load_image_set(cfg.data)
-    channels = ["mitochondria", "early_endosome", "recycling_endosome"]
+    channels = CHANNELS
     every = []
     for k in (0, 1):
-        norm = json.loads((tmp_path / "run" / "models" / "cnn" / f"fold_{k}" / "normalisation.json").read_text())
+        fold = RunFolder(run).model("cnn").fold(k)
+        assert fold.recipe == run / "models" / "cnn" / f"fold_{k}" / "recipe.json"
+        assert not fold.normalisation.exists()  # the recipe is the one artifact of the fold's normalisation
+        recipe = PatchRecipe.read(fold.recipe)
+        assert recipe.channels == channels and recipe.settings == cfg.patches and recipe.scope == "dataset"
+        norm = json.loads(fold.recipe.read_text())["normalisation"]
         assert norm["scope"] == "dataset" and norm["channels"] == channels
+        assert norm["measured_on"].endswith(f"of fold {k}'s training split (test fold excluded)")
         train_images = sorted(folds.loc[folds["fold"] != k, "image_id"].unique())
+        test_images = sorted(folds.loc[folds["fold"] == k, "image_id"].unique())
+        assert train_images and test_images and not set(train_images) & set(test_images)
         stacks = [image_set.read(i) for i in train_images]
         pixels = np.stack([np.concatenate([s.data[s.channel_names.index(c)].ravel() for s in stacks]) for c in channels])
         low, high = np.percentile(pixels.astype(np.float64), (1.0, 99.8), axis=1)
         np.testing.assert_allclose(norm["low"], low, rtol=2e-3, atol=1e-2)
         np.testing.assert_allclose(norm["high"], high, rtol=2e-3, atol=1e-2)
+        np.testing.assert_allclose(recipe.bounds()[1], high, rtol=2e-3, atol=1e-2)
+        # with the test fold's images in, the percentiles differ: the test split took no part
+        every_image = [image_set.read(i) for i in train_images + test_images]
+        both = np.stack([np.concatenate([s.data[s.channel_names.index(c)].ravel() for s in every_image]) for c in channels])
+        assert not np.allclose(norm["high"], np.percentile(both.astype(np.float64), 99.8, axis=1), rtol=2e-3, atol=1e-2)
         every.append(norm["high"])
     assert every[0] != every[1]  # two folds, two training splits, two ranges
-    metrics = json.loads((tmp_path / "run" / "models" / "cnn" / "metrics.json").read_text())
+    metrics = json.loads((run / "models" / "cnn" / "metrics.json").read_text())
     assert metrics["model"]["normalisation"] == "dataset"
     # explain and a CV-run ensemble in predict see the patches with the mean of the folds' ranges
     from cytofuse.training.cache import PatchCache
     from cytofuse.evaluation.explain import model_view
     from cytofuse.inference.modelfolder import load_models
 
-    view = model_view(tmp_path / "run", "cnn", PatchCache.open(tmp_path / "run" / "cache"))
+    view = model_view(run, "cnn", PatchCache.open(run / "cache"))
     assert isinstance(view, NormalisedCache)
     np.testing.assert_allclose(view.norm.high, np.mean(every, axis=0))
-    _, card = load_models(tmp_path / "run", model_name="cnn")
+    _, card = load_models(run, model_name="cnn")
     assert card.recipe.scope == "dataset" and card.tta
     np.testing.assert_allclose(card.recipe.bounds()[1], np.mean(every, axis=0))
+    assert card.recipe.normalisation.measured_on == "mean over 2 folds of each fold's training-split percentiles"
+
+
+def test_a_run_made_before_fold_recipes_still_builds_a_model_folder_and_explanation(dataset_run, tmp_path):
+    """An old run folder: each fold holds normalisation.json and no recipe.json. Its CV-run ensemble and
+    explanation view are those of the same run with recipes."""
+    import shutil
+
+    from cytofuse.evaluation.explain import model_view
+    from cytofuse.inference.modelfolder import load_models, read_model_folder, write_model_folder
+    from cytofuse.preprocess.recipe import PatchRecipe
+    from cytofuse.runs import RunFolder
+    from cytofuse.training.cache import PatchCache
+
+    _, run = dataset_run
+    _, new_card = load_models(run, model_name="cnn")
+    new_view = model_view(run, "cnn", PatchCache.open(run / "cache"))
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("*.ckpt"))
+    for fold in RunFolder(old).model("cnn").folds():
+        fold.normalisation.write_text(PatchRecipe.read(fold.recipe).normalisation.model_dump_json(indent=1))
+        fold.recipe.unlink()
+    models, card = load_models(old, model_name="cnn")
+    assert card.recipe == new_card.recipe and card.channel_names == CHANNELS
+    view = model_view(old, "cnn", PatchCache.open(old / "cache"))
+    assert isinstance(view, NormalisedCache) and view.channels == new_view.channels
+    np.testing.assert_allclose(view.norm.low, new_view.norm.low)
+    np.testing.assert_allclose(view.norm.high, new_view.norm.high)
+    rows = np.arange(len(view))
+    np.testing.assert_allclose(view[rows], new_view[rows])
+    write_model_folder(tmp_path / "model", models, card)
+    _, written = read_model_folder(tmp_path / "model")
+    np.testing.assert_allclose(written.recipe.bounds()[1], new_card.recipe.bounds()[1])
+    # a fold with neither file (a run made before normalisation.json) has no range to take
+    (RunFolder(old).model("cnn").fold(1).normalisation).unlink()
+    assert load_models(old, model_name="cnn")[1].recipe.normalisation is None
 
 
 def test_class_recall_table_pools_images_over_folds():

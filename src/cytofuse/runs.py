@@ -197,7 +197,8 @@ def safe_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class FitFolder:
-    """The files of one fit (``train.fit``): checkpoints, exported weights, epoch history, resume state."""
+    """The files of one fit (``train.fit``): checkpoints, exported weights, epoch history, resume state, and
+    the model's patch recipe."""
 
     root: Path
 
@@ -222,8 +223,15 @@ class FitFolder:
         return self.root / "fit.json"
 
     @property
+    def recipe(self) -> Path:
+        """The ``PatchRecipe`` of this fit's model: its input channels, the patch settings and the
+        normalisation of its training split (``cytofuse.preprocess.recipe``)."""
+        return self.root / "recipe.json"
+
+    @property
     def normalisation(self) -> Path:
-        """Dataset-scope normalisation statistics of this fit's training split."""
+        """The training split's normalisation alone, as runs made before :attr:`recipe` stored it; read
+        only as a fallback for those runs, no longer written."""
         return self.root / "normalisation.json"
 
     @property

@@ -577,19 +577,29 @@ _STEPS = {"gradcam": _step_gradcam, "ablation": _step_ablation, "single_channel"
 
 
 def model_view(run_dir: Path, name: str, cache):
-    """The patch cache as the model's folds saw it: with dataset (or fixed) normalisation, the mean of the
-    folds' ranges (they differ only by which training split they were taken from), else the cache itself."""
-    from cytofuse.training.cache import cache_image_ids
-    from cytofuse.training.cache import NormalisedCache
-    from cytofuse.inference.modelfolder import fold_normalisation
+    """The patch cache as the model's folds saw it, by their patch recipe (``inference.modelfolder.cv_recipe``):
+    the model's input channels only (no training-only auxiliary channel), with dataset (or fixed)
+    normalisation the mean of the folds' ranges (they differ only by which training split they were taken
+    from); the cache itself for a model of every channel with per-image normalisation."""
+    from cytofuse.training.cache import CacheChannels, NormalisedCache, cache_image_ids
+    from cytofuse.inference.modelfolder import cv_recipe
     from cytofuse.preprocess.patches import read_patch_index
 
-    folds = RunFolder(run_dir).model(name).folds()
-    norm = fold_normalisation(folds) if folds else None
-    if norm is None:
+    folds = [f for f in RunFolder(run_dir).model(name).folds() if f.weights.is_file()]
+    if not folds:
         return cache
+    recipe = cv_recipe(run_dir, folds)
+    view, have = cache, list(cache.channels)
+    if recipe.channels != have:
+        missing = [c for c in recipe.channels if c not in have]
+        if missing:
+            raise InputError(f"explain: model {name!r} takes channels {missing}, which the patch cache "
+                             f"{RunFolder(run_dir).cache} (channels {have}) lacks")
+        view = CacheChannels(cache, [have.index(c) for c in recipe.channels])
+    if recipe.normalisation is None:
+        return view
     index = read_patch_index(run_dir)
-    return NormalisedCache(cache, cache_image_ids(cache, index), index.images, norm)
+    return NormalisedCache(view, cache_image_ids(cache, index), index.images, recipe.normalisation.select(recipe.channels))
 
 
 def explain_model(run_dir: str | Path, name: str, *, out: str | Path, n_examples: int = 4,

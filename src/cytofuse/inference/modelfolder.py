@@ -18,14 +18,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchSettings
-from cytofuse.preprocess.recipe import Normalisation, PatchRecipe
+from cytofuse.preprocess.recipe import Normalisation, PatchRecipe, mean_normalisation
 from cytofuse.runs import FitFolder, RunFolder, check_replaceable, replacing_folder, software_versions
 
 if TYPE_CHECKING:
@@ -272,7 +270,7 @@ def cv_fold_dirs(run_dir: str | Path, model_name: str | None = None) -> tuple[st
 
 
 def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:
-    """The fold models of a CV run as an ensemble, with a card built from the run's config and patch index."""
+    """The fold models of a CV run as an ensemble, with a card built from the folds' recipes and the patch index."""
     import pyarrow.parquet as pq
 
     from cytofuse.models import load_model
@@ -283,14 +281,12 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     patches_file = RunFolder(run_dir).patches
     if not patches_file.is_file():
         raise InputError(f"CV run {run_dir} lacks patches.parquet; the run did not finish its patch stage")
-    columns = pq.read_schema(patches_file).names
-    channels = [c[3:] for c in columns if c.startswith("fg_")]
     table = pq.read_table(patches_file, columns=["label", "image_id"]).to_pandas()
     classes = sorted(table["label"].astype(str).unique().tolist())
     models = [load_model(f.weights) for f in folds]
     trained_on = {"source_run": run_dir.name, "model_name": name, "folds": len(folds),
                   "images": int(table["image_id"].nunique()), "patches": int(len(table))}
-    recipe = PatchRecipe.build(cfg.patches, channels, fold_normalisation(folds))
+    recipe = cv_recipe(run_dir, folds)
     card = card_for(models, class_names=classes, recipe=recipe, trained_on=trained_on, tta=cfg.train_settings.tta)
     card = card.model_copy(update={"weights": weight_names(len(models))})
     for k, model in enumerate(models):
@@ -298,18 +294,46 @@ def model_folder_from_cv(run_dir: str | Path, model_name: str | None = None) -> 
     return models, card
 
 
+def fold_recipe(fold: FitFolder) -> PatchRecipe | None:
+    """The patch recipe of one CV fold's model (``fold_<k>/recipe.json``); None for a fold of a run made
+    before fold recipes."""
+    return PatchRecipe.read(fold.recipe) if fold.recipe.is_file() else None
+
+
+def cv_recipe(run_dir: str | Path, folds: list[FitFolder]) -> PatchRecipe:
+    """The patch recipe of a CV run's fold ensemble: the settings and input channels of the folds' recipes
+    with the mean of their normalisation ranges (:meth:`PatchRecipe.ensemble`).
+
+    A run made before fold recipes gets the run's config patches, the patch channels of its index
+    (``card_for`` narrows them to the channels the model names) and :func:`fold_normalisation`.
+    """
+    recipes = [fold_recipe(f) for f in folds]
+    if recipes and all(r is not None for r in recipes):
+        return PatchRecipe.ensemble(recipes)
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    patches_file = RunFolder(run_dir).patches
+    if not patches_file.is_file():
+        raise InputError(f"CV run {run_dir} lacks patches.parquet; the run did not finish its patch stage")
+    channels = [c[3:] for c in pq.read_schema(patches_file).names if c.startswith("fg_")]
+    return PatchRecipe.build(_run_config(run_dir).patches, channels, fold_normalisation(folds))
+
+
 def fold_normalisation(folds: list[FitFolder]) -> Normalisation | None:
     """Dataset / fixed normalisation of a fold ensemble: the mean over folds of each fold's training-split
-    percentiles (None for per-image normalisation or runs that stored none)."""
-    files = [f.normalisation for f in folds]
-    if not all(f.is_file() for f in files):
-        return None
-    norms = [Normalisation.model_validate_json(f.read_text()) for f in files]
-    if norms[0].scope == "image":
-        return None
-    return norms[0].model_copy(update={
-        "low": np.mean([n.low for n in norms], axis=0).tolist(), "high": np.mean([n.high for n in norms], axis=0).tolist(),
-        "measured_on": f"mean over {len(norms)} folds of each fold's training-split percentiles"})
+    percentiles, from its recipe (or, in a run made before fold recipes, its ``normalisation.json``); None
+    for per-image normalisation or runs that stored none."""
+    norms = []
+    for fold in folds:
+        recipe = fold_recipe(fold)
+        if recipe is not None:
+            norms.append(recipe.normalisation)
+        elif fold.normalisation.is_file():
+            norms.append(Normalisation.model_validate_json(fold.normalisation.read_text()))
+        else:
+            return None
+    return mean_normalisation(norms)
 
 
 def load_models(path: str | Path, *, model_name: str | None = None) -> tuple[list["nn.Module"], ModelCard]:

@@ -3,8 +3,9 @@
 A ``PatchRecipe`` holds the ``PatchSettings`` a model was trained with (geometry, Otsu filter,
 percentiles, normalisation scope), the model's input channels in order, and for dataset or
 fixed scope the ``Normalisation`` measured on the training split. Training builds it once per
-model, the model card (``model.yaml``) stores it, and prediction, export and explanations read
-it, so a model sees new images exactly as it saw its training patches.
+model and writes it beside the model's weights (``fold_<k>/recipe.json``); the model card
+(``model.yaml``) stores it (a fold ensemble's: :meth:`PatchRecipe.ensemble`), and prediction,
+export and explanations read it, so a model sees new images exactly as it saw its training patches.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchSettings
+from cytofuse.runs import write_text_atomic
 
 
 class Normalisation(BaseModel):
@@ -44,6 +46,39 @@ class Normalisation(BaseModel):
                 raise ValueError(f"normalisation with scope {self.scope!r} needs channels, low and high of equal "
                                  f"length, got channels {self.channels}, low {self.low}, high {self.high}")
         return self
+
+    def select(self, channels: Sequence[str]) -> "Normalisation":
+        """This normalisation for ``channels`` only, in that order; an InputError names channels it does not list."""
+        if self.scope == "image":
+            return self.model_copy(update={"channels": list(channels)})
+        where = {c: i for i, c in enumerate(self.channels)}
+        missing = [c for c in channels if c not in where]
+        if missing:
+            raise InputError(f"normalisation lists channels {self.channels}, not {missing}")
+        return self.model_copy(update={"channels": list(channels), "low": [self.low[where[c]] for c in channels],
+                                       "high": [self.high[where[c]] for c in channels]})
+
+
+def mean_normalisation(norms: Sequence[Normalisation | None]) -> Normalisation | None:
+    """The normalisation of an ensemble of models: the mean of their ranges (for dataset scope, each
+    measured on its own training split); None when they normalise per image.
+
+    The models must agree on scope, percentiles and channels (folds of one run do).
+    """
+    if not norms or norms[0] is None or norms[0].scope == "image":
+        if any(n is not None and n.scope != "image" for n in norms):
+            raise InputError("mean_normalisation: some models normalise per image, others do not")
+        return None
+    first = norms[0]
+    for n in norms[1:]:
+        if n is None or (n.scope, tuple(n.percentiles), n.channels) != (first.scope, tuple(first.percentiles), first.channels):
+            found = None if n is None else (n.scope, list(n.percentiles), n.channels)
+            raise InputError(f"mean_normalisation: the models' normalisations differ: {found} vs "
+                             f"{(first.scope, list(first.percentiles), first.channels)}")
+    update = {"low": np.mean([n.low for n in norms], axis=0).tolist(), "high": np.mean([n.high for n in norms], axis=0).tolist()}
+    if first.scope == "dataset":
+        update["measured_on"] = f"mean over {len(norms)} folds of each fold's training-split percentiles"
+    return first.model_copy(update=update)
 
 
 class PatchRecipe(BaseModel):
@@ -84,6 +119,37 @@ class PatchRecipe(BaseModel):
         if normalisation is not None and normalisation.scope == "fixed":
             normalisation = normalisation.model_copy(update={"percentiles": tuple(settings.percentiles)})
         return cls(settings=settings, channels=list(channels), normalisation=normalisation)
+
+    @classmethod
+    def ensemble(cls, recipes: Sequence["PatchRecipe"]) -> "PatchRecipe":
+        """The recipe of an ensemble of models (the folds of a CV run): the settings and input channels
+        they share, with the mean of their normalisation ranges (:func:`mean_normalisation`)."""
+        if not recipes:
+            raise InputError("PatchRecipe.ensemble: no recipe given")
+        first = recipes[0]
+        for r in recipes[1:]:
+            if r.channels != first.channels:
+                raise InputError(f"the ensemble's models take different channels: {r.channels} vs {first.channels}")
+            if r.settings != first.settings:
+                raise InputError("the ensemble's models were trained with different patch settings: "
+                                 f"{r.settings.model_dump(mode='json')} vs {first.settings.model_dump(mode='json')}")
+        return first.model_copy(update={"normalisation": mean_normalisation([r.normalisation for r in recipes])})
+
+    def write(self, path: str | Path) -> Path:
+        """Write this recipe as JSON to ``path``, atomically."""
+        return write_text_atomic(path, self.model_dump_json(indent=1))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "PatchRecipe":
+        """The recipe :meth:`write` wrote to ``path``; an InputError names a missing or invalid file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"patch recipe {path} does not exist")
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+            raise InputError(f"invalid patch recipe {path}: {problems}") from None
 
     @property
     def scope(self) -> str:

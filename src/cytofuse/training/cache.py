@@ -24,8 +24,8 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from cytofuse.errors import InputError
 from cytofuse.models.tta import dihedral
 from cytofuse.preprocess.patches import NORM_EPS, PatchIndex, cut_patches
-from cytofuse.preprocess.recipe import Normalisation
-from cytofuse.runs import FitFolder, building_folder, write_text_atomic
+from cytofuse.preprocess.recipe import Normalisation, PatchRecipe
+from cytofuse.runs import FitFolder, building_folder
 
 CACHE_ARRAY = "patches.npy"
 CACHE_META = "patches.json"
@@ -575,26 +575,32 @@ def cache_image_ids(cache, index: PatchIndex) -> np.ndarray:
     return ids.fillna(ids.dropna().iloc[0]).to_numpy()
 
 
-def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, folder: Path | None, *,
-                    seed: int = 0, measured_on: str = ""):
+def normalised_view(settings, cache, index: PatchIndex, train_rows: np.ndarray, folder: Path | None = None, *,
+                    seed: int = 0, measured_on: str = "", channels: Sequence[str] | None = None):
     """The cache as a model of this fold sees it: per-image scope as cached, dataset scope with percentiles
     of ``train_rows`` only (never a test patch), fixed scope with ``settings.fixed_range``.
 
-    The normalisation is written to ``folder/normalisation.json`` (when a folder is given).
+    When a ``folder`` is given, the model's ``PatchRecipe`` is written to ``folder/recipe.json``
+    (``FitFolder.recipe``): ``settings``, the model's input ``channels`` (names, in order; required with a
+    folder, since training-only auxiliary channels are no input) and this normalisation (over every cache
+    channel, as training saw them).
     """
     scope = settings.normalise_scope(index.images)
-    channels = list(cache.channels)
+    cached = list(cache.channels)
     image_ids = None if scope == "image" else cache_image_ids(cache, index)
     if scope == "image":
-        norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=channels)
+        norm = Normalisation(scope="image", percentiles=tuple(settings.percentiles), channels=cached)
     elif scope == "fixed":
-        low, high = settings.fixed_bounds(len(channels))
-        norm = Normalisation(scope="fixed", percentiles=tuple(settings.percentiles), channels=channels,
+        low, high = settings.fixed_bounds(len(cached))
+        norm = Normalisation(scope="fixed", percentiles=tuple(settings.percentiles), channels=cached,
                              low=low.tolist(), high=high.tolist(), measured_on="patches.fixed_range")
     else:
         norm = dataset_normalisation(cache, train_rows, image_ids[train_rows], index.images,
                                      percentiles=tuple(settings.percentiles), seed=seed, measured_on=measured_on)
     if folder is not None:
+        if channels is None:
+            raise InputError("normalised_view: a folder to write the model's recipe to needs the model's input channels")
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(FitFolder(folder).normalisation, norm.model_dump_json(indent=1))
+        PatchRecipe.build(settings, channels, norm).write(FitFolder(folder).recipe)
     return cache if scope == "image" else NormalisedCache(cache, image_ids, index.images, norm)

@@ -8,7 +8,7 @@ held-out test set is split off first, also by group.
 Run folder::
 
     config.yaml  patches.parquet  images.parquet  attrition.csv  folds.csv  cache/
-    models/<name>/fold_<k>/{best.safetensors, history.csv, fit.json}
+    models/<name>/fold_<k>/{best.safetensors, history.csv, fit.json, recipe.json}
     models/<name>/{predictions.parquet, metrics.json}
     models/handcrafted/{predictions.parquet, metrics.json}     (cv.baseline)
     probes/<probe>/{predictions.parquet, metrics.json}         (cv.probes)
@@ -17,6 +17,9 @@ Run folder::
 Beside the deep models, the handcrafted-feature baseline and the shortcut probes of
 :mod:`cytofuse.evaluation.baseline` run through the same folds; ``summary.csv`` says which row is which
 (column ``kind``: model, baseline or probe).
+
+Each fold's ``recipe.json`` is its model's ``PatchRecipe``: the input channels (no training-only
+auxiliary channel), the patch settings and the normalisation of that fold's training split only.
 """
 
 from __future__ import annotations
@@ -286,6 +289,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     from cytofuse.config import model_channels
 
     inputs, aux = model_channels(model_cfg, index.channel_names)
+    input_names = [index.channel_names[i] for i in inputs]
     for k in range(n_folds):
         train = np.flatnonzero((folds["fold"].to_numpy() != k) & (folds["fold"].to_numpy() >= 0))
         test = np.flatnonzero(folds["fold"].to_numpy() == k)
@@ -293,7 +297,8 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         fit_idx, val_idx = train[fit_rel], train[val_rel]
         check_fold_classes(labels, fit_idx, classes, fold=k)
         view = normalised_view(cfg.patches, cache, index, rows[train], out.fold(k).root, seed=cfg.cv.seed + k,
-                               measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)")
+                               measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
+                               channels=input_names)
         model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out.fold(k).root)
         tta = settings.tta
         parts.append(_predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta))
@@ -314,7 +319,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
     from cytofuse.models import count_parameters
 
     metrics["model"] = model_cfg.model_dump(mode="json") | {
-        "parameters": count_parameters(model), "input_channels": [index.channel_names[i] for i in inputs],
+        "parameters": count_parameters(model), "input_channels": input_names,
         "auxiliary_channels": [index.channel_names[i] for i in aux],
         "normalisation": cfg.patches.normalise_scope(index.images)}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)

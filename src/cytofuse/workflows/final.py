@@ -135,8 +135,10 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     settings = settings.model_copy(update={"max_epochs": epochs, "max_steps": None, "early_stopping": False,
                                            "progress": progress and settings.progress})
     # no early stopping: the model at the end of the budget (its EMA when on) is the one kept
+    inputs, _ = model_channels(model_cfg, index.channel_names)
     view = normalised_view(cfg.patches, cache, index, rows, work / "fit", seed=cfg.cv.seed,
-                           measured_on=f"all {len(rows)} training patches of the final model")
+                           measured_on=f"all {len(rows)} training patches of the final model",
+                           channels=[index.channel_names[i] for i in inputs])
     model = fit_model(model_cfg, view, rows, labels, all_idx, np.sort(val_idx), index, classes, settings, work / "fit")
     if branch_weights is not None:
         if len(branch_weights) != model.in_channels:
@@ -149,8 +151,7 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     if branch_weights is not None:
         trained_on["branch_weights"] = {"values": [round(float(w), 6) for w in branch_weights],
                                         "from": f"mean over the folds of CV run {Path(cv_run).name}"}
-    inputs, _ = model_channels(model_cfg, index.channel_names)
-    recipe = PatchRecipe.build(cfg.patches, [index.channel_names[i] for i in inputs], getattr(view, "norm", None))
+    recipe = PatchRecipe.read(FitFolder(work / "fit").recipe)  # the fit's recipe, as normalised_view wrote it
     card = card_for([model], class_names=classes, recipe=recipe, trained_on=trained_on, tta=settings.tta)
     write_model_folder(out, [model.eval()], card, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
