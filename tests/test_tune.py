@@ -262,3 +262,31 @@ def test_an_unreachable_storage_is_named(synthetic_set, tmp_path):
     with pytest.raises(ConfigError, match=r"--storage 'postgresql://nobody@127\.0\.0\.1:9/none': cannot open the study storage"):
         run_tune(cfg, tmp_path / "run", storage=url, progress=False)
     assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_tune_prints_the_nested_estimate_beside_the_defaults(synthetic_set, tmp_path):
+    import torch
+    import yaml
+    from typer.testing import CliRunner
+
+    from cytofuse.cli import app
+
+    torch.set_num_threads(1)
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(_tiny(synthetic_set / "labels.csv", trials=3)))
+    journal = tmp_path / "shared" / "journal.log"
+    result = CliRunner().invoke(app, ["tune", str(config), "--out", str(tmp_path / "run"), "--trials", "1",
+                                      "--storage", str(journal), "--set", "train.max_epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert "nested estimate, image level" in result.output and "tuned" in result.output and "default" in result.output
+    assert "best_config.yaml" in result.output and journal.is_file() and not (tmp_path / "run" / "tune" / "study.db").exists()
+    trials = pd.read_csv(tmp_path / "run" / "tune" / "trials.csv")
+    assert len(trials) == 2  # --trials 1 per outer study
+    bad_cfg = _tiny(synthetic_set / "labels.csv")
+    bad_cfg["tune"]["space"]["train.lr"]["low"] = 0.5
+    config.write_text(yaml.safe_dump(bad_cfg))
+    bad = CliRunner().invoke(app, ["tune", str(config), "--out", str(tmp_path / "run2")])
+    assert bad.exit_code == 2 and "low (0.5) is above high (0.01)" in bad.output

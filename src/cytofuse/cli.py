@@ -179,6 +179,34 @@ def report(
 
 
 @app.command()
+def tune(
+    config: Path = typer.Argument(..., help="YAML run config with a tune section (the search space)."),
+    out: Path = typer.Option(..., help="Run folder to write (an unfinished search resumes; a finished one continues "
+                             "when asked for more trials)."),
+    trials: Optional[int] = typer.Option(None, help="Trials per study (default: tune.trials)."),
+    timeout: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole search in minutes."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage shared by several processes: an SQLAlchemy URL "
+                                          "(postgresql://..., sqlite:///...) or a journal file path; default "
+                                          "RUN/tune/study.db."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Nested hyperparameter search (Optuna TPE + Hyperband) scored beside the defaults on the same outer folds."""
+    from cytofuse.errors import CytofuseError
+
+    try:
+        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        from cytofuse.workflows.tune import run_tune
+
+        result = run_tune(cfg, out, trials=trials, timeout_min=timeout, storage=storage, overwrite=overwrite)
+    except (CytofuseError, FileExistsError) as exc:
+        _fail(exc)
+    from cytofuse.workflows.tune import print_tune_summary
+
+    print_tune_summary(result)
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config (the one used for `cytofuse cv`)."),
     out: Path = typer.Option(..., help="Model folder to write."),

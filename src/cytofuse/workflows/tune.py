@@ -493,3 +493,21 @@ def _write_trials(storage, names: list[str], path: Path) -> None:
     table = pd.concat(frames, ignore_index=True)
     table["duration"] = table["duration"].dt.total_seconds()
     table.to_csv(path, index=False)
+
+
+def print_tune_summary(result: TuneResult) -> None:
+    """The nested estimate of the tuned procedure beside the defaults', the folds' best settings and the files."""
+    from rich.console import Console
+
+    from cytofuse.evaluation.metrics import format_summary_table, to_rich_table
+
+    console = Console()
+    for level in ("patch", "image"):
+        table = format_summary_table(result.metrics, level=level)
+        table = table.drop(columns=[c for c in table.columns if str(c) == "Accuracy"])
+        console.print(to_rich_table(table, title=f"nested estimate, {level} level: mean ± sd over the outer folds"))
+    for r in result.folds:
+        console.print(f"{r.name}: best inner value {r.value:.3f} ({r.complete} complete, {r.pruned} pruned, "
+                      f"{r.failed} failed) with {json.dumps(r.params)}")
+    console.print(f"best_config.yaml ({result.best_config}): {json.dumps(result.final)}")
+    console.print(f"search took {result.seconds / 60:.1f} min; run folder: {result.run_dir}")
