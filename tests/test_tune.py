@@ -249,9 +249,11 @@ def test_a_changed_space_does_not_continue_an_old_study(synthetic_set, tmp_path)
     torch.set_num_threads(1)
     raw = _tiny(synthetic_set / "labels.csv", defaults=False, trials=1)
     run_tune(validate_config(raw), tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "config.yaml").read_text()
     raw["tune"]["space"]["train.lr"]["high"] = 0.1
-    with pytest.raises(ConfigError, match=r"study 'outer_0' in the storage was made for another config or search space"):
+    with pytest.raises(ConfigError, match=r"study '(outer_\d|all)' in the storage was made for another config or search space"):
         run_tune(validate_config(raw), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # refused before anything is rewritten
 
 
 def test_an_unreachable_storage_is_named(synthetic_set, tmp_path):

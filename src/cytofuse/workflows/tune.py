@@ -233,6 +233,19 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
     return study
 
 
+def check_storage(storage, cfg: RunConfig) -> None:
+    """Refuse to continue studies made for another config (see :func:`open_study`)."""
+    import optuna
+
+    mark = config_fingerprint(cfg)
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        found = summary.user_attrs.get("config")
+        if found not in (None, mark):
+            raise ConfigError(f"study {summary.study_name!r} in the storage was made for another config or search "
+                              f"space (fingerprint {found}, this config {mark}); pass --overwrite, or another --out / "
+                              "--storage")
+
+
 def finished_trials(study) -> int:
     from optuna.trial import TrialState
 
@@ -394,10 +407,12 @@ def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, 
     run = RunFolder(run_dir)
     work = run_dir / "tune"
     work.mkdir(exist_ok=True)
-    dump_config(cfg.resolved(), run.config)
-    data = prepare_data(cfg, run_dir, progress=progress)
     if storage_obj is None:
         storage_obj = open_storage(f"sqlite:///{(work / 'study.db').resolve()}")
+    if not overwrite:
+        check_storage(storage_obj, cfg)  # before the run folder's config and stages are rewritten
+    dump_config(cfg.resolved(), run.config)
+    data = prepare_data(cfg, run_dir, progress=progress)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [f"outer_{k}" for k in range(data.n_folds)] + (["all"] if tune.final == "all" else [])
     deadline = started + tune.timeout_min * 60 if tune.timeout_min else None
