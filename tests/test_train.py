@@ -352,3 +352,16 @@ def test_a_fit_resumed_after_an_interruption_equals_an_uninterrupted_one(toy, tm
     fit(resumed, train_ds, val_ds, settings=settings, out_dir=tmp_path / "part")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lightning_lines_only_when_verbose(toy, tmp_path, capfd, caplog, verbose):
+    """Every fold of every model used to print Lightning's device lines, a tip and the model summary."""
+    import logging
+
+    train_ds, val_ds = toy
+    caplog.set_level(logging.INFO)
+    fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=1, verbose=verbose), out_dir=tmp_path)
+    printed = "".join(capfd.readouterr()) + caplog.text  # the summary is printed, the device lines are logged
+    for line in ("GPU available", "Trainable params"):
+        assert (line in printed) is verbose, (line, printed[-400:])

@@ -113,7 +113,9 @@ class TrainSettings(BaseModel):
         "auto", description="Numeric precision; 'auto': bf16-mixed where the device computes bfloat16 natively "
         "(CPUs with AVX512-BF16 or AMX, recent GPUs), else 32-true.")
     deterministic: bool = Field(False, description="Use only deterministic torch algorithms (needed for bitwise GPU reproducibility).")
-    progress: bool = Field(True, description="Show progress bars and the model summary.")
+    progress: bool = Field(True, description="Show progress bars.")
+    verbose: bool = Field(
+        False, description="Print Lightning's own lines for every fit (device and precision, tips, the model summary).")
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -469,13 +471,13 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
         default_root_dir=out_dir,
         num_sanity_val_steps=0,
         enable_progress_bar=settings.progress,
-        enable_model_summary=settings.progress,
+        enable_model_summary=settings.verbose,
     )
 
 
 def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> str:
     """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
-    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "num_workers"}).encode())
+    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers"}).encode())
     h.update(type(model).__qualname__.encode())
     for name, value in model.state_dict().items():
         h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
@@ -551,7 +553,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     train_loader, val_loader = _loaders(train_ds, val_ds, settings)
     module.loader_batches = len(train_loader)
     last = FitFolder(out_dir).last_checkpoint
-    with warnings.catch_warnings(), _quiet(not settings.progress):
+    with warnings.catch_warnings(), _quiet(not settings.verbose):
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         trainer = _trainer(settings, out_dir, _callbacks(settings, out_dir, callbacks))
