@@ -89,9 +89,9 @@ def spy_fits(monkeypatch):
     calls = []
     real = tune.fit_model
 
-    def spy(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out):
+    def spy(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out, **kwargs):
         calls.append((Path(out), np.asarray(fit_idx), np.asarray(val_idx)))
-        return real(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out)
+        return real(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out, **kwargs)
 
     monkeypatch.setattr(tune, "fit_model", spy)
     return calls
@@ -210,10 +210,10 @@ def test_a_killed_search_resumes_to_the_requested_total(synthetic_set, tmp_path,
     cfg = validate_config(_tiny(synthetic_set / "labels.csv", defaults=False))
     spy = tune.fit_model
 
-    def dies_at_second_trial(*args):
+    def dies_at_second_trial(*args, **kwargs):
         if len(spy_fits) == 1:
             raise RuntimeError("killed")
-        return spy(*args)
+        return spy(*args, **kwargs)
 
     monkeypatch.setattr(tune, "fit_model", dies_at_second_trial)
     with pytest.raises(RuntimeError, match="killed"):

@@ -27,7 +27,10 @@ def build_run_cache(image_set, index: PatchIndex, run_dir: Path, *, progress: bo
     return build_patch_cache(index.patches, index.images, load_image=load, channels=names, out=RunFolder(run_dir).cache, progress=progress)
 
 
-def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path):
+def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchIndex, classes, settings, out: Path, *,
+              callbacks=()):
+    """Fit ``model_cfg`` on cache rows ``fit_idx`` (validated on ``val_idx``) into ``out``; ``callbacks`` (Lightning)
+    see this model's fit only, not a distillation teacher's."""
     from cytofuse.training.cache import PatchDataset
     from cytofuse.models import create_model
     from cytofuse.training.fit import fit
@@ -66,7 +69,7 @@ def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
         views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
         train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
-    fit(model, train_ds, val_ds, settings=settings, out_dir=out)
+    fit(model, train_ds, val_ds, settings=settings, out_dir=out, callbacks=callbacks)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
         from cytofuse.models import save_weights
 

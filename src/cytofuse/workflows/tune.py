@@ -44,7 +44,6 @@ import json
 import shutil
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,31 +84,6 @@ class EpochReporter(L.Callback):
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.monitor} {value:.3f}")
-
-
-@contextmanager
-def reporting_to(callback: L.Callback, out: Path):
-    """While open, fits into ``out`` made through :func:`cytofuse.workflows.fitting.fit_model` get ``callback``.
-
-    ``fit_model`` has no callbacks argument; it looks up ``cytofuse.training.fit.fit`` when called, so the
-    lookup is answered with a wrapper for this one folder (a teacher's fit in ``out/teacher`` gets nothing).
-    The trial checks afterwards that the callback saw its epochs, so a change there cannot silently
-    switch pruning off.
-    """
-    import cytofuse.training.fit as fitting
-
-    original = fitting.fit
-
-    def fit_reporting(model, train_ds, val_ds, *, out_dir, callbacks=(), **kwargs):
-        if Path(out_dir) == Path(out):
-            callbacks = (*callbacks, callback)
-        return original(model, train_ds, val_ds, out_dir=out_dir, callbacks=callbacks, **kwargs)
-
-    fitting.fit = fit_reporting
-    try:
-        yield
-    finally:
-        fitting.fit = original
 
 
 # --------------------------------------------------------------------------- the data of a run
@@ -278,7 +252,6 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
            timeout_s: float | None, seed: int, overwrite: bool = False, on_trial=lambda study, trial: None) -> SearchResult:
     """Run study ``name`` up to ``trials`` complete or pruned trials, each fitted on an inner fit part of
     ``pool`` and scored on the grouped inner validation part of ``pool`` (no patch outside ``pool``)."""
-    import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -298,14 +271,13 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         out = work / name / "trials" / str(trial.number)
         reporter = EpochReporter(trial)
         try:
-            with reporting_to(reporter, out):
-                fit_model(trial_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes,
-                          settings, out)
+            fit_model(trial_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes,
+                      settings, out, callbacks=[reporter])
         finally:
             shutil.rmtree(out, ignore_errors=True)
         if not reporter.reported:
             raise RuntimeError(f"trial {trial.number} of study {name}: the fit reported no validation epoch to "
-                               "the pruner (fit_model no longer calls cytofuse.training.fit.fit at call time?)")
+                               "the pruner")
         return reporter.reported[max(reporter.reported)]
 
     todo = trials - finished_trials(study)
