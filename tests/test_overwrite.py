@@ -155,3 +155,27 @@ def test_prepare_run_dir_overwrite_swaps_in_a_fresh_run(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [MARKER]
     assert (run / MARKER).read_text() == "running\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_tables_are_written_whole_or_not_at_all(tmp_path):
+    """A table whose writer fails leaves the old file as it was and no temporary file behind."""
+    import pandas as pd
+
+    from cytofuse.runs import write_table_atomic
+
+    for name in ("folds.csv", "predictions.parquet"):
+        path = tmp_path / name
+        write_table_atomic(path, pd.DataFrame({"a": [1, 2]}))
+        before = path.read_bytes()
+
+        class Broken(pd.DataFrame):
+            def to_csv(self, *a, **k):
+                raise OSError("disk full")
+
+            to_parquet = to_csv
+
+        with pytest.raises(OSError, match="disk full"):
+            write_table_atomic(path, Broken({"a": [3]}))
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert pd.read_parquet(tmp_path / "predictions.parquet")["a"].tolist() == [1, 2]
+    assert pd.read_csv(tmp_path / "folds.csv")["a"].tolist() == [1, 2]

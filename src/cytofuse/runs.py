@@ -43,6 +43,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_table_atomic(path: str | Path, frame) -> Path:
+    """Write a pandas table (without its index) to ``path`` through :func:`atomic_path`: Parquet for a
+    ``.parquet`` path, CSV otherwise."""
+    with atomic_path(path) as tmp:
+        if Path(path).suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def write_json_atomic(path: str | Path, data) -> Path:
     """Write ``data`` as indented JSON to ``path`` through :func:`atomic_path`."""
     return write_text_atomic(path, json.dumps(data, indent=1))

@@ -34,7 +34,7 @@ import pandas as pd
 from cytofuse.config import ModelSettings, RunConfig, dump_config
 from cytofuse.errors import InputError
 from cytofuse.preprocess.patches import PatchIndex
-from cytofuse.runs import ModelRun, RunFolder, write_json_atomic
+from cytofuse.runs import ModelRun, RunFolder, write_json_atomic, write_table_atomic
 from cytofuse.training.cache import normalised_view
 from cytofuse.workflows.fitting import build_run_cache, fit_model
 
@@ -155,7 +155,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
         raise InputError(f"cv.positive_class must be one of the classes {classes}, got {cfg.cv.positive_class!r}")
     folds = assign_folds(index, cfg, classes)
-    folds.to_csv(run.folds, index=False)
+    write_table_atomic(run.folds, folds)
     predictions, metrics = {}, {}
     n_folds = int(folds["fold"].max()) + 1
     # Lightning draws its own rich progress bar while training; rich allows one live display at a
@@ -185,7 +185,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
         predictions[name], metrics[name], kinds[name] = pred, metric, kind
     warnings = _shortcut_warnings(cfg, metrics, kinds, classes, run_dir)
     summary = summary_table(metrics, kinds=kinds)
-    summary.to_csv(run.summary, index=False)
+    write_table_atomic(run.summary, summary)
     mark_finished(run_dir)
     return CVResult(run_dir, classes, predictions, metrics, summary, kinds, warnings)
 
@@ -251,10 +251,10 @@ def _cv_features(features: pd.DataFrame, cfg: RunConfig, folds: pd.DataFrame, cl
     out.root.mkdir(parents=True, exist_ok=True)
     predictions, held = cross_validate_features(features, folds, classes, seed=cfg.cv.seed)
     predictions, held = _units(predictions, cfg), None if held is None else _units(held, cfg)
-    predictions.to_parquet(out.predictions, index=False)
+    write_table_atomic(out.predictions, predictions)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     if held is not None:
-        held.to_parquet(out.test_predictions, index=False)
+        write_table_atomic(out.test_predictions, held)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     metrics["model"] = {"kind": kind, "classifier": type(default_classifier()).__name__, "features": list(features.columns)}
     metrics["measured_on"] = _measured_on(folds, int(folds["fold"].max()) + 1, cfg)
@@ -308,13 +308,13 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
             test_probs.append(_predict(model, view, rows, folds, test_pool, classes, fold=-1, channels=inputs, tta=tta))
         on_fold()
     predictions = _units(pd.concat(parts, ignore_index=True), cfg)
-    predictions.to_parquet(out.predictions, index=False)
+    write_table_atomic(out.predictions, predictions)
     _plot_curves(out, n_folds)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
     metrics |= _extra_metrics(cfg, predictions, val_parts, index, classes)
     if test_probs:
         held = _units(_ensemble(test_probs, classes), cfg)
-        held.to_parquet(out.test_predictions, index=False)
+        write_table_atomic(out.test_predictions, held)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
     from cytofuse.models import count_parameters
 
@@ -453,6 +453,6 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
         table.insert(0, cfg.sweep.parameter, label.split("=", 1)[1])
         tables.append(table)
     summary = pd.concat(tables, ignore_index=True)
-    summary.to_csv(run.sweep_summary, index=False)
+    write_table_atomic(run.sweep_summary, summary)
     mark_finished(run.root)
     return summary

@@ -54,7 +54,8 @@ import pandas as pd
 from cytofuse.config import RunConfig, TuneRange, dump_config, with_parameters
 from cytofuse.errors import ConfigError, InputError
 from cytofuse.preprocess.patches import PatchIndex
-from cytofuse.runs import MARKER, RunFolder, mark_finished, prepare_run_dir, write_json_atomic, write_text_atomic
+from cytofuse.runs import (MARKER, RunFolder, mark_finished, prepare_run_dir, write_json_atomic, write_table_atomic,
+                           write_text_atomic)
 from cytofuse.training.cache import normalised_view
 from cytofuse.workflows.cv import assign_folds, check_fold_classes, inner_split, refine_patch_index
 from cytofuse.workflows.fitting import build_run_cache, fit_model
@@ -141,7 +142,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, progress: bool) -> RunData:
     index = refine_patch_index(cfg, image_set, index, cache, run_dir, progress=progress)
     classes = sorted(index.patches["label"].unique().tolist())
     folds = assign_folds(index, cfg, classes)
-    folds.to_csv(RunFolder(run_dir).folds, index=False)
+    write_table_atomic(RunFolder(run_dir).folds, folds)
     return RunData(index, cache, folds, classes)
 
 
@@ -431,7 +432,7 @@ def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, 
         "final": {"rule": tune.final, "params": final},
         "folds": [vars(r) for r in result.folds] + ([vars(results["all"])] if "all" in results else []),
         "metrics": metrics, "seconds": result.seconds})
-    summary.to_csv(work / "nested.csv", index=False)
+    write_table_atomic(work / "nested.csv", summary)
     mark_finished(run_dir)
     return result
 
@@ -479,7 +480,7 @@ def _write_trials(storage, names: list[str], path: Path) -> None:
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table["duration"] = table["duration"].dt.total_seconds()
-    table.to_csv(path, index=False)
+    write_table_atomic(path, table)
 
 
 def print_tune_summary(result: TuneResult) -> None:
