@@ -441,3 +441,21 @@ def test_real_manifest_with_custom_columns(real_data):
     assert image_set.records[0].path == csv_path.parent / "images" / "1.jpg"
     assert set(report.shapes.values()) == {(3, 1, 768, 1024)}
     assert set(report.dtypes.values()) == {"uint8"}
+
+
+def test_too_few_groups_for_a_validation_split_is_refused_before_any_work(tmp_path):
+    """2 images per class and 2 folds: each training split keeps one image per class, too few to validate on."""
+    import numpy as np
+
+    from cytofuse.io.imagesets import ImageSet
+    from cytofuse.io.readers import Image, write_ome_tiff
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            write_ome_tiff(tmp_path / label / f"{i}.ome.tif", Image(np.ones((1, 1, 8, 8), np.uint16), ("c",)))
+    image_set = ImageSet.from_folder(tmp_path)
+    with pytest.raises(DataSetError, match=r"class 'a' has 2 group\(s\): with n_folds=2 a training split keeps as few "
+                                           r"as 1, and its grouped validation split needs 2"):
+        image_set.validate(n_folds=2, min_classes=2)
+    image_set.validate(n_folds=2, min_classes=1)  # labels from a channel: patches of one image differ in label

@@ -13,6 +13,7 @@ folder.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -235,6 +236,14 @@ class ImageSet:
                 for label, n in groups.items()
                 if n < n_folds
             ]
+            if min_classes >= 2:  # labels per image: every training split also holds out a grouped validation split
+                problems += [
+                    f"class {label!r} has {n} group(s): with n_folds={n_folds} a training split keeps as few as "
+                    f"{n - math.ceil(n / n_folds)}, and its grouped validation split needs 2 (one to fit, one to "
+                    "validate): add images of that class or lower n_folds"
+                    for label, n in groups.items()
+                    if n_folds <= n < 2 + math.ceil(n / n_folds)
+                ]
         if problems:
             listed = "\n  - ".join(problems[:_MAX_LISTED])
             more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
