@@ -243,3 +243,33 @@ def test_prepare_run_dir_never_touches_a_foreign_folder(tmp_path):
     with pytest.raises(RunFolderError, match=f"run folder {a_file} exists and is not a folder"):
         prepare_run_dir(a_file, overwrite=True)
     assert issubclass(RunFolderError, FileExistsError)
+
+
+def test_demo_command_runs_end_to_end_on_a_smaller_phantom_set(tmp_path, monkeypatch):
+    """The README's first command, through the CLI: the phantoms shrunk (2x64x64, 4 per class) and one epoch."""
+    import torch
+
+    import cytofuse.synthetic.phantoms as phantoms
+    import cytofuse.workflows.demo as demo
+
+    torch.set_num_threads(1)
+    write = phantoms.write_synthetic_dataset
+    monkeypatch.setattr(phantoms, "write_synthetic_dataset",
+                        lambda out, **kw: write(out, **(kw | {"shape": (2, 64, 64), "images_per_class": 4})))
+    config = demo.demo_config
+
+    def small(data_dir):
+        raw = config(data_dir)
+        raw["patches"] |= {"size": 32}
+        raw["train"] |= {"max_epochs": 1}
+        raw["cv"] |= {"n_folds": 2, "probes": False}
+        return raw
+
+    monkeypatch.setattr(demo, "demo_config", small)
+    result = _invoke("demo", "--out", str(tmp_path / "demo"))
+    code, output = result.exit_code, result.output
+    assert code == 0, output
+    for text in ("Patches per class", "image-level metrics", "image-level recall per class", "'ee_on_mito' differs"):
+        assert text in output, text
+    summary = pd.read_csv(tmp_path / "demo" / "run" / "summary.csv")
+    assert {"early", "intermediate", "late", "single:mitochondria"} <= set(summary["model"])
