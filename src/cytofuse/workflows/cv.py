@@ -132,18 +132,19 @@ def assign_folds(index: PatchIndex, cfg: RunConfig, classes: list[str]) -> pd.Da
                          "y_true": labels, "fold": fold})
 
 
-def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> CVResult:
-    """Patches -> cache -> per model and fold: fit, predict the test fold -> metrics; resumable."""
+def validated_image_set(cfg: RunConfig):
+    """The config's image set, checked as a whole (files, channels, sizes, groups for the folds) before any work."""
     from cytofuse.workflows.patching import load_image_set
-    from cytofuse.runs import mark_finished, prepare_run_dir
 
     image_set = load_image_set(cfg.data)
     n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
     image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
-    run = RunFolder(run_dir)
-    dump_config(cfg.resolved(), run.config)
+    return image_set
+
+
+def patch_stage(cfg: RunConfig, image_set, run_dir: Path, *, progress: bool):
+    """Patch index, cache, classes and folds (written to ``folds.csv``) of a CV-style run; resumed stages are read back."""
     from cytofuse.preprocess.patches import build_patch_index
 
     index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
@@ -155,7 +156,19 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
     if cfg.cv.positive_class is not None and cfg.cv.positive_class not in classes:
         raise InputError(f"cv.positive_class must be one of the classes {classes}, got {cfg.cv.positive_class!r}")
     folds = assign_folds(index, cfg, classes)
-    write_table_atomic(run.folds, folds)
+    write_table_atomic(RunFolder(run_dir).folds, folds)
+    return index, cache, classes, folds
+
+
+def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> CVResult:
+    """Patches -> cache -> per model and fold: fit, predict the test fold -> metrics; resumable."""
+    from cytofuse.runs import mark_finished, prepare_run_dir
+
+    image_set = validated_image_set(cfg)
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
+    run = RunFolder(run_dir)
+    dump_config(cfg.resolved(), run.config)
+    index, cache, classes, folds = patch_stage(cfg, image_set, run_dir, progress=progress)
     predictions, metrics = {}, {}
     n_folds = int(folds["fold"].max()) + 1
     # Lightning draws its own rich progress bar while training; rich allows one live display at a

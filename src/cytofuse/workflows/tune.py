@@ -57,8 +57,8 @@ from cytofuse.preprocess.patches import PatchIndex
 from cytofuse.runs import (MARKER, RunFolder, mark_finished, prepare_run_dir, write_json_atomic, write_table_atomic,
                            write_text_atomic)
 from cytofuse.training.cache import normalised_view
-from cytofuse.workflows.cv import assign_folds, check_fold_classes, inner_split, refine_patch_index
-from cytofuse.workflows.fitting import build_run_cache, fit_model
+from cytofuse.workflows.cv import check_fold_classes, inner_split, patch_stage, validated_image_set
+from cytofuse.workflows.fitting import fit_model
 
 MONITOR = "val_balanced_accuracy"
 
@@ -128,21 +128,7 @@ class RunData:
 
 def prepare_data(cfg: RunConfig, run_dir: Path, *, progress: bool) -> RunData:
     """Patches, cache and folds exactly as ``cytofuse cv`` makes them (resumed stages are read back)."""
-    from cytofuse.preprocess.patches import build_patch_index
-    from cytofuse.workflows.patching import load_image_set
-
-    image_set = load_image_set(cfg.data)
-    n_folds = None if cfg.cv.n_folds == "loo" else int(cfg.cv.n_folds)
-    image_set.validate(n_folds=n_folds, channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
-                       min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
-    index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
-    if index.sparse_images and len(index.sparse_images) == len(index.images):
-        raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
-    cache = build_run_cache(image_set, index, run_dir, progress=progress)
-    index = refine_patch_index(cfg, image_set, index, cache, run_dir, progress=progress)
-    classes = sorted(index.patches["label"].unique().tolist())
-    folds = assign_folds(index, cfg, classes)
-    write_table_atomic(RunFolder(run_dir).folds, folds)
+    index, cache, classes, folds = patch_stage(cfg, validated_image_set(cfg), run_dir, progress=progress)
     return RunData(index, cache, folds, classes)
 
 
