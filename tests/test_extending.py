@@ -165,3 +165,20 @@ def test_a_registered_report_section_is_rendered_from_the_run_folder(synthetic_s
         assert f">{count}</td>" in html
     with pytest.raises(InputError, match="build must be callable"):
         register_section("fold_sizes")
+
+
+def test_config_knows_the_built_in_names_without_importing_torch():
+    """Before the registry is imported, configs check against its built-in names (the patch stage needs no torch)."""
+    import subprocess
+    import sys
+
+    from cytofuse.config import BUILTIN_ENCODERS, BUILTIN_FUSIONS
+    from cytofuse.models.encoders import list_encoders
+    from cytofuse.models.registry import list_models
+
+    assert list(BUILTIN_FUSIONS) == list_models() and list(BUILTIN_ENCODERS) == list_encoders()
+    code = ("import sys; from cytofuse.config import validate_config; "
+            "validate_config({'data': {'images': 'x'}, 'models': [{'fusion': 'late', 'encoder': 'resnet18'}]}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

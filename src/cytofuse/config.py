@@ -8,6 +8,7 @@ writes YAML, and applies ``section.field=value`` overrides from the command line
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,21 @@ class DataSettings(_Strict):
         return self.model_copy(update={"images": fix(self.images), "manifest": fix(self.manifest)})
 
 
+BUILTIN_FUSIONS = ("early", "intermediate", "late", "single")
+BUILTIN_ENCODERS = ("resnet18", "resnet34", "resnet50", "smallcnn")
+
+
+def _registered(what: str, value: str, module: str, lister: str, builtin: tuple[str, ...]) -> str:
+    """``value`` must be a name of the model registry: its own list once it is imported (names added with
+    register_fusion / register_encoder need it imported), else the built-in names, so that validating a
+    config for the patch stage does not import torch."""
+    loaded = sys.modules.get(module)
+    names = list(getattr(loaded, lister)()) if loaded is not None else list(builtin)
+    if value not in names:
+        raise ValueError(f"{what} must be one of {names}, got {value!r}")
+    return value
+
+
 class ModelSettings(_Strict):
     """One classifier: fusion strategy and encoder."""
 
@@ -93,20 +109,12 @@ class ModelSettings(_Strict):
     @field_validator("fusion")
     @classmethod
     def _known_fusion(cls, value: str) -> str:
-        from cytofuse.models.registry import list_models
-
-        if value not in list_models():
-            raise ValueError(f"fusion must be one of {list_models()}, got {value!r}")
-        return value
+        return _registered("fusion", value, "cytofuse.models.registry", "list_models", BUILTIN_FUSIONS)
 
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from cytofuse.models.encoders import list_encoders
-
-        if value not in list_encoders():
-            raise ValueError(f"encoder must be one of {list_encoders()}, got {value!r}")
-        return value
+        return _registered("encoder", value, "cytofuse.models.encoders", "list_encoders", BUILTIN_ENCODERS)
 
     @model_validator(mode="after")
     def _check_auxiliary(self) -> "ModelSettings":
