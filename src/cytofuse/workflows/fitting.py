@@ -94,7 +94,8 @@ def teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: Pat
     teacher = create_model(
         "early" if model_cfg.fusion == "single" else model_cfg.fusion, in_channels=len(seen), num_classes=len(classes),
         encoder=model_cfg.encoder, dropout=model_cfg.dropout, hidden=model_cfg.hidden, pretrained=model_cfg.pretrained,
-        late_weights="learned" if model_cfg.late_weights == "validation" else model_cfg.late_weights,
+        # the teacher has more branches than the model: its late weights are learned, never the model's own list
+        late_weights="equal" if model_cfg.late_weights == "equal" else "learned",
         channel_names=[index.channel_names[i] for i in seen],
     )
     teach_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=seen)
