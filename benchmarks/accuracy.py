@@ -52,7 +52,9 @@ def jurkat_config(work: Path) -> dict | None:
             "models": [{"fusion": "intermediate", "channels": ["BF", "DF"], "name": "BF+DF"},
                        {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"},
                        {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "auxiliary_mode": "distill",
-                        "name": "BF+DF, DNA distilled"}],
+                        "name": "BF+DF, DNA distilled"},
+                       {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "auxiliary_mode": "reconstruct",
+                        "name": "BF+DF, DNA reconstructed"}],
             "cv": {"positive_class": "Metaphase"}}
 
 

@@ -229,3 +229,65 @@ def test_cv_distills_from_a_teacher_that_sees_the_auxiliary_channel(three_channe
     assert card.channel_names == ["mitochondria", "early_endosome"]
     assert not any("aux" in name for name in models[0].state_dict())  # the model has no auxiliary encoder
     assert TrainSettings().distill_weight == 0.5 and TrainSettings().distill_temperature == 2.0
+
+
+def test_reconstruction_loss_is_zero_for_a_perfect_head_and_the_mse_of_standardised_block_means():
+    from cytofuse.training.fit import ClassifierModule, TrainSettings
+
+    model = create_model("early", in_channels=2, num_classes=3, encoder="smallcnn")
+    settings = TrainSettings(aux_grid=2)
+    module = ClassifierModule(model, settings=settings, aux_targets=1, feature_dim=4)
+    assert module.aux_head.out_features == 4  # one channel, 2 x 2 block means
+    torch.manual_seed(0)
+    x_aux = torch.rand(3, 1, 8, 8)
+    blocks = torch.nn.functional.avg_pool2d(x_aux, 4).flatten(1)  # (3, 4): the 2 x 2 block means
+    target = (blocks - blocks.mean()) / blocks.std()
+    with torch.no_grad():  # a head that returns its features: feed it the standardised targets themselves
+        module.aux_head.weight.copy_(torch.eye(4))
+        module.aux_head.bias.zero_()
+    assert module._reconstruction_loss(target, x_aux).item() == pytest.approx(0.0, abs=1e-10)
+    assert module._reconstruction_loss(torch.zeros(3, 4), x_aux).item() == pytest.approx(
+        float((target ** 2).mean()), rel=1e-5)
+
+
+def test_fit_refuses_auxiliary_targets_that_the_training_patches_lack(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from cytofuse.training.fit import TrainSettings, fit
+
+    model = create_model("early", in_channels=2, num_classes=2, encoder="smallcnn")
+    ds = TensorDataset(torch.rand(4, 2, 16, 16), torch.tensor([0, 1, 0, 1]))
+    ds.labels = np.array([0, 1, 0, 1])
+    with pytest.raises(InputError, match="auxiliary_targets=1 .* need that many channels more .* got 2 and 2"):
+        fit(model, ds, ds, settings=TrainSettings(max_epochs=1, progress=False), out_dir=tmp_path, auxiliary_targets=1)
+
+
+def test_cv_reconstructs_the_auxiliary_channel_in_training_only(three_channel_set, tmp_path, forward_spy):
+    """auxiliary_mode 'reconstruct': training batches carry 3 channels, the model sees 2 in every pass and
+    has no trace of the training-only head; the head's loss changes the trained weights."""
+    from cytofuse.workflows.cv import run_cv
+    from cytofuse.inference.modelfolder import load_models
+
+    torch.set_num_threads(1)
+    seen = forward_spy
+    base = {
+        "data": {"manifest": str(three_channel_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "train": {"max_epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False},
+    }
+    model = {"fusion": "intermediate", "auxiliary": ["recycling_endosome"], "auxiliary_mode": "reconstruct", "name": "rec"}
+    run_cv(validate_config({**base, "models": [model]}), tmp_path / "run", progress=False)
+    assert {c for _, c in seen} == {2}  # features of the two input channels only, in training and at test
+    metrics = json.loads((tmp_path / "run" / "models" / "rec" / "metrics.json").read_text())
+    assert metrics["model"]["auxiliary_mode"] == "reconstruct"
+    assert metrics["model"]["input_channels"] == ["mitochondria", "early_endosome"]
+    models, card = load_models(tmp_path / "run", model_name="rec")
+    assert card.channel_names == ["mitochondria", "early_endosome"]
+    assert not any("aux" in name for name in models[0].state_dict())
+    run_cv(validate_config({**base, "models": [{**model, "auxiliary": [], "auxiliary_mode": "dropout"}]}),
+           tmp_path / "plain", progress=False)
+    plain, _ = load_models(tmp_path / "plain", model_name="rec")
+    changed = [not torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), plain[0].state_dict().values())
+               if a.is_floating_point()]
+    assert any(changed)  # same seed and inputs: only the reconstruction loss can have moved the weights

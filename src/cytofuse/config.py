@@ -97,12 +97,14 @@ class ModelSettings(_Strict):
     auxiliary: list[str | int] = Field(
         default_factory=list, description="Training-only channels: used while training, absent at test time.",
     )
-    auxiliary_mode: Literal["dropout", "samples", "distill"] = Field(
+    auxiliary_mode: Literal["dropout", "samples", "distill", "reconstruct"] = Field(
         "dropout", description="'dropout': an extra encoder per auxiliary channel (fusion 'intermediate'), its "
         "features dropped at random in training and absent at test; 'samples': each auxiliary image is an extra "
         "training sample of the same label for a model with one input channel (Russo et al.); 'distill': a teacher "
         "of the same fusion sees inputs and auxiliary channels, and the model learns from the labels and from the "
-        "teacher's softened probabilities (train.distill_weight, train.distill_temperature).",
+        "teacher's softened probabilities (train.distill_weight, train.distill_temperature); 'reconstruct': the "
+        "model's features also predict the auxiliary channels' coarse images through a training-only head "
+        "(train.aux_weight, train.aux_grid), any fusion.",
     )
     auxiliary_p: float = Field(0.5, ge=0, lt=1, description="Modality dropout: probability of dropping the auxiliary features of a sample.")
 

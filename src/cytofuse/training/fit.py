@@ -100,6 +100,12 @@ class TrainSettings(BaseModel):
         "training set carries them (auxiliary_mode 'distill'); the rest is the labels' cross-entropy.")
     distill_temperature: float = Field(
         2.0, gt=0, description="Temperature of distillation: teacher and model probabilities are softened by it.")
+    aux_weight: float = Field(
+        0.5, ge=0, description="Weight of the auxiliary reconstruction loss (auxiliary_mode 'reconstruct'): the mean "
+        "squared error of the training-only channels' coarse images predicted from the model's features.")
+    aux_grid: int = Field(
+        8, ge=1, le=64, description="Auxiliary reconstruction: each training-only channel is predicted as its "
+        "aux_grid x aux_grid block means (standardised over the batch).")
     late_branch_loss: float = Field(
         0.0, ge=0, description="Weight of the mean per-branch cross-entropy added to the loss of late-fusion models."
     )
@@ -191,9 +197,13 @@ class ClassifierModule(L.LightningModule):
     """Wraps any cytofuse model: weighted cross-entropy, AdamW with warm-up + cosine, weight EMA, epoch history."""
 
     def __init__(self, model: nn.Module, *, settings: TrainSettings, class_weight: np.ndarray | None = None,
-                 history_path: Path | None = None) -> None:
+                 history_path: Path | None = None, aux_targets: int = 0, feature_dim: int = 0) -> None:
         super().__init__()
         self.model = model
+        # training-only channels as targets: the last aux_targets channels of each training batch, predicted
+        # (as coarse images) from the model's features by a head that exists in training only
+        self.aux_targets = aux_targets
+        self.aux_head = nn.Linear(feature_dim, aux_targets * settings.aux_grid ** 2) if aux_targets else None
         self.settings = settings
         self.history_path = history_path
         weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight), dtype=torch.float32)
@@ -264,12 +274,27 @@ class ClassifierModule(L.LightningModule):
         w = self.class_weight[y] if self.class_weight is not None else torch.ones_like(kl)
         return (kl * w).sum() / w.sum() * t * t
 
+    def _reconstruction_loss(self, features: torch.Tensor, x_aux: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the auxiliary channels' block means, each channel standardised over the batch."""
+        target = F.adaptive_avg_pool2d(x_aux.float(), self.settings.aux_grid).flatten(2)  # (B, A, g*g)
+        mean = target.mean(dim=(0, 2), keepdim=True)
+        std = target.std(dim=(0, 2), keepdim=True).clamp_min(1e-6)
+        target = ((target - mean) / std).flatten(1)
+        return F.mse_loss(self.aux_head(features.float()), target)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, *rest = batch  # (x, y) or (x, y, teacher probabilities at the distillation temperature)
         if self.settings.augment.enabled:  # here, not in the loader: its draws follow the epoch's seed
             x = self.settings.augment(x)
+        x_aux = None
+        if self.aux_head is not None:
+            x, x_aux = x[:, : -self.aux_targets], x[:, -self.aux_targets :]
         x = x.contiguous(memory_format=torch.channels_last)
-        if self._late and hasattr(self.model, "forward_all"):
+        features = None
+        if x_aux is not None and not self._late:
+            features = self.model.forward_features(x)
+            logits = self.model.head(features)
+        elif self._late and hasattr(self.model, "forward_all"):
             logits, branches = self.model.forward_all(x)
         elif self._late:
             logits, branches = self.model(x), self.model.forward_branches(x)
@@ -284,6 +309,10 @@ class ClassifierModule(L.LightningModule):
         self._sums["train_w"] += weight.detach()
         if self._late:
             loss = loss + self.settings.late_branch_loss * self._branch_loss(branches, y)
+        if x_aux is not None:
+            if features is None:
+                features = self.model.forward_features(x)
+            loss = loss + self.settings.aux_weight * self._reconstruction_loss(features, x_aux)
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -343,7 +372,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         s = self.settings
         opt_cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-        params = list(self.model.parameters())
+        params = list(self.model.parameters()) + (list(self.aux_head.parameters()) if self.aux_head is not None else [])
         opt = opt_cls(params, lr=s.lr, weight_decay=s.resolved_weight_decay, **_fused_kwargs(params))
         if s.schedule == "staircase":
             factor = _StepDecay(s.decay_rate, s.decay_steps)
@@ -475,9 +504,12 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
     )
 
 
-def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> str:
+def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings, *,
+            auxiliary_targets: int = 0) -> str:
     """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
     h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers"}).encode())
+    if auxiliary_targets:
+        h.update(f"auxiliary_targets={auxiliary_targets}".encode())
     h.update(type(model).__qualname__.encode())
     for name, value in model.state_dict().items():
         h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
@@ -525,8 +557,12 @@ _NOISE = [
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: TrainSettings | None = None,
         out_dir: str | Path, class_weights: np.ndarray | None = None, resume: bool = True,
-        callbacks: Sequence[L.Callback] = ()) -> FitResult:
+        callbacks: Sequence[L.Callback] = (), auxiliary_targets: int = 0) -> FitResult:
     """Train ``model`` on ``train_ds``, early-stop on ``val_ds``; the model ends with the best weights.
+
+    ``auxiliary_targets``: the last that many channels of every training patch are training-only
+    targets, not inputs: a head on the model's features learns their coarse images (``aux_grid``)
+    beside the labels (``aux_weight``); validation patches hold the input channels only.
 
     Datasets yield ``(x (C, H, W) float tensor, int label)`` and, for class weights or the
     weighted sampler, have a ``labels`` array. ``class_weights`` overrides the weights computed
@@ -541,7 +577,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         raise InputError(f"fit: train_ds and val_ds must be non-empty, got {len(train_ds)} and {len(val_ds)} patches")
     if getattr(train_ds, "augment", None) is not None and settings.augment.enabled:
         warnings.warn("fit: train_ds augments its items and settings.augment is enabled too; patches are augmented twice", stacklevel=2)
-    key = fit_key(model, train_ds, val_ds, settings)
+    feature_dim = _feature_dim(model, train_ds, val_ds, auxiliary_targets) if auxiliary_targets else 0
+    key = fit_key(model, train_ds, val_ds, settings, auxiliary_targets=auxiliary_targets)
     state = _prepare(out_dir, key, resume)
     if state.get("completed") and FitFolder(out_dir).weights.is_file():
         return _stored_result(model, out_dir, state)
@@ -549,7 +586,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     if weight is not None and settings.sampler == "weighted" and class_weights is None:
         warnings.warn("fit: class_weighting='inverse' with sampler='weighted' corrects the imbalance twice", stacklevel=2)
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=FitFolder(out_dir).history)
+    module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=FitFolder(out_dir).history,
+                              aux_targets=auxiliary_targets, feature_dim=feature_dim)
     train_loader, val_loader = _loaders(train_ds, val_ds, settings)
     module.loader_batches = len(train_loader)
     last = FitFolder(out_dir).last_checkpoint
@@ -560,6 +598,23 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
         trainer.fit(module, train_loader, val_loader, ckpt_path=last if state and last.is_file() else None,
                     weights_only=True)
     return _finish(model, module, trainer, out_dir, settings, key, train_loader)
+
+
+@torch.no_grad()
+def _feature_dim(model: nn.Module, train_ds: Dataset, val_ds: Dataset, auxiliary_targets: int) -> int:
+    """Width of the model's features, from one validation patch; checks the training patches carry the targets."""
+    if auxiliary_targets < 0:
+        raise InputError(f"fit: auxiliary_targets must be >= 0, got {auxiliary_targets}")
+    x_train, x_val = train_ds[0][0], val_ds[0][0]
+    if x_train.shape[0] != x_val.shape[0] + auxiliary_targets:
+        raise InputError(f"fit: with auxiliary_targets={auxiliary_targets} the training patches need that many channels "
+                         f"more than the validation patches, got {x_train.shape[0]} and {x_val.shape[0]}")
+    was_training = model.training
+    model.eval()
+    try:
+        return int(model.forward_features(x_val[None].float()).shape[1])
+    finally:
+        model.train(was_training)
 
 
 @contextmanager

@@ -63,13 +63,16 @@ def fit_model(model_cfg, cache, rows, labels, fit_idx, val_idx, index: PatchInde
     )
     # Training sees the auxiliary channels (as extra encoders' inputs, or as extra one-channel samples);
     # validation, like every test-time input, holds the input channels only.
+    targets = len(aux) if model_cfg.auxiliary_mode == "reconstruct" else 0
     if soft is not None:
         train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=inputs, soft_targets=soft)
+    elif targets:  # the auxiliary channels ride behind the inputs as targets, not as inputs
+        train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=inputs + aux)
     else:
         views = [inputs + dropout_aux] if dropout_aux else [inputs] + [[a] for a in aux]
         train_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], views=views)
     val_ds = PatchDataset(cache, rows[val_idx], labels[val_idx], channels=inputs)
-    fit(model, train_ds, val_ds, settings=settings, out_dir=out, callbacks=callbacks)
+    fit(model, train_ds, val_ds, settings=settings, out_dir=out, callbacks=callbacks, auxiliary_targets=targets)
     if model_cfg.fusion == "late" and model_cfg.late_weights == "validation":
         from cytofuse.models import save_weights
 
