@@ -14,6 +14,9 @@ app = typer.Typer(
 )
 
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing run folder.")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Run the per-image stage as one Dask task per image: local:N (N "
+                            "worker processes here) or a running scheduler's address, e.g. tcp://host:8786 (its "
+                            "workers must see the images and the output folder). The outputs are the same.")
 
 
 def _fail(exc: Exception) -> None:
@@ -86,6 +89,7 @@ def patches(
     exclude: Optional[str] = typer.Option(None, help="Comma-separated channels to drop, e.g. the nucleus."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
     workers: int = typer.Option(1, help="Worker processes."),
+    scheduler: Optional[str] = SchedulerOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Cut images into z-slice patches and drop sparse ones (global Otsu foreground ratio)."""
@@ -96,7 +100,7 @@ def patches(
     overrides = list(set_) + [f"patches.{k}={_yaml(v)}" for k, v in flags.items() if v is not None]
     try:
         cfg = _config(config, images=images, manifest=manifest, overrides=overrides)
-        cfg = cfg.model_copy(update={"workers": workers})
+        cfg = _with_scheduler(cfg.model_copy(update={"workers": workers}), scheduler)
         from cytofuse.workflows.patching import run_patches
 
         index = run_patches(cfg, out, overwrite=overwrite)
@@ -112,13 +116,14 @@ def cv(
     config: Path = typer.Argument(..., help="YAML run config."),
     out: Path = typer.Option(..., help="Run folder to write (resumed when unfinished)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    scheduler: Optional[str] = SchedulerOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Patches -> image-grouped stratified k-fold CV of every configured model -> metrics."""
     from cytofuse.errors import CytofuseError
 
     try:
-        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=list(set_)), scheduler)
         from cytofuse.workflows.cv import run_cv, run_sweep
 
         if cfg.sweep is not None:
@@ -214,13 +219,14 @@ def train(
     cv_run: Optional[Path] = typer.Option(None, help="A finished CV run of this config, for the epoch count."),
     model: Optional[str] = typer.Option(None, help="Which model of the config (its display name); default the first."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    scheduler: Optional[str] = SchedulerOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Fit one model on all labelled images and write a model folder for `predict` and `export`."""
     from cytofuse.errors import CytofuseError
 
     try:
-        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=list(set_)), scheduler)
         from cytofuse.workflows.final import train_final
 
         path = train_final(cfg, out, epochs=epochs, cv_run=cv_run, model_name=model, overwrite=overwrite)
@@ -391,6 +397,15 @@ def demo(
     print_patch_summary(read_patch_index(result.run_dir), result.run_dir)
     print_cv_summary(result)
     print_demo_findings(result)
+
+
+def _with_scheduler(cfg, scheduler: str | None):
+    """``cfg`` with the ``--scheduler`` of the command line, when one is given (checked and named as the flag)."""
+    if scheduler is None:
+        return cfg
+    from cytofuse.io.distributed import check_scheduler
+
+    return cfg.model_copy(update={"scheduler": check_scheduler(scheduler, what="--scheduler")})
 
 
 def _csv(value: str | None) -> list[str] | None:

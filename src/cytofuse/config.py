@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from cytofuse.errors import ConfigError
 from cytofuse.preprocess.patches import PatchSettings
@@ -352,6 +352,26 @@ class RunConfig(_Strict):
     sweep: SweepSettings | None = Field(None, description="Optional sweep over one setting.")
     tune: TuneSettings | None = Field(None, description="Optional: the search space of `cytofuse tune`.")
     workers: int = Field(1, ge=1, description="Worker processes for patch extraction.")
+    scheduler: str | None = Field(
+        None, description="Run the patch stage as one Dask task per image: 'local:N' (N worker processes here) or "
+        "a running scheduler's address, e.g. tcp://host:8786 (workers must see the images and the run folder); "
+        "default none: `workers` processes on this machine. The tables are the same either way.",
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        from cytofuse.io.distributed import check_scheduler
+
+        return check_scheduler(value, what="scheduler")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_scheduler(self, handler) -> dict:
+        """No scheduler, no key: configs and their fingerprints stay as they were without one."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("scheduler", 0) is None:
+            del data["scheduler"]
+        return data
 
     @model_validator(mode="after")
     def _label_channel_is_no_input(self) -> "RunConfig":

@@ -438,18 +438,27 @@ def build_patch_index(
     *,
     workers: int = 1,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> PatchIndex:
     """Patch every image of ``image_set``; write the index, statistics and attrition to ``out_dir``.
 
     Each image is read and processed on its own (one stack in memory per worker). Finished
     images are kept in ``out_dir/.patch_parts`` so an interrupted run resumes where it stopped.
+    scheduler: None (``workers`` processes here), or a Dask cluster (``local:N`` or an address, see
+        ``cytofuse.io.distributed``) that runs one task per image and writes the part files itself;
+        the tables are the same either way.
     """
     parts = _Parts(RunFolder(out_dir).patch_parts, settings) if out_dir is not None else None
     results: dict[str, dict] = parts.load() if parts else {}
     todo = [r.image_id for r in image_set if r.image_id not in results]
-    for item in _map_images(image_set, todo, settings, workers=workers, progress=progress, done=len(results)):
+    if scheduler is None:
+        items = _map_images(image_set, todo, settings, workers=workers, progress=progress, done=len(results))
+    else:
+        items = _map_on_cluster(image_set, todo, settings, parts, scheduler=scheduler, progress=progress,
+                                done=len(results))
+    for item in items:
         results[item["image_id"]] = item
-        if parts:
+        if parts and scheduler is None:
             parts.save(item)
     index = _assemble(image_set, results, settings)
     if parts:
@@ -478,6 +487,36 @@ def _map_images(image_set, todo: list[str], settings: PatchSettings, *, workers:
             for future in as_completed(futures):
                 yield future.result()
                 bar.advance(task)
+
+
+def patch_record(record, axes: str | None, settings: PatchSettings, parts_folder: Path | None) -> dict:
+    """Patch the image of one ``ImageRecord`` and save its part file into ``parts_folder``: one cluster task."""
+    from cytofuse.io.imagesets import ImageSet
+
+    item = _patch_one(ImageSet([record], axes=axes), record.image_id, settings)
+    if parts_folder is not None:
+        _Parts(parts_folder, settings).save(item)
+    return item
+
+
+def _absolute(record):
+    """``record`` with absolute paths: a worker's working directory is not the client's."""
+    from dataclasses import replace
+
+    return replace(record, path=None if record.path is None else record.path.absolute(),
+                   channel_paths=tuple((name, p.absolute()) for name, p in record.channel_paths))
+
+
+def _map_on_cluster(image_set, todo: list[str], settings: PatchSettings, parts: "_Parts | None", *, scheduler: str,
+                    progress: bool, done: int):
+    """Yield per-image results of one Dask task per image (``cytofuse.io.distributed``)."""
+    from cytofuse.io.distributed import map_images
+
+    folder = parts.folder.absolute() if parts else None
+    calls = [(_absolute(image_set[i]), image_set.axes, settings, folder) for i in todo]
+    for _, item in map_images(patch_record, calls, images=[image_set[i].display for i in todo], scheduler=scheduler,
+                              description="patching images", progress=progress, done=done):
+        yield item
 
 
 def _assemble(image_set, results: dict[str, dict], settings: PatchSettings) -> PatchIndex:

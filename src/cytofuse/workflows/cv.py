@@ -147,7 +147,8 @@ def patch_stage(cfg: RunConfig, image_set, run_dir: Path, *, progress: bool):
     """Patch index, cache, classes and folds (written to ``folds.csv``) of a CV-style run; resumed stages are read back."""
     from cytofuse.preprocess.patches import build_patch_index
 
-    index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress)
+    index = build_patch_index(image_set, cfg.patches, run_dir, workers=cfg.workers, progress=progress,
+                              scheduler=cfg.scheduler)
     if index.sparse_images and len(index.sparse_images) == len(index.images):
         raise InputError("no image kept any patch; lower patches.min_ratio or use patches.fallback=top_k")
     cache = build_run_cache(image_set, index, run_dir, progress=progress)

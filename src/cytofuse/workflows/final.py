@@ -121,7 +121,8 @@ def train_final(cfg: RunConfig, out: str | Path, *, epochs: int | None = None, c
     image_set.validate(channels=cfg.patches.channels, exclude_channels=cfg.patches.exclude_channels,
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     work = out.with_name(f".{out.name}.work")
-    index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress)
+    index = build_patch_index(image_set, cfg.patches, work, workers=cfg.workers, progress=progress,
+                              scheduler=cfg.scheduler)
     cache = build_run_cache(image_set, index, work, progress=progress)
     index = refine_patch_index(cfg, image_set, index, cache, work, progress=progress)  # empty filter, labels
     classes = sorted(index.patches["label"].unique().tolist())

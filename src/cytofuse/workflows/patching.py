@@ -28,6 +28,7 @@ def run_patches(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, pro
                        min_classes=1 if cfg.labels else 2, patch_size=cfg.patches.size)
     out = prepare_run_dir(out, overwrite=overwrite)
     dump_config(cfg, RunFolder(out).config)
-    index = build_patch_index(image_set, cfg.patches, out, workers=cfg.workers, progress=progress)
+    index = build_patch_index(image_set, cfg.patches, out, workers=cfg.workers, progress=progress,
+                              scheduler=cfg.scheduler)
     mark_finished(out)
     return index
