@@ -193,6 +193,9 @@ def tune(
     storage: Optional[str] = typer.Option(None, help="Optuna storage shared by several processes: an SQLAlchemy URL "
                                           "(postgresql://..., sqlite:///...) or a journal file path; default "
                                           "RUN/tune/study.db."),
+    worker: int = typer.Option(0, help="0: the leader (searches, refits, writes best_config.yaml); N > 0: an extra "
+                               "process that only runs trials of the leader's studies in --storage, with its own "
+                               "--out."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
@@ -203,12 +206,16 @@ def tune(
         cfg = _config(config, images=None, manifest=None, overrides=list(set_))
         from cytofuse.workflows.tune import run_tune
 
-        result = run_tune(cfg, out, trials=trials, timeout_min=timeout, storage=storage, overwrite=overwrite)
+        result = run_tune(cfg, out, trials=trials, timeout_min=timeout, storage=storage, worker=worker,
+                          overwrite=overwrite)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
-    from cytofuse.workflows.tune import print_tune_summary
+    from cytofuse.workflows.tune import WorkerResult, print_tune_summary, print_worker_summary
 
-    print_tune_summary(result)
+    if isinstance(result, WorkerResult):
+        print_worker_summary(result)
+    else:
+        print_tune_summary(result)
 
 
 @app.command()

@@ -26,11 +26,23 @@ The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the stor
 ``storage`` (an SQLAlchemy URL such as ``postgresql://...``, which several processes or machines can share,
 or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
 continues each study up to ``tune.trials`` complete or pruned trials. A study remembers a fingerprint of
-the config it was made for and refuses to continue for another one.
+the config and of the run's folds it was made for and refuses to continue for other ones.
+
+Several processes share the search through one ``storage`` (Optuna's distributed mode): ``worker=0`` (the
+leader) does everything above; each ``worker=N > 0``, started with the same config and storage but its own
+run folder, patches its own copy of the data (deterministic, and checked against the studies' folds
+fingerprint), runs trials of the same studies in the same order and stops there: no refits, no
+``best_config.yaml``. Each process seeds its TPE sampler with ``tune.seed + i + 1009 * worker`` (study ``i``)
+and uses TPE's constant liar, so processes do not propose the same settings; each trial records its
+``worker``. A process stops a study once it holds ``tune.trials`` complete or pruned trials, counted over
+all processes; trials that other processes are still running then finish too, so a study of ``W``
+processes ends with between ``tune.trials`` and ``tune.trials + W - 1`` of them. The leader does not wait
+for them: it refits the best trial finished when its own search of that study ended.
 
 Run folder (beside the usual ``config.yaml``, ``patches.parquet``, ``folds.csv``, ``cache/``)::
 
     tune/study.db                       the Optuna studies: outer_<k> and all
+    tune/worker.json                    (worker N > 0 only) the trials this worker ran, per study
     tune/outer_<k>/{tuned,default}/     the refits of outer fold k (fit.json, history.csv, weights)
     tune/trials.csv                     every trial of every study: state, value, settings
     tune/nested.json, tune/nested.csv   nested estimate of the tuned procedure and of the defaults
@@ -41,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -61,6 +74,8 @@ from cytofuse.workflows.cv import check_fold_classes, inner_split, patch_stage, 
 from cytofuse.workflows.fitting import fit_model
 
 MONITOR = "val_balanced_accuracy"
+SEED_STRIDE = 1009  # sampler seed of worker N: tune.seed + study number + SEED_STRIDE * N
+CONNECT_TIMEOUT_S = 10  # how long a database storage may take to answer before its URL is reported unreachable
 
 
 # --------------------------------------------------------------------------- pruning
@@ -141,13 +156,30 @@ def open_storage(url: str):
 
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url))
         from optuna.storages.journal import JournalFileBackend
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(url)))
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--storage {storage_label(url)!r}: its database driver {exc.name!r} is not installed "
+                          "(PostgreSQL: pip install psycopg2-binary)") from None
     except Exception as exc:  # noqa: BLE001 - any driver's error, re-raised with the URL named
-        raise ConfigError(f"--storage {url!r}: cannot open the study storage ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"--storage {storage_label(url)!r}: cannot open the study storage "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def engine_options(url: str) -> dict:
+    """SQLAlchemy engine options of a storage URL: a connect timeout for database servers (a URL's own
+    ``connect_timeout`` wins), so an unreachable server is reported instead of waited for."""
+    if url.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql") and "connect_timeout" not in url:
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return {}
+
+
+def storage_label(url: str) -> str:
+    """A storage URL as it may be printed or written into a run folder: its password replaced by ``***``."""
+    return re.sub(r"^([a-z0-9+]+://[^:/@]*:)[^/]*@", r"\1***@", url, flags=re.IGNORECASE)
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -167,31 +199,50 @@ def make_pruner(max_epochs: int | str, *, reduction_factor: int):
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=reduction_factor)
 
 
-def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool = False):
-    """The study ``name`` in ``storage`` (created, or loaded when it exists and was made for this config)."""
+def data_fingerprint(folds: pd.DataFrame) -> str:
+    """What a study's inner splits depend on: the run's patches, their images, groups, labels and folds."""
+    table = folds[["patch_id", "image_id", "group", "y_true", "fold"]].to_csv(index=False)
+    return hashlib.sha256(table.encode()).hexdigest()[:16]
+
+
+def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool = False, data: str | None = None):
+    """The study ``name`` in ``storage`` (created, or loaded when it exists and was made for this config and,
+    when ``data`` (a :func:`data_fingerprint`) is given, for these folds). ``seed`` seeds the TPE sampler."""
     import optuna
 
     if overwrite:
-        try:
-            optuna.delete_study(study_name=name, storage=storage)
-        except KeyError:
-            pass
+        delete_studies(storage, [name])
     tune = cfg.tune
     max_epochs = tune.space["train.max_epochs"].high if "train.max_epochs" in tune.space else (
         "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs)
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
         pruner=make_pruner(max_epochs, reduction_factor=tune.reduction_factor),
     )
-    mark = config_fingerprint(cfg)
-    found = study.user_attrs.get("config")
-    if found is None:
-        study.set_user_attr("config", mark)
-    elif found != mark:
-        raise ConfigError(f"study {name!r} in the storage was made for another config or search space "
-                          f"(fingerprint {found}, this config {mark}); pass --overwrite, or another --out / --storage")
+    for key, mark, what in (("config", config_fingerprint(cfg), "another config or search space"),
+                            ("folds", data, "other patches or folds (a worker must read the same images, at the "
+                                            "same paths relative to the manifest, as the leader)")):
+        found = study.user_attrs.get(key)
+        if mark is None:
+            continue
+        if found is None:
+            study.set_user_attr(key, mark)
+        elif found != mark:
+            raise ConfigError(f"study {name!r} in the storage was made for {what} (fingerprint {found}, this run "
+                              f"{mark}); pass --overwrite, or another --out / --storage")
     return study
+
+
+def delete_studies(storage, names: list[str]) -> None:
+    """Remove the studies ``names`` from ``storage`` (those that exist)."""
+    import optuna
+
+    for name in names:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
 
 
 def check_storage(storage, cfg: RunConfig) -> None:
@@ -233,12 +284,17 @@ class SearchResult:
     complete: int
     pruned: int
     failed: int
+    running: int = 0  # trials other processes were still running when this process's search of the study ended
+    workers: dict = field(default_factory=dict)  # worker number (str) -> complete or pruned trials it ran
 
 
 def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, work: Path, *, trials: int,
-           timeout_s: float | None, seed: int, overwrite: bool = False, on_trial=lambda study, trial: None) -> SearchResult:
-    """Run study ``name`` up to ``trials`` complete or pruned trials, each fitted on an inner fit part of
-    ``pool`` and scored on the grouped inner validation part of ``pool`` (no patch outside ``pool``)."""
+           timeout_s: float | None, seed: int, worker: int = 0, overwrite: bool = False,
+           on_trial=lambda study, trial: None) -> SearchResult:
+    """Run study ``name`` up to ``trials`` complete or pruned trials (counted over every process that works on
+    it), each fitted on an inner fit part of ``pool`` and scored on the grouped inner validation part of
+    ``pool`` (no patch outside ``pool``). ``seed`` fixes the inner split; the sampler's seed is
+    ``seed + SEED_STRIDE * worker``. The leader (``worker`` 0) needs a complete trial; a worker does not."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -249,9 +305,11 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
     check_fold_classes(labels, fit_idx, data.classes, fold=-1 if name == "all" else int(name.rsplit("_", 1)[1]))
     view = normalised_view(cfg.patches, data.cache, data.index, rows[fit_idx], None, seed=seed,
                            measured_on=f"the {len(fit_idx)} inner-fit patches of study {name}")
-    study = open_study(name, storage, cfg, seed=seed, overwrite=overwrite)
+    study = open_study(name, storage, cfg, seed=seed + SEED_STRIDE * worker, overwrite=overwrite,
+                       data=data_fingerprint(data.folds))
 
     def objective(trial) -> float:
+        trial.set_user_attr("worker", worker)
         params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
         trial_cfg = with_parameters(cfg, params)
         settings = trial_cfg.train_settings.model_copy(update={"progress": False})
@@ -267,17 +325,35 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
                                "the pruner")
         return reporter.reported[max(reporter.reported)]
 
-    todo = trials - finished_trials(study)
-    if todo > 0:
-        study.optimize(objective, n_trials=todo, timeout=timeout_s, catch=(),
-                       callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), on_trial])
-    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    started = time.monotonic()
+    cap = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    # optimize ends after its own n_trials, at the cap (counted over all processes) or at the timeout; a trial
+    # another process failed or abandoned leaves the study short, so this process asks again
+    while (todo := trials - finished_trials(study)) > 0:
+        left = None if timeout_s is None else timeout_s - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            break
+        study.optimize(objective, n_trials=todo, timeout=left, catch=(), callbacks=[cap, on_trial])
+    return search_result(study, required=worker == 0)
+
+
+def search_result(study, *, required: bool = True) -> SearchResult:
+    """The best trial and the trial counts of ``study``; with ``required``, an error when no trial completed."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state for t in trials)
+    workers = Counter(str(t.user_attrs.get("worker", 0)) for t in trials
+                      if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
     if not states[TrialState.COMPLETE]:
-        raise InputError(f"study {name}: no trial completed ({states[TrialState.PRUNED]} pruned, "
-                         f"{states[TrialState.FAIL]} failed); raise tune.trials or tune.timeout_min")
-    best = study.best_trial
-    return SearchResult(name, dict(best.params), float(best.value), states[TrialState.COMPLETE],
-                        states[TrialState.PRUNED], states[TrialState.FAIL])
+        if required:
+            raise InputError(f"study {study.study_name}: no trial completed ({states[TrialState.PRUNED]} pruned, "
+                             f"{states[TrialState.FAIL]} failed); raise tune.trials or tune.timeout_min")
+        params, value = {}, float("nan")
+    else:
+        params, value = dict(study.best_trial.params), float(study.best_trial.value)
+    return SearchResult(study.study_name, params, value, states[TrialState.COMPLETE], states[TrialState.PRUNED],
+                        states[TrialState.FAIL], states[TrialState.RUNNING], dict(sorted(workers.items())))
 
 
 # --------------------------------------------------------------------------- outer folds
@@ -348,56 +424,70 @@ def _open_run(run_dir: Path, *, overwrite: bool) -> Path:
     return prepare_run_dir(run_dir, overwrite=overwrite)
 
 
+@dataclass
+class WorkerResult:
+    """What a worker process (``worker`` > 0) did: the trials of each study, counted over all processes."""
+
+    run_dir: Path
+    worker: int
+    storage: str
+    studies: list[SearchResult]
+    seconds: float = 0.0
+
+    def ran(self, study: SearchResult) -> int:
+        """Complete or pruned trials of ``study`` that this worker ran."""
+        return study.workers.get(str(self.worker), 0)
+
+
 def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, timeout_min: float | None = None,
-             storage: str | None = None, overwrite: bool = False, progress: bool = True) -> TuneResult:
-    """The nested search of the module docstring; writes the tune run folder and returns its results."""
+             storage: str | None = None, worker: int = 0, overwrite: bool = False,
+             progress: bool = True) -> TuneResult | WorkerResult:
+    """The nested search of the module docstring; writes the tune run folder and returns its results.
+
+    ``worker`` 0 is the leader; a ``worker`` N > 0 shares the leader's ``storage``, only runs trials of its
+    studies (in ``run_dir``, its own run folder) and returns a :class:`WorkerResult`. ``overwrite`` replaces the
+    run folder; the leader's also deletes the studies in the storage, a worker's never does."""
     import optuna
 
     if cfg.tune is None:
         raise ConfigError("the config has no tune section: add tune.space (the settings to search), e.g. "
                           "tune: {space: {train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}")
+    if worker < 0:
+        raise ConfigError(f"--worker must be 0 (the leader) or a worker number above 0, got {worker}")
+    if worker and not storage:
+        raise ConfigError(f"--worker {worker} needs --storage: the URL or journal file of the studies the leader "
+                          "(--worker 0) works on; a worker has no studies of its own")
     update = {k: v for k, v in {"trials": trials, "timeout_min": timeout_min}.items() if v is not None}
     if update:
         cfg = cfg.model_copy(update={"tune": cfg.tune.model_validate(cfg.tune.model_dump() | update)})
     tune = cfg.tune
     started = time.monotonic()
     storage_obj = open_storage(storage) if storage else None  # an unreachable storage fails before any work
+    if storage_obj is not None and (worker or not overwrite):
+        check_storage(storage_obj, cfg)  # before the run folder is made or its config and stages are rewritten
     run_dir = _open_run(Path(run_dir), overwrite=overwrite)
     run = RunFolder(run_dir)
     work = run_dir / "tune"
     work.mkdir(exist_ok=True)
     if storage_obj is None:
         storage_obj = open_storage(f"sqlite:///{(work / 'study.db').resolve()}")
-    if not overwrite:
-        check_storage(storage_obj, cfg)  # before the run folder's config and stages are rewritten
+        if not overwrite:
+            check_storage(storage_obj, cfg)
     dump_config(cfg.resolved(), run.config)
     data = prepare_data(cfg, run_dir, progress=progress)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [f"outer_{k}" for k in range(data.n_folds)] + (["all"] if tune.final == "all" else [])
+    if overwrite and not worker:
+        delete_studies(storage_obj, names)  # all at once, before any process adds trials to a fresh study
     deadline = started + tune.timeout_min * 60 if tune.timeout_min else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    results: dict[str, SearchResult] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
-        task = bar.add_task("tune", total=len(names) * tune.trials)
-        for i, name in enumerate(names):
-            pool = data.pool if name == "all" else data.outer(int(name.rsplit("_", 1)[1]))[0]
-            left = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - i))
-
-            def on_trial(study, trial, name=name) -> None:
-                bar.advance(task)
-                try:
-                    best = f"{study.best_value:.3f}"
-                except ValueError:  # no complete trial yet
-                    best = "-"
-                bar.update(task, description=f"tune {name}: trial {trial.number} {trial.state.name.lower()}, best {best}")
-
-            bar.update(task, description=f"tune {name}")
-            results[name] = search(name, cfg, data, pool, storage_obj, work, trials=tune.trials, timeout_s=left,
-                                   seed=tune.seed + i, overwrite=overwrite, on_trial=on_trial)
-            bar.update(task, completed=(i + 1) * tune.trials)
-        bar.update(task, description="tune: refits on the outer folds")
+        results = _search_studies(cfg, data, names, storage_obj, work, bar, worker=worker, deadline=deadline)
+        if worker:
+            return _finish_worker(run_dir, worker, storage, results, time.monotonic() - started)
+        bar.update(bar.task_ids[0], description="tune: refits on the outer folds")
         procedures = {"tuned": lambda k: results[f"outer_{k}"].params}
         if tune.defaults:
             procedures["default"] = lambda k: {}
@@ -415,10 +505,48 @@ def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, 
     write_json_atomic(work / "nested.json", {
         "measured_on": f"{data.n_folds} outer folds of the grouped CV (cv.seed {cfg.cv.seed}); trials scored on a "
                        f"grouped inner validation split ({tune.val_fraction:.0%} of each outer training part's groups)",
+        "storage": storage_label(storage) if storage else None,
         "final": {"rule": tune.final, "params": final},
         "folds": [vars(r) for r in result.folds] + ([vars(results["all"])] if "all" in results else []),
         "metrics": metrics, "seconds": result.seconds})
     write_table_atomic(work / "nested.csv", summary)
+    mark_finished(run_dir)
+    return result
+
+
+def _search_studies(cfg: RunConfig, data: RunData, names: list[str], storage, work: Path, bar, *, worker: int,
+                    deadline: float | None) -> dict[str, SearchResult]:
+    """Every study of ``names`` in turn, with a progress bar of this process's trials and the best value."""
+    tune = cfg.tune
+    who = f"tune (worker {worker})" if worker else "tune"
+    task = bar.add_task(who, total=len(names) * tune.trials)
+    results: dict[str, SearchResult] = {}
+    for i, name in enumerate(names):
+        pool = data.pool if name == "all" else data.outer(int(name.rsplit("_", 1)[1]))[0]
+        left = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - i))
+
+        def on_trial(study, trial, name=name) -> None:
+            bar.advance(task)
+            try:
+                best = f"{study.best_value:.3f}"
+            except ValueError:  # no complete trial yet
+                best = "-"
+            bar.update(task, description=f"{who} {name}: trial {trial.number} {trial.state.name.lower()}, best {best}")
+
+        bar.update(task, description=f"{who} {name}")
+        results[name] = search(name, cfg, data, pool, storage, work, trials=tune.trials, timeout_s=left,
+                               seed=tune.seed + i, worker=worker, on_trial=on_trial)
+        bar.update(task, completed=(i + 1) * tune.trials)
+    return results
+
+
+def _finish_worker(run_dir: Path, worker: int, storage: str, results: dict[str, SearchResult],
+                   seconds: float) -> WorkerResult:
+    result = WorkerResult(run_dir, worker, storage_label(storage), list(results.values()), seconds)
+    write_json_atomic(run_dir / "tune" / "worker.json", {
+        "worker": worker, "storage": result.storage, "seconds": seconds,
+        "studies": [{"name": r.name, "ran": result.ran(r), **vars(r), "value": None if np.isnan(r.value) else r.value}
+                    for r in result.studies]})
     mark_finished(run_dir)
     return result
 
@@ -461,11 +589,14 @@ def _write_trials(storage, names: list[str], path: Path) -> None:
     frames = []
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
-        frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+        frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
         frame.insert(0, "study", name)
+        worker = frame.pop("user_attrs_worker") if "user_attrs_worker" in frame else pd.Series(pd.NA, index=frame.index)
+        frame = frame.drop(columns=[c for c in frame.columns if c.startswith("user_attrs_")])
+        frame.insert(2, "worker", worker.astype("Int64"))  # which process ran the trial (0: the leader)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    table["duration"] = table["duration"].dt.total_seconds()
+    table["duration"] = pd.to_timedelta(table["duration"]).dt.total_seconds()
     write_table_atomic(path, table)
 
 
@@ -481,7 +612,29 @@ def print_tune_summary(result: TuneResult) -> None:
         table = table.drop(columns=[c for c in table.columns if str(c) == "Accuracy"])
         console.print(to_rich_table(table, title=f"nested estimate, {level} level: mean ± sd over the outer folds"))
     for r in result.folds:
-        console.print(f"{r.name}: best inner value {r.value:.3f} ({r.complete} complete, {r.pruned} pruned, "
-                      f"{r.failed} failed) with {json.dumps(r.params)}")
+        console.print(f"{r.name}: best inner value {r.value:.3f} ({_counts(r)}) with {json.dumps(r.params)}")
     console.print(f"best_config.yaml ({result.best_config}): {json.dumps(result.final)}")
     console.print(f"search took {result.seconds / 60:.1f} min; run folder: {result.run_dir}")
+
+
+def _counts(r: SearchResult) -> str:
+    text = f"{r.complete} complete, {r.pruned} pruned, {r.failed} failed"
+    text += f", {r.running} running elsewhere" if r.running else ""
+    if len(r.workers) > 1:
+        text += "; by worker " + ", ".join(f"{w}: {n}" for w, n in r.workers.items())
+    return text
+
+
+def print_worker_summary(result: WorkerResult) -> None:
+    """What a worker did: its trials per study, and who writes the results."""
+    from rich.console import Console
+
+    console = Console()
+    ran = sum(result.ran(r) for r in result.studies)
+    console.print(f"worker {result.worker}: ran {ran} trials on {result.storage} in "
+                  f"{result.seconds / 60:.1f} min; run folder: {result.run_dir}")
+    for r in result.studies:
+        best = "no complete trial yet" if np.isnan(r.value) else f"best inner value {r.value:.3f}"
+        console.print(f"{r.name}: {result.ran(r)} of its trials by this worker ({_counts(r)}); {best}")
+    console.print("the leader (--worker 0) refits the outer folds, prints the nested estimate and writes "
+                  "best_config.yaml")
