@@ -83,7 +83,8 @@ def test_an_unreachable_scheduler_is_named_after_a_short_wait(monkeypatch, data,
 
 
 def test_cli_refuses_a_bad_scheduler_before_any_work(data, tmp_path):
-    for command in (["patches", "--manifest", str(data / "labels.csv")],):
+    for command in (["patches", "--manifest", str(data / "labels.csv")], ["predict", str(tmp_path / "model"),
+                                                                          str(data / "labels.csv")]):
         result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "out"), "--scheduler", "local:0"])
         assert result.exit_code == 2, result.output
         assert "--scheduler must be local:N" in result.output and "'local:0'" in result.output
@@ -122,6 +123,98 @@ def test_a_worker_killed_during_a_task_is_replaced_and_the_files_are_the_same(da
     run_patches(cfg, tmp_path / "run", progress=False)
     assert marker.is_file()  # a worker did die
     _same_files(local_run, tmp_path / "run", PATCH_FILES)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained early-fusion smallcnn of three of the phantoms' channels, as a model folder."""
+    import torch
+
+    from cytofuse.inference.modelfolder import card_for, write_model_folder
+    from cytofuse.models import create_model
+    from cytofuse.preprocess.patches import PatchSettings
+
+    torch.manual_seed(0)
+    model = create_model("early", in_channels=3, num_classes=2, encoder="smallcnn").eval()
+    card = card_for([model], class_names=["control", "fragmented"],
+                    channel_names=["mitochondria", "early_endosome", "recycling_endosome"],
+                    patches=PatchSettings(size=32, stride=16, min_ratio=0.0))
+    return write_model_folder(tmp_path_factory.mktemp("model") / "model", [model], card)
+
+
+def _images(data: Path) -> list[str]:
+    return sorted(str(p) for p in (data / "images").glob("*.ome.tif"))
+
+
+@pytest.fixture(scope="module")
+def local_prediction(model_dir, data, tmp_path_factory):
+    from cytofuse.inference.predict import predict_images
+
+    out = tmp_path_factory.mktemp("pred") / "local"
+    predict_images(model_dir, _images(data), out=out, progress=False, precision="fp32")
+    return out
+
+
+def _same_prediction(a: Path, b: Path) -> None:
+    """Every file of two prediction folders byte for byte; OME-TIFF heat maps up to their fresh UUID."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert {f.name for f in files} >= {"summary.csv", "summary.parquet", "patches.parquet", "heatmap.tif",
+                                       "heatmap_max.tif", "overlay.png"}
+    for f in files:
+        one, two = (a / f).read_bytes(), (b / f).read_bytes()
+        if f.suffix == ".tif":
+            one, two = UUID.sub(b"urn:uuid:-", one), UUID.sub(b"urn:uuid:-", two)
+        assert one == two, f"{f} differs"
+
+
+def test_prediction_on_two_workers_writes_the_local_files(model_dir, data, local_prediction, tmp_path):
+    from cytofuse.inference.predict import predict_images
+
+    summary = predict_images(model_dir, _images(data), out=tmp_path / "pred", progress=False, precision="fp32",
+                             scheduler="local:2")
+    _same_prediction(local_prediction, tmp_path / "pred")
+    assert summary["image"].tolist() == [Path(p).name.split(".")[0] for p in _images(data)]
+
+
+def _predict_or_die(model, item, name, folder, options, *, victim: str, marker: Path):
+    """predict_file, except that the worker predicting ``victim`` dies half-way on the first try."""
+    from cytofuse.inference import predict
+
+    if name == victim and not marker.exists():
+        marker.touch()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "heatmap.tif").write_bytes(b"half a heat map")  # what a dying worker may leave
+        os._exit(1)
+    return predict.predict_file(model, item, name, folder, options)
+
+
+def test_a_worker_killed_during_prediction_is_replaced_and_the_files_are_the_same(model_dir, data, local_prediction,
+                                                                                  tmp_path, monkeypatch):
+    import functools
+
+    from cytofuse.inference import predict
+
+    marker = tmp_path / "killed"
+    victim = Path(_images(data)[2]).name.split(".")[0]
+    monkeypatch.setattr(predict, "predict_file", functools.partial(_predict_or_die, victim=victim, marker=marker))
+    predict.predict_images(model_dir, _images(data), out=tmp_path / "pred", progress=False, precision="fp32",
+                           scheduler="local:2")
+    assert marker.is_file()
+    _same_prediction(local_prediction, tmp_path / "pred")
+
+
+def test_a_bad_image_on_a_worker_names_the_image_and_the_worker(model_dir, data, tmp_path):
+    from cytofuse.errors import InputError
+    from cytofuse.inference.predict import predict_images
+
+    bad = tmp_path / "empty.ome.tif"
+    bad.write_bytes(b"")
+    with pytest.raises(InputError, match=r"image file .*empty\.ome\.tif is empty .*\(image .*empty\.ome\.tif, on "
+                                         r"worker tcp://127\.0\.0\.1:\d+\)"):
+        predict_images(model_dir, [*_images(data)[:1], str(bad)], out=tmp_path / "pred", progress=False,
+                       scheduler="local:1")
+    assert not (tmp_path / "pred").exists()
 
 
 def _flaky(value: int, marker: Path) -> int:

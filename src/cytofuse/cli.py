@@ -259,6 +259,7 @@ def predict(
                                            "files cell**2 times larger)."),
     read_ahead: bool = typer.Option(False, help="Read and preprocess the next image while the model runs on "
                                     "the current one: faster on many images, two images in memory."),
+    scheduler: Optional[str] = SchedulerOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Classify whole images: per-image probabilities and decision, per-patch table, per-class heat maps."""
@@ -266,11 +267,12 @@ def predict(
 
     try:
         from cytofuse.inference.predict import predict_images
+        from cytofuse.io.distributed import check_scheduler
 
         summary = predict_images(
             model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
-            heatmap_resolution=heatmap_resolution, read_ahead=read_ahead,
+            heatmap_resolution=heatmap_resolution, read_ahead=read_ahead, scheduler=check_scheduler(scheduler),
         )
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)

@@ -299,6 +299,7 @@ def predict_images(
     device: str = "cpu",
     heatmap_resolution: Literal["full", "stride"] = "stride",
     read_ahead: bool = False,
+    scheduler: str | None = None,
 ) -> "pd.DataFrame":
     """Predict every image (file path or ``cytofuse.io.readers.Image``) and write the folder ``out``; return the summary.
 
@@ -311,26 +312,53 @@ def predict_images(
         the module notes.
     read_ahead: read and preprocess the next image while the model runs on the current one (faster on
         folders of images; two images in memory instead of one).
+    scheduler: None (every image here, in turn), or a Dask cluster (``local:N`` or an address, see
+        ``cytofuse.io.distributed``) that predicts one image per task, each worker with the models loaded
+        once and writing its heat maps into ``out`` (shared storage); the outputs are the same.
     The image decision is the class with the highest mean patch probability.
     """
     import pandas as pd
-    from rich.progress import Progress
 
     from cytofuse.inference.modelfolder import load_models
+    from cytofuse.io.distributed import check_scheduler
 
     if not images:
         raise InputError("predict_images: images is empty; give at least one image file")
-    workers = default_workers() if workers is None else workers
-    if batch_size < 1 or workers < 0:
+    if batch_size < 1 or (workers is not None and workers < 0):
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got batch_size={batch_size}, workers={workers}")
     if heatmap_resolution not in HEATMAP_RESOLUTIONS:
         raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {heatmap_resolution!r}")
-    bf16 = _use_bf16(precision)
+    scheduler = check_scheduler(scheduler, what="scheduler")
+    _use_bf16(precision)  # checked here; decided where the model runs
     models, card = load_models(model_dir_or_run, model_name=model_name)
-    models = prepare_models(models, device=device)
-    out = Path(out)
-    rows, tables = [], []
     names = _image_names(images)
+    options = dict(batch_size=batch_size, workers=workers, precision=precision, channel_names=channel_names, axes=axes,
+                   heatmap_resolution=heatmap_resolution)
+    with replacing_folder(out, overwrite=overwrite, what="prediction folder") as tmp:
+        if scheduler is None:
+            rows, tables = _predict_here(prepare_models(models, device=device), card, images, names, tmp,
+                                         progress=progress, read_ahead=read_ahead, **options)
+        else:
+            del models  # each worker loads its own
+            rows, tables = _predict_on_cluster((str(Path(model_dir_or_run).absolute()), model_name, device), images,
+                                               names, tmp, scheduler=scheduler, progress=progress, options=options)
+        summary = pd.DataFrame(rows)
+        summary.to_csv(tmp / SUMMARY_FILE, index=False)
+        summary.to_parquet(tmp / "summary.parquet", index=False)
+        pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
+    return summary
+
+
+def _predict_here(models, card: "ModelCard", images: Sequence, names: list[str], tmp: Path, *, progress: bool,
+                  read_ahead: bool, batch_size: int, workers: int | None, precision: str,
+                  channel_names: Sequence[str] | None, axes: str | None,
+                  heatmap_resolution: str) -> tuple[list[dict], list["pd.DataFrame"]]:
+    """Summary rows and patch tables of every image, predicted in this process in turn (heat maps into ``tmp``)."""
+    from rich.progress import Progress
+
+    workers = default_workers() if workers is None else workers
+    bf16 = _use_bf16(precision)
+    rows, tables = [], []
 
     def load(i: int, nice: int) -> tuple["Image", tuple[np.ndarray, "ImagePatches"]]:
         lower_priority(nice)
@@ -340,37 +368,86 @@ def predict_images(
     # Two helper threads (see background_nice for their priority): one reads and preprocesses the
     # next image (read_ahead), one draws the finished image's overlay while the model runs on the next.
     nice = background_nice(workers)
-    with replacing_folder(out, overwrite=overwrite, what="prediction folder") as tmp:
-        pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
-        ahead, overlay = None, None
-        try:
-            with Progress(disable=not progress) as bar:
-                task = bar.add_task("predicting images", total=len(images))
-                for i, name in enumerate(names):
-                    image, prepared = ahead.result() if ahead is not None else load(i, 0)
-                    ahead = pool.submit(load, i + 1, nice) if read_ahead and i + 1 < len(images) else None
-                    folder = tmp / "images" / name
-                    folder.mkdir(parents=True)
-                    result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
-                                           bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
-                                           prepared=prepared)
-                    del image, prepared
-                    if overlay is not None:
-                        overlay.result()  # at most one overlay waits
-                    overlay = pool.submit(_write_overlay, folder, result, card.class_names, nice=nice)
-                    rows.append(_summary_row(result, card.class_names))
-                    tables.append(result.patches)
-                    del result
-                    bar.advance(task)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="cytofuse-predict")
+    ahead, overlay = None, None
+    try:
+        with Progress(disable=not progress) as bar:
+            task = bar.add_task("predicting images", total=len(images))
+            for i, name in enumerate(names):
+                image, prepared = ahead.result() if ahead is not None else load(i, 0)
+                ahead = pool.submit(load, i + 1, nice) if read_ahead and i + 1 < len(images) else None
+                folder = tmp / "images" / name
+                folder.mkdir(parents=True)
+                result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
+                                       bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
+                                       prepared=prepared)
+                del image, prepared
                 if overlay is not None:
-                    overlay.result()
-            summary = pd.DataFrame(rows)
-            summary.to_csv(tmp / SUMMARY_FILE, index=False)
-            summary.to_parquet(tmp / "summary.parquet", index=False)
-            pd.concat(tables, ignore_index=True).to_parquet(tmp / "patches.parquet", index=False)
-        finally:
-            for job in (ahead, overlay):
-                if job is not None:
-                    job.cancel()
-            pool.shutdown(wait=True)
-    return summary
+                    overlay.result()  # at most one overlay waits
+                overlay = pool.submit(_write_overlay, folder, result, card.class_names, nice=nice)
+                rows.append(_summary_row(result, card.class_names))
+                tables.append(result.patches)
+                del result
+                bar.advance(task)
+            if overlay is not None:
+                overlay.result()
+    finally:
+        for job in (ahead, overlay):
+            if job is not None:
+                job.cancel()
+        pool.shutdown(wait=True)
+    return rows, tables
+
+
+# --------------------------------------------------------------------------- on a Dask cluster
+
+_WORKER_MODELS: dict[tuple, tuple] = {}  # in a cluster worker: the models of the last model folder, loaded once
+
+
+def _worker_models(path: str, model_name: str | None, device: str) -> tuple[list["torch.nn.Module"], "ModelCard"]:
+    """The prepared models and card of a model folder or CV run, loaded once per process (while it stays unchanged)."""
+    from cytofuse.inference.modelfolder import load_models
+
+    key = (path, model_name, device, Path(path).stat().st_mtime_ns)
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS.clear()
+        models, card = load_models(path, model_name=model_name)
+        _WORKER_MODELS[key] = (prepare_models(models, device=device), card)
+    return _WORKER_MODELS[key]
+
+
+def predict_file(model: tuple[str, str | None, str], item, name: str, folder: Path,
+                 options: dict) -> tuple[dict, "pd.DataFrame"]:
+    """One cluster task: predict one image (``item``: an ``Image``, or a file as (absolute path, the path as
+    given)) with the models of ``model`` (path, model name, device) and write its heat maps and overlay into
+    ``folder``; return its summary row and patch table."""
+    from dataclasses import replace
+
+    models, card = _worker_models(*model)
+    if isinstance(item, tuple):
+        path, given = item
+        image = replace(_read(path, options["channel_names"], options["axes"]), source=given)
+    else:
+        image = _read(item, options["channel_names"], options["axes"])
+    folder.mkdir(parents=True, exist_ok=True)  # a retried task finds it
+    result = predict_image(image, models, card, name=name, folder=folder, batch_size=options["batch_size"],
+                           bf16=_use_bf16(options["precision"]), workers=options["workers"],
+                           heatmap_resolution=options["heatmap_resolution"])
+    _write_overlay(folder, result, card.class_names)
+    return _summary_row(result, card.class_names), result.patches
+
+
+def _predict_on_cluster(model: tuple[str, str | None, str], images: Sequence, names: list[str], tmp: Path, *,
+                        scheduler: str, progress: bool, options: dict) -> tuple[list[dict], list["pd.DataFrame"]]:
+    """Summary rows and patch tables of every image in the images' order, one Dask task per image."""
+    from cytofuse.io.distributed import map_images
+
+    calls, labels = [], []
+    for item, name in zip(images, names):
+        if not hasattr(item, "channel_names"):  # a file: read where the task runs, named as given
+            item = (Path(item).absolute(), str(Path(item)))
+        calls.append((model, item, name, tmp.absolute() / "images" / name, options))
+        labels.append(item[1] if isinstance(item, tuple) else (item.source or name))
+    done = dict(map_images(predict_file, calls, images=labels, scheduler=scheduler, description="predicting images",
+                           progress=progress))
+    return [done[i][0] for i in range(len(calls))], [done[i][1] for i in range(len(calls))]
