@@ -261,9 +261,130 @@ def test_an_unreachable_storage_is_named(synthetic_set, tmp_path):
 
     cfg = validate_config(_tiny(synthetic_set / "labels.csv"))
     url = "postgresql://nobody@127.0.0.1:9/none"
-    with pytest.raises(ConfigError, match=r"--storage 'postgresql://nobody@127\.0\.0\.1:9/none': cannot open the study storage"):
+    with pytest.raises(ConfigError, match=r"--storage 'postgresql://nobody@127\.0\.0\.1:9/none': (cannot open the "
+                                          r"study storage|its database driver '\w+' is not installed)"):
         run_tune(cfg, tmp_path / "run", storage=url, progress=False)
     assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_a_silent_database_server_is_reported_after_the_connect_timeout(synthetic_set, tmp_path, monkeypatch):
+    """A port that accepts connections but never answers (a hung server, a firewall that swallows packets) fails
+    after the connect timeout, naming --storage and the URL without its password."""
+    import socket
+    import time
+
+    import cytofuse.workflows.tune as tune
+
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver of the dev extra) is not installed")
+    monkeypatch.setattr(tune, "CONNECT_TIMEOUT_S", 2)
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv"))
+    with socket.create_server(("127.0.0.1", 0)) as server:  # the kernel accepts; nobody ever answers
+        port = server.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"--storage 'postgresql\+psycopg://nobody:\*\*\*@127\.0\.0\.1:{port}/none': "
+                                              r"cannot open the study storage \(OperationalError: .*timeout"):
+            tune.run_tune(cfg, tmp_path / "run", storage=f"postgresql+psycopg://nobody:secret@127.0.0.1:{port}/none",
+                          progress=False)
+        seconds = time.monotonic() - started
+    assert 1.5 <= seconds < 10, seconds
+    assert not (tmp_path / "run").exists()
+    assert tune.engine_options("postgresql://h/db") == {"connect_args": {"connect_timeout": 2}}
+    assert tune.engine_options("postgresql://h/db?connect_timeout=30") == {}  # the URL's own timeout wins
+    assert tune.engine_options("sqlite:///study.db") == {}
+
+
+# --------------------------------------------------------------------------- a real PostgreSQL server
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of initdb and pg_ctl: Debian's newest /usr/lib/postgresql/<version>/bin, else PATH."""
+    import shutil
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else -1)
+    if found:
+        return found[-1].parent
+    which = shutil.which("pg_ctl")
+    return Path(which).parent if which and shutil.which("initdb") else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL server on 127.0.0.1 and a free port (trust authentication, data in a temporary
+    folder), stopped and removed at teardown; yields its SQLAlchemy URL. Skips, saying what is missing, without
+    the server binaries, the driver, or (as root, which postgres refuses to run as) the postgres user."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or on PATH: install "
+                    "Debian's postgresql package to run this test")
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver of the dev extra) is not installed")
+    prefix, owner = [], None
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, which postgres refuses, and there is no postgres user to run it as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root, which postgres refuses, and runuser (to run it as postgres) is missing")
+        prefix = [shutil.which("runuser"), "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="cytofuse-pg-"))  # not under pytest's tmp_path, which postgres cannot enter
+    (root / "sockets").mkdir()
+    if owner is not None:
+        for path in (root, root / "sockets"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*args: str) -> None:
+        done = subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            log = (root / "server.log").read_text() if (root / "server.log").is_file() else ""
+            pytest.fail(f"{' '.join(args)} failed ({done.returncode}): {done.stdout}{done.stderr}{log}")
+
+    data = str(root / "data")
+    try:
+        run(str(bindir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale",
+            "--no-sync")
+        run(str(bindir / "pg_ctl"), "-D", data, "-l", str(root / "server.log"), "-w", "-t", "60",
+            "-o", f"-h 127.0.0.1 -p {port} -k {root / 'sockets'} -F", "start")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (root / "data" / "postmaster.pid").is_file():
+            subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_studies_live_in_a_postgresql_server(synthetic_set, tmp_path, postgres_url):
+    import optuna
+    import psycopg
+    import torch
+
+    from cytofuse.workflows.tune import config_fingerprint, opened_storage, run_tune
+
+    torch.set_num_threads(1)
+    cfg = validate_config(_tiny(synthetic_set / "labels.csv", defaults=False))
+    run_tune(cfg, tmp_path / "run", storage=postgres_url, progress=False)
+    with opened_storage(postgres_url) as storage:
+        studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    assert sorted(studies) == ["outer_0", "outer_1"]
+    for summary in studies.values():
+        assert summary.n_trials == 2 and summary.user_attrs["config"] == config_fingerprint(cfg)
+    with psycopg.connect(postgres_url.replace("+psycopg", "")) as db:  # Optuna's own tables, in that server
+        states = db.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall()
+    assert sum(n for _, n in states) == 4 and {s for s, _ in states} <= {"COMPLETE", "PRUNED"}
+    assert not (tmp_path / "run" / "tune" / "study.db").exists()
+    assert json.loads((tmp_path / "run" / "tune" / "nested.json").read_text())["storage"] == postgres_url
+    assert len(pd.read_csv(tmp_path / "run" / "tune" / "trials.csv")) == 4
 
 
 # --------------------------------------------------------------------------- the command

@@ -191,7 +191,7 @@ def tune(
     trials: Optional[int] = typer.Option(None, help="Trials per study (default: tune.trials)."),
     timeout: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole search in minutes."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage shared by several processes: an SQLAlchemy URL "
-                                          "(postgresql://..., sqlite:///...) or a journal file path; default "
+                                          "(postgresql+psycopg://..., sqlite:///...) or a journal file path; default "
                                           "RUN/tune/study.db."),
     worker: int = typer.Option(0, help="0: the leader (searches, refits, writes best_config.yaml); N > 0: an extra "
                                "process that only runs trials of the leader's studies in --storage, with its own "

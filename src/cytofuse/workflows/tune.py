@@ -22,9 +22,9 @@ procedure as in each outer fold, applied to all data: what the nested estimate d
 ``tune.final: folds``, per setting the median over the outer folds' best trials (numbers; integers rounded)
 or the most frequent value (choices; ties go to the earlier fold).
 
-The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the storage given as
-``storage`` (an SQLAlchemy URL such as ``postgresql://...``, which several processes or machines can share,
-or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
+The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the storage given as ``storage``
+(an SQLAlchemy URL such as ``postgresql+psycopg://user@host/db``, which several processes or machines can
+share, or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
 continues each study up to ``tune.trials`` complete or pruned trials. A study remembers a fingerprint of
 the config and of the run's folds it was made for and refuses to continue for other ones.
 
@@ -57,6 +57,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,12 +162,32 @@ def open_storage(url: str):
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(url)))
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"--storage {storage_label(url)!r}: its database driver {exc.name!r} is not installed "
-                          "(PostgreSQL: pip install psycopg2-binary)") from None
+    except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as a plain ImportError
+        missing = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None)
+        raise ConfigError(f"--storage {storage_label(url)!r}: its database driver {missing!r} is not installed "
+                          "(PostgreSQL: pip install 'psycopg[binary]' and write postgresql+psycopg://..., or "
+                          "psycopg2-binary for postgresql+psycopg2://...)") from None
     except Exception as exc:  # noqa: BLE001 - any driver's error, re-raised with the URL named
         raise ConfigError(f"--storage {storage_label(url)!r}: cannot open the study storage "
-                          f"({type(exc).__name__}: {exc})") from None
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+
+
+@contextmanager
+def opened_storage(url: str):
+    """:func:`open_storage` as a context: a database storage's connections are closed at its end."""
+    storage = open_storage(url)
+    try:
+        yield storage
+    finally:
+        close_storage(storage)
+
+
+def close_storage(storage) -> None:
+    """Close the database connections of an Optuna storage (a journal file needs nothing)."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        storage.remove_session()
+        engine.dispose()
 
 
 def engine_options(url: str) -> dict:
@@ -447,8 +468,6 @@ def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, 
     ``worker`` 0 is the leader; a ``worker`` N > 0 shares the leader's ``storage``, only runs trials of its
     studies (in ``run_dir``, its own run folder) and returns a :class:`WorkerResult`. ``overwrite`` replaces the
     run folder; the leader's also deletes the studies in the storage, a worker's never does."""
-    import optuna
-
     if cfg.tune is None:
         raise ConfigError("the config has no tune section: add tune.space (the settings to search), e.g. "
                           "tune: {space: {train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}")
@@ -460,19 +479,28 @@ def run_tune(cfg: RunConfig, run_dir: str | Path, *, trials: int | None = None, 
     update = {k: v for k, v in {"trials": trials, "timeout_min": timeout_min}.items() if v is not None}
     if update:
         cfg = cfg.model_copy(update={"tune": cfg.tune.model_validate(cfg.tune.model_dump() | update)})
-    tune = cfg.tune
     started = time.monotonic()
-    storage_obj = open_storage(storage) if storage else None  # an unreachable storage fails before any work
-    if storage_obj is not None and (worker or not overwrite):
-        check_storage(storage_obj, cfg)  # before the run folder is made or its config and stages are rewritten
-    run_dir = _open_run(Path(run_dir), overwrite=overwrite)
-    run = RunFolder(run_dir)
-    work = run_dir / "tune"
-    work.mkdir(exist_ok=True)
-    if storage_obj is None:
-        storage_obj = open_storage(f"sqlite:///{(work / 'study.db').resolve()}")
-        if not overwrite:
-            check_storage(storage_obj, cfg)
+    with ExitStack() as stack:
+        shared = stack.enter_context(opened_storage(storage)) if storage else None  # unreachable: fails before any work
+        if shared is not None and (worker or not overwrite):
+            check_storage(shared, cfg)  # before the run folder is made or its config and stages are rewritten
+        run_dir = _open_run(Path(run_dir), overwrite=overwrite)
+        (run_dir / "tune").mkdir(exist_ok=True)
+        storage_obj = shared
+        if shared is None:
+            storage_obj = stack.enter_context(opened_storage(f"sqlite:///{(run_dir / 'tune' / 'study.db').resolve()}"))
+            if not overwrite:
+                check_storage(storage_obj, cfg)
+        return _tune(cfg, run_dir, storage_obj, storage, worker=worker, overwrite=overwrite, progress=progress,
+                     started=started)
+
+
+def _tune(cfg: RunConfig, run_dir: Path, storage_obj, storage: str | None, *, worker: int, overwrite: bool,
+          progress: bool, started: float) -> TuneResult | WorkerResult:
+    """:func:`run_tune` once the storage is open and checked and the run folder is made."""
+    import optuna
+
+    tune, run, work = cfg.tune, RunFolder(run_dir), run_dir / "tune"
     dump_config(cfg.resolved(), run.config)
     data = prepare_data(cfg, run_dir, progress=progress)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
