@@ -413,3 +413,112 @@ def test_cli_tune_prints_the_nested_estimate_beside_the_defaults(synthetic_set, 
     config.write_text(yaml.safe_dump(bad_cfg))
     bad = CliRunner().invoke(app, ["tune", str(config), "--out", str(tmp_path / "run2")])
     assert bad.exit_code == 2 and "low (0.5) is above high (0.01)" in bad.output
+
+
+# --------------------------------------------------------------------------- the HTML report of a tune run
+
+
+def _html_rows(page: str, first: str) -> list[list[str]]:
+    """The cells of the report's table rows whose first cell is ``first`` (tags stripped, entities decoded)."""
+    import html
+    import re
+
+    rows = []
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.S):
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        if cells and cells[0] == first:
+            rows.append(cells)
+    return rows
+
+
+def test_report_of_a_tune_run_shows_the_estimate_trials_histories_and_best_settings(synthetic_set, tmp_path):
+    import html
+
+    import torch
+
+    from cytofuse.evaluation.report import tune_importances, write_report
+    from cytofuse.workflows.tune import run_tune
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    result = run_tune(validate_config(_tiny(synthetic_set / "labels.csv")), run, progress=False)
+    page = write_report(run).read_text()
+
+    # the nested estimate, every number of nested.csv as mean ± sd, and what it was measured on
+    nested = pd.read_csv(run / "tune" / "nested.csv")
+    for row in nested.itertuples():
+        cells = [c for c in _html_rows(page, row.level) if c[1] == row.procedure]
+        assert len(cells) == 1, (row.level, row.procedure)
+        assert cells[0][2:6] == [f"{getattr(row, m + '_mean'):.3f} ± {getattr(row, m + '_sd'):.3f}"
+                                 for m in ("balanced_accuracy", "auroc_macro", "mcc", "macro_f1")]
+    assert "Measured on: 2 outer folds of the grouped CV (cv.seed 0); trials scored on a grouped inner validation split" in page
+    # trial counts per study, as in trials.csv
+    trials = pd.read_csv(run / "tune" / "trials.csv")
+    for name in ("outer_0", "outer_1"):
+        part = trials[trials["study"] == name]
+        counts = [str(int((part["state"] == s).sum())) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")]
+        (cells,) = _html_rows(page, name)[:1]
+        assert cells[1:6] == counts + [str(len(part))] and cells[6] == f"0: {len(part)}"
+        assert (run / "report" / "figures" / "tune" / f"history_{name}.png").stat().st_size > 1000
+        assert f"Optimisation history, {name}" in page
+    # best settings per outer fold and of best_config.yaml (tune.final: folds)
+    for fold in result.folds:
+        (cells,) = [c for c in _html_rows(page, fold.name) if len(c) == 4]
+        assert cells[1:] == [f"{fold.value:.3f}" if fold.value % 1 else f"{int(fold.value)}",
+                             f"{fold.params['train.lr']:.3g}", f"{fold.params['models.dropout']:.3g}"]
+    (final,) = _html_rows(page, "best_config.yaml (tune.final: folds)")
+    assert final[2:] == [f"{result.final['train.lr']:.3g}", f"{result.final['models.dropout']:.3g}"]
+    assert "# written by cytofuse tune" in page
+    # importances from the run's storage: each study's column, or the reason it has none
+    found = tune_importances(None, run, ["outer_0", "outer_1"])
+    columns = [] if found["table"] is None else list(found["table"].columns)
+    for reason in found["missing"]:
+        assert f"<li>{html.escape(reason)}</li>" in page
+    for name in columns:
+        (cells,) = _html_rows(page, "train.lr")
+        assert f"{found['table'].loc['train.lr', name]:.3f}" in cells
+    assert len(columns) + len(found["missing"]) == 2
+    assert (run / "report" / "figures" / "tune" / "importances.png").is_file() == bool(columns)
+    assert (run / "report" / "figures" / "tune" / "attrition.png").is_file()
+
+
+def test_tune_importances_from_the_storage_and_why_they_are_missing(tmp_path):
+    import optuna
+
+    from cytofuse.evaluation.report import tune_importances
+    from cytofuse.workflows.tune import open_storage
+
+    journal = tmp_path / "studies.log"
+    storage = open_storage(str(journal))
+    varied = optuna.create_study(study_name="outer_0", storage=storage, direction="maximize",
+                                 sampler=optuna.samplers.RandomSampler(seed=0))
+    varied.optimize(lambda t: t.suggest_float("train.lr", 0, 1) * 0.9 + 0.1 * t.suggest_float("models.dropout", 0, 1),
+                    n_trials=12)
+    flat = optuna.create_study(study_name="outer_1", storage=storage, direction="maximize")
+    flat.optimize(lambda t: 0.5 + 0 * t.suggest_float("train.lr", 0, 1), n_trials=3)
+    found = tune_importances(str(journal), tmp_path, ["outer_0", "outer_1", "all"])
+    table = found["table"]
+    assert list(table.columns) == ["outer_0"] and table["outer_0"].sum() == pytest.approx(1.0)
+    assert table.loc["train.lr", "outer_0"] > table.loc["models.dropout", "outer_0"]
+    assert found["missing"] == ["outer_1: all 3 complete trials scored the same (0.500), so no setting explains a difference",
+                                "all: the study is not in the storage"]
+    assert tune_importances(str(tmp_path / "gone.log"), tmp_path, ["outer_0"])["missing"] == [
+        f"storage {tmp_path / 'gone.log'}: the journal file is missing"]
+    assert "without its password" in tune_importances("postgresql://u:***@h/db", tmp_path, ["outer_0"])["missing"][0]
+    assert not (tmp_path / "gone.log").exists()
+
+
+def test_report_of_a_worker_or_an_unfinished_tune_run_says_what_to_do(tmp_path):
+    from cytofuse.errors import InputError
+    from cytofuse.evaluation.report import write_report
+
+    run = tmp_path / "run"
+    (run / "tune").mkdir(parents=True)
+    (run / "config.yaml").write_text("cv:\n  n_folds: 2\n")
+    with pytest.raises(InputError, match=r"tune run folder .* lacks tune/nested\.json, tune/nested\.csv, "
+                                          r"tune/trials\.csv .*cytofuse tune CONFIG --out"):
+        write_report(run)
+    (run / "tune" / "worker.json").write_text(json.dumps({"worker": 1, "storage": "shared/studies.log"}))
+    with pytest.raises(InputError, match=r"is a tune worker's \(worker\.json\): it ran trials of the studies in "
+                                          r"shared/studies\.log .*report of the leader's run folder"):
+        write_report(run)

@@ -175,3 +175,10 @@ def test_the_leader_finishes_while_another_process_still_runs_a_trial(synthetic_
     running = table[table["state"] == "RUNNING"]
     assert running[["study", "number", "worker"]].values.tolist() == [["outer_0", 0, 1]]
     assert (tmp_path / "run" / "best_config.yaml").is_file()
+    # the report counts it as running (complete, pruned, failed, running, total, by worker)
+    from cytofuse.evaluation.report import trial_counts
+
+    counts = trial_counts(table).set_index("study")
+    assert counts.loc["outer_0", ["complete", "pruned", "failed", "running", "total"]].sum() == 2 * (TRIALS + 1)
+    assert counts.loc["outer_0", "running"] == 1 and counts.loc["outer_1", "running"] == 0
+    assert counts.loc["outer_0", "complete or pruned, by worker"] == f"0: {TRIALS}"

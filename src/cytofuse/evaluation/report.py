@@ -1,7 +1,8 @@
 """One self-contained HTML page of a run folder: data, attrition, metrics, figures, explanations.
 
-:func:`write_report` reads a cross-validation run folder (:mod:`cytofuse.workflows.cv`) or a sweep
-run folder (``sweep.csv`` + ``sweep/<label>/`` sub-runs), draws the figures the run folder
+:func:`write_report` reads a cross-validation run folder (:mod:`cytofuse.workflows.cv`), a sweep
+run folder (``sweep.csv`` + ``sweep/<label>/`` sub-runs) or a tune run folder (``tune/nested.json``,
+``tune/trials.csv``: :mod:`cytofuse.workflows.tune`), draws the figures the run folder
 does not hold yet into ``run_dir/report/figures/`` (PNG and SVG, via :mod:`cytofuse.evaluation.metrics`),
 and writes ``run_dir/report.html`` with every figure embedded as a data URI, so the page can be
 mailed or archived alone. Explanations (``run_dir/explain/<model>/``) are included when present.
@@ -117,6 +118,8 @@ def report_context(run_dir: str | Path) -> dict:
                "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
     if run.sweep_summary.is_file() or run.sweeps.is_dir():
         context["sweep"] = sweep_context(run_dir, figures)
+    elif TuneFiles(run_dir).root.is_dir():
+        context["tune"] = tune_context(run_dir, figures / "tune")
     else:
         context["cv"] = cv_context(run_dir, figures)
     return context
@@ -595,3 +598,227 @@ def _plot_sweep_attrition(attrition: pd.DataFrame, parameter: str, base: Path) -
         ax.grid(True, lw=0.4, alpha=0.5)
         ax.legend(frameon=False)
         save_figure(fig, base)
+
+
+# --------------------------------------------------------------------------- tune runs
+
+
+@dataclass(frozen=True)
+class TuneFiles:
+    """The files of a tune run (``cytofuse tune``) that the report reads."""
+
+    run_dir: Path
+
+    root = property(lambda self: Path(self.run_dir) / "tune")
+    nested = property(lambda self: self.root / "nested.json")
+    nested_table = property(lambda self: self.root / "nested.csv")
+    trials = property(lambda self: self.root / "trials.csv")
+    study_db = property(lambda self: self.root / "study.db")
+    worker = property(lambda self: self.root / "worker.json")
+    best_config = property(lambda self: Path(self.run_dir) / "best_config.yaml")
+
+
+_STATES = (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed"), ("RUNNING", "running"))
+
+
+def tune_context(run_dir: Path, figures: Path) -> dict:
+    """Nested estimate (tuned vs defaults), trial counts, optimisation histories, parameter importances and best
+    settings of a tune run, with the data and attrition sections of its patch stage."""
+    files = TuneFiles(run_dir)
+    _check_tune_folder(run_dir, files)
+    nested = json.loads(files.nested.read_text())
+    trials = pd.read_csv(files.trials)
+    attrition = _attrition(run_dir)
+    importances = tune_importances(nested.get("storage"), run_dir, list(pd.unique(trials["study"])))
+    figure = _importance_figure(importances, figures / "importances")
+    table = importances["table"]
+    importances |= {"figure": figure,
+                    "table": None if table is None else _records(table.rename_axis("setting").reset_index())}
+    return {
+        "measured_on": nested.get("measured_on", ""),
+        "estimate": _records(_nested_display(pd.read_csv(files.nested_table))),
+        "seconds": nested.get("seconds"),
+        "counts": _records(trial_counts(trials)),
+        "histories": [_history_figure(trials, name, figures / f"history_{safe_name(name)}", source=files.trials)
+                      for name in pd.unique(trials["study"])],
+        "importances": importances,
+        "best": _records(_best_settings(nested)),
+        "final_rule": nested.get("final", {}).get("rule"),
+        "best_config": files.best_config.read_text() if files.best_config.is_file() else None,
+        "classes": nested["metrics"]["tuned"].get("classes", []),
+        "data": data_summary(run_dir),
+        "labels": labels_context(run_dir),
+        "attrition": _records(attrition),
+        "attrition_figure": _attrition_figure(attrition, figures / "attrition", source=RunFolder(run_dir).images),
+    }
+
+
+def _tune_command(run_dir: Path) -> str:
+    return f"run `cytofuse tune CONFIG --out {run_dir}` (an unfinished search resumes)"
+
+
+def _check_tune_folder(run_dir: Path, files: TuneFiles) -> None:
+    if files.worker.is_file() and not files.nested.is_file():
+        storage = json.loads(files.worker.read_text()).get("storage")
+        raise InputError(f"run folder {run_dir} is a tune worker's ({files.worker.name}): it ran trials of the "
+                         f"studies in {storage} and holds no results; write the report of the leader's run folder "
+                         "(--worker 0)")
+    missing = [str(p.relative_to(run_dir)) for p in (files.nested, files.nested_table, files.trials)
+               if not p.is_file()]
+    if missing:
+        raise InputError(f"tune run folder {run_dir} lacks {', '.join(missing)} (the search or its refits did not "
+                         f"finish): {_tune_command(run_dir)}")
+    for path in (RunFolder(run_dir).patches, RunFolder(run_dir).images):
+        if not path.is_file():
+            raise InputError(f"tune run folder {run_dir} lacks the patch stage ({path.name}): {_tune_command(run_dir)}")
+
+
+def _nested_display(table: pd.DataFrame) -> pd.DataFrame:
+    """nested.csv with each metric as one "mean ± sd" column, image level first."""
+    from cytofuse.evaluation.metrics import METRIC_LABELS
+
+    table = table.assign(_level=table["level"].map({"image": 0, "patch": 1})).sort_values(["_level"], kind="stable")
+    out = table[["level", "procedure"]].copy()
+    for metric in HEADLINE:
+        mean, sd = table[f"{metric}_mean"], table[f"{metric}_sd"]
+        out[METRIC_LABELS.get(metric, metric)] = [
+            "–" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(d) else f" ± {d:.3f}") for m, d in zip(mean, sd)]
+    return out.reset_index(drop=True)
+
+
+def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per study: complete, pruned, failed and running trials, the total, the trials per worker and the best value."""
+    rows = []
+    for name, part in trials.groupby("study", sort=False):
+        row = {"study": name}
+        for state, label in _STATES:
+            row[label] = int((part["state"] == state).sum())
+        row["total"] = len(part)
+        if "worker" in part and part["worker"].notna().any():
+            per = part.loc[part["state"].isin(["COMPLETE", "PRUNED"]), "worker"].dropna().astype(int).value_counts()
+            row["complete or pruned, by worker"] = ", ".join(f"{w}: {n}" for w, n in sorted(per.items())) or "–"
+        done = part.loc[part["state"] == "COMPLETE", "value"]
+        row["best value"] = float(done.max()) if len(done) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _history_figure(trials: pd.DataFrame, name: str, base: Path, *, source: Path) -> Figure:
+    from cytofuse.plots import plot_optimisation_history
+
+    part = trials[trials["study"] == name]
+    if _stale(base, source):
+        plot_optimisation_history(part["number"], part["value"], part["state"], base, title=f"Study {name}",
+                                  ylabel="Inner validation balanced accuracy")
+    where = ("the outer fold's training part" if str(name).startswith("outer_") else "every CV group (the final "
+             "search of best_config.yaml)")
+    caption = (f"Each trial's balanced accuracy on the grouped inner validation split of {where}, against the trial "
+               f"number; pruned trials at their last reported epoch; {len(part)} trials.")
+    return _figure(base, f"Optimisation history, {name}", caption)
+
+
+def _best_settings(nested: dict) -> pd.DataFrame:
+    """The best trial's settings per study and the settings of best_config.yaml."""
+    def shown(params: dict) -> dict:  # settings such as a learning rate need significant digits, not decimals
+        return {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in params.items()}
+
+    rows = [{"study": f["name"], "best inner value": f.get("value"), **shown(f.get("params", {}))}
+            for f in nested.get("folds", [])]
+    final = nested.get("final", {})
+    rows.append({"study": f"best_config.yaml (tune.final: {final.get('rule', '?')})", "best inner value": None,
+                 **shown(final.get("params", {}))})
+    return pd.DataFrame(rows)
+
+
+def tune_importances(storage: str | None, run_dir: Path, names: list[str]) -> dict:
+    """Parameter importances (fANOVA, seed 0) of each study, read from the tune run's storage: ``table`` (one
+    row per parameter, one column per study; None when no study has them) and ``missing`` (why a study, or the
+    storage, has none)."""
+    where = storage or "tune/study.db"
+    opened, reason = _open_tune_storage(storage, run_dir)
+    if opened is None:
+        return {"table": None, "missing": [f"storage {where}: {reason}"], "storage": where}
+    columns, missing = {}, []
+    try:
+        for name in names:
+            found = _study_importances(opened, name)
+            if isinstance(found, str):
+                missing.append(f"{name}: {found}")
+            else:
+                columns[name] = found
+    finally:
+        engine = getattr(opened, "engine", None)
+        if engine is not None:
+            opened.remove_session()
+            engine.dispose()
+    table = pd.DataFrame(columns) if columns else None
+    return {"table": table, "missing": missing, "storage": where}
+
+
+def _open_tune_storage(storage: str | None, run_dir: Path):
+    """(the Optuna storage of a tune run, None) or (None, why it cannot be read); never creates a storage."""
+    import optuna
+
+    if storage is None:
+        path = TuneFiles(run_dir).study_db
+        if not path.is_file():
+            return None, "the file is missing"
+        storage = f"sqlite:///{path.resolve()}"
+    elif "***@" in storage:
+        return None, "the run folder keeps the URL without its password, so the report cannot log in"
+    elif "://" not in storage and not Path(storage).is_file():
+        return None, "the journal file is missing"
+    elif storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        return None, "the database file is missing"
+    try:
+        if "://" in storage:
+            options = {"connect_args": {"connect_timeout": 10}} if storage.startswith(("postgres", "mysql")) else {}
+            return optuna.storages.RDBStorage(storage, engine_kwargs=options, skip_table_creation=True), None
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(storage)), None
+    except Exception as exc:  # noqa: BLE001 - any driver's error becomes the reason shown in the report
+        return None, f"cannot be opened from here ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+
+
+def _study_importances(storage, name: str) -> dict | str:
+    """{parameter: importance} of study ``name``, or why it has none."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return "the study is not in the storage"
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(done) < 2:
+        return f"{len(done)} complete trial(s); importances need at least 2"
+    if len({t.value for t in done}) < 2:
+        return (f"all {len(done)} complete trials scored the same ({done[0].value:.3f}), so no setting explains "
+                "a difference")
+    if all(len({repr(t.params.get(p)) for t in done}) < 2 for p in done[0].params):
+        return f"the {len(done)} complete trials share every setting"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            found = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (RuntimeError, ValueError) as exc:
+            return f"fANOVA failed ({exc})"
+    if caught:
+        return f"fANOVA: {caught[0].message}"
+    return {param: float(value) for param, value in found.items()}
+
+
+def _importance_figure(importances: dict, base: Path) -> Figure | None:
+    from cytofuse.plots import plot_importances
+
+    table = importances["table"]
+    if table is None:
+        return None
+    plot_importances(table, base, title="Parameter importances per study")  # drawn each time: read live
+    return _figure(base, "Parameter importances (fANOVA)",
+                   f"Share of the variance of the inner validation score explained by each setting, over each study's "
+                   f"complete trials in {importances['storage']} when this report was written.")
