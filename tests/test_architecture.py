@@ -18,7 +18,7 @@ LAYERS = (
     {"training"},  # the patch cache and one fit
     {"config"},  # the typed run configuration, built on the stages' settings
     {"inference", "synthetic"},  # model folders and prediction; synthetic data
-    {"evaluation", "export"},  # metrics, plots, baseline, explanations, report; export formats
+    {"evaluation", "export", "bioimageio"},  # metrics, plots, baseline, explanations, report; export formats
     {"workflows"},  # cross-validation, final model, demo
     {"cli", "api"},  # the command and the Python entry points
 )

@@ -20,7 +20,6 @@ from cytofuse.export import (
     max_abs_difference,
     read_exported_metadata,
     run_exported,
-    write_rdf,
 )
 from cytofuse.inference.modelfolder import card_for, read_card, write_model_folder
 from cytofuse.runs import MARKER
@@ -195,12 +194,16 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+PACKAGE_FILES = ["README.md", "cover.png", "rdf.yaml", "sample_input.tif", "sample_output.tif", "test_input.npy",
+                 "test_output.npy"]
+
+
 def test_export_model_folder_writes_both_formats_rdf_and_card(tmp_path):
     model_dir = _model_folder(tmp_path / "model", [_model("late")])
     files = export_model_folder(model_dir, tmp_path / "export")
     assert set(files) == {"onnx", "torchscript", "rdf", "card"}
     written = sorted(p.name for p in (tmp_path / "export").iterdir())
-    assert written == [MARKER, "model.onnx", "model.pt", "model.yaml", "rdf.yaml"]
+    assert written == sorted([MARKER, "model.onnx", "model.pt", "model.yaml", *PACKAGE_FILES])
     assert read_card(tmp_path / "export").class_names == CLASSES
     x = _synthetic_patches(7)
     (model,) = [_model("late")]
@@ -212,7 +215,7 @@ def test_export_model_folder_writes_both_formats_rdf_and_card(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "model"]  # no temporary folder left
 
 
-def test_rdf_lists_class_names_axes_preprocessing_and_hashes(tmp_path):
+def test_rdf_lists_class_names_axes_normalised_input_and_hashes(tmp_path):
     model_dir = _model_folder(tmp_path / "model", [_model("early", seed=1), _model("early", seed=2)])
     files = export_model_folder(model_dir, tmp_path / "export", verify=False)
     rdf = yaml.safe_load(files["rdf"].read_text())
@@ -222,33 +225,18 @@ def test_rdf_lists_class_names_axes_preprocessing_and_hashes(tmp_path):
     assert [a.get("id", a["type"]) for a in inp["axes"]] == ["batch", "channel", "y", "x"]
     assert inp["axes"][1]["channel_names"] == CHANNELS
     assert [a.get("size") for a in inp["axes"][2:]] == [P, P]
-    (pre,) = inp["preprocessing"]
-    assert pre["id"] == "scale_range"
-    assert (pre["kwargs"]["min_percentile"], pre["kwargs"]["max_percentile"]) == (2.0, 99.5)
-    assert "WHOLE image" in pre["description"] and "before the image is cut into patches" in pre["description"]
+    # per-image percentiles cannot be computed from a patch: the input is declared normalised, no scale_range
+    assert {step["id"] for step in inp["preprocessing"]} == {"ensure_dtype"}
+    assert "p2" in inp["description"] and "p99.5" in inp["description"] and "WHOLE image" in inp["description"]
     assert out["id"] == OUTPUT_NAME and out["axes"][1]["channel_names"] == CLASSES
     assert rdf["config"]["cytofuse"]["class_names"] == CLASSES
     assert rdf["config"]["cytofuse"]["ensemble_members"] == 2
     weights = rdf["weights"]
-    assert weights["onnx"] == {"source": "model.onnx", "sha256": _sha(files["onnx"]), "opset_version": 17}
-    assert weights["torchscript"]["source"] == "model.pt"
+    assert weights["onnx"]["source"] == "model.onnx" and weights["onnx"]["sha256"] == _sha(files["onnx"])
+    assert weights["onnx"]["opset_version"] == 17 and "parent" not in weights["onnx"]
+    assert weights["torchscript"]["source"] == "model.pt" and weights["torchscript"]["parent"] == "onnx"
     assert weights["torchscript"]["sha256"] == _sha(files["torchscript"])
     assert weights["torchscript"]["pytorch_version"] == torch.__version__.split("+")[0]
-
-
-def test_write_rdf_sources_are_relative_to_the_rdf(tmp_path):
-    model = _model("single")
-    onnx_file = export_onnx(model, tmp_path / "weights" / "m.onnx", patch_size=P)
-    card = {"class_names": CLASSES, "channel_names": CHANNELS, "patches": {"size": P}}
-    rdf = yaml.safe_load(write_rdf(tmp_path / "rdf.yaml", card, {"onnx": onnx_file}).read_text())
-    assert rdf["weights"] == {"onnx": {"source": "weights/m.onnx", "sha256": _sha(onnx_file), "opset_version": 17}}
-    with pytest.raises(InputError, match=r"files must map formats \['onnx', 'torchscript'\]"):
-        write_rdf(tmp_path / "rdf2.yaml", card, {"tflite": onnx_file})
-    with pytest.raises(InputError, match="write_rdf: torchscript file not found"):
-        write_rdf(tmp_path / "rdf2.yaml", card, {"torchscript": tmp_path / "absent.pt"})
-    with pytest.raises(InputError, match="card must be a ModelCard or a mapping"):
-        write_rdf(tmp_path / "rdf2.yaml", {"class_names": CLASSES}, {"onnx": onnx_file})
-    assert not (tmp_path / "rdf2.yaml").exists()
 
 
 def test_export_model_folder_one_format_and_overwrite(tmp_path):
@@ -258,8 +246,10 @@ def test_export_model_folder_one_format_and_overwrite(tmp_path):
     assert set(yaml.safe_load(files["rdf"].read_text())["weights"]) == {"torchscript"}
     with pytest.raises(RunFolderError, match=re.escape(f"export folder {tmp_path / 'export'} exists")):
         export_model_folder(model_dir, tmp_path / "export", formats=["onnx"])
-    files = export_model_folder(model_dir, tmp_path / "export", formats=["onnx"], overwrite=True, verify=False)
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [MARKER, "model.onnx", "model.yaml", "rdf.yaml"]
+    files = export_model_folder(model_dir, tmp_path / "export", formats=["onnx"], overwrite=True, verify=False,
+                                bioimageio=False)
+    assert set(files) == {"onnx", "card"}
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [MARKER, "model.onnx", "model.yaml"]
 
 
 def test_export_model_folder_errors(tmp_path):

@@ -283,20 +283,31 @@ def predict(
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="A model folder written by `cytofuse train`."),
-    out: Path = typer.Argument(..., help="Folder to write (model.onnx, model.pt, rdf.yaml, model.yaml)."),
+    model_dir: Path = typer.Argument(..., help="A model folder written by `cytofuse train`, or a CV run (its folds)."),
+    out: Path = typer.Argument(..., help="Folder to write (model.onnx, model.pt, model.yaml, a bioimage.io package)."),
     format_: list[str] = typer.Option(["onnx", "torchscript"], "--format", help="onnx and/or torchscript."),
     opset: int = typer.Option(17, help="ONNX opset."),
     verify: bool = typer.Option(True, help="Check exported outputs against PyTorch (max abs diff <= 1e-4)."),
+    model: Optional[str] = typer.Option(None, help="Which model of a CV run (its display name)."),
+    bioimageio: bool = typer.Option(True, help="Write and validate a bioimage.io package (rdf.yaml, test tensors, "
+                                    "cover, README); needs cytofuse[bioimageio]."),
+    cv_run: Optional[Path] = typer.Option(None, help="The CV run the model came from: its metrics go into the README "
+                                          "and its first image gives the test patch."),
+    sample_image: Optional[Path] = typer.Option(None, help="An image to cut the package's test patch from."),
+    author: list[str] = typer.Option([], help='"Name;affiliation" (repeatable); default a marked placeholder.'),
+    cite: list[str] = typer.Option([], help='"text;doi" (repeatable); default a marked placeholder.'),
+    license_: str = typer.Option("BSD-3-Clause", "--license", help="SPDX license of the exported weights."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Export a model folder to ONNX and TorchScript with a bioimage.io-style rdf.yaml."""
+    """Export a model to ONNX and TorchScript as a validated bioimage.io model package."""
     from cytofuse.errors import CytofuseError
 
     try:
         from cytofuse.export import export_model_folder
 
-        paths = export_model_folder(model_dir, out, formats=format_, opset=opset, verify=verify, overwrite=overwrite)
+        paths = export_model_folder(model_dir, out, formats=format_, opset=opset, verify=verify, overwrite=overwrite,
+                                    model_name=model, bioimageio=bioimageio, cv_run=cv_run, sample_image=sample_image,
+                                    authors=author, cite=cite, license=license_)
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)
     for kind, path in paths.items():

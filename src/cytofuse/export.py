@@ -1,4 +1,4 @@
-"""Model export: ONNX and TorchScript graphs of class probabilities, and a bioimage.io-style rdf.yaml.
+"""Model export: ONNX and TorchScript graphs of class probabilities, packaged for bioimage.io.
 
 Both formats take one input, ``patches``: float32 of axes (batch, channel, y, x), the model's
 channels in the card's order, y = x = the training patch size, each channel normalised as in
@@ -14,6 +14,10 @@ probabilities, the same rule ``cytofuse predict`` uses, so one file gives the fo
 The batch axis is dynamic (named "batch"); y and x are fixed. ONNX graphs come from the
 legacy TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, default opset 17);
 TorchScript graphs are traced. Every file is written to a temporary name and renamed into place.
+
+``export_model_folder`` writes both beside the model card and, through ``cytofuse.bioimageio``, a
+bioimage.io model package (rdf.yaml built and validated with bioimageio.spec, test tensors from a real
+patch, cover, README with the CV metrics); see that module for how the normalisation is declared.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral
@@ -30,21 +33,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from cytofuse.errors import CytofuseError, InputError
-from cytofuse.runs import atomic_path, check_replaceable, replacing_folder, write_text_atomic
+from cytofuse.runs import atomic_path, check_replaceable, replacing_folder
 
 if TYPE_CHECKING:
     from cytofuse.inference.modelfolder import ModelCard
+    from cytofuse.io.readers import Image
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "probabilities"
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
-RDF_FILE = "rdf.yaml"
 PARITY_TOLERANCE = 1e-4
 _EXTRA_FILE = "cytofuse.json"  # TorchScript extra file with the same metadata as ONNX's metadata_props
 
@@ -234,7 +236,7 @@ def max_abs_difference(model: nn.Module | Sequence[nn.Module], path: str | Path,
     return max(float(np.abs(run(x[:n]) - want[:n]).max()) for n in (batch_sizes or [len(x)]))
 
 
-# --------------------------------------------------------------------------- rdf.yaml
+# --------------------------------------------------------------------------- hashes
 
 
 def sha256(path: str | Path) -> str:
@@ -244,125 +246,6 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _card(card: object) -> "ModelCard":
-    """A ModelCard, or a mapping read as one (either card layout)."""
-    from pydantic import ValidationError
-
-    from cytofuse.inference.modelfolder import ModelCard
-
-    if isinstance(card, ModelCard):
-        return card
-    if not isinstance(card, Mapping) or not {"class_names", "channel_names"} <= card.keys():
-        raise InputError(
-            f"card must be a ModelCard or a mapping with class_names, channel_names and patches (or recipe), got {card!r}"
-        )
-    try:
-        return ModelCard.model_validate(dict(card))
-    except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise InputError("card must be a ModelCard or a mapping that is a valid model card:\n  "
-                         + "\n  ".join(lines)) from None
-
-
-def _preprocessing_note(low: float, high: float) -> str:
-    return (
-        f"Per image and channel: (raw - p{low:g}) / max(p{high:g} - p{low:g}, 1e-6), where p{low:g} and "
-        f"p{high:g} are the {low:g}th and {high:g}th intensity percentiles of that channel over the WHOLE "
-        "image (every z-slice), computed before the image is cut into patches. Percentiles of a single "
-        "patch give different inputs and wrong predictions: compute them on the whole image first."
-    )
-
-
-def _input_spec(card: "ModelCard") -> dict:
-    size = card.recipe.settings.size
-    low, high = (float(p) for p in card.recipe.settings.percentiles)
-    return {
-        "id": INPUT_NAME,
-        "description": "z-slice patches of the model's channels, normalised per image: "
-        + _preprocessing_note(low, high),
-        "axes": [
-            {"type": "batch"},
-            {"type": "channel", "channel_names": list(card.channel_names)},
-            {"type": "space", "id": "y", "size": size},
-            {"type": "space", "id": "x", "size": size},
-        ],
-        "data": {"type": "float32"},
-        "preprocessing": [{
-            "id": "scale_range",
-            "kwargs": {"axes": ["y", "x"], "min_percentile": low, "max_percentile": high, "eps": 1e-6},
-            "description": _preprocessing_note(low, high),
-        }],
-    }
-
-
-def _output_spec(card: "ModelCard") -> dict:
-    return {
-        "id": OUTPUT_NAME,
-        "description": "class probabilities (softmax; an ensemble outputs the mean over its members)",
-        "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(card.class_names)}],
-        "data": {"type": "float32"},
-    }
-
-
-def _weights_spec(files: Mapping[str, str | Path], folder: Path, opset: int) -> dict:
-    unknown = sorted(set(files) - set(FILE_NAMES))
-    if unknown or not files:
-        raise InputError(f"files must map formats {sorted(FILE_NAMES)} to exported files, got {dict(files)!r}")
-    out = {}
-    for fmt, file in files.items():
-        file = Path(file)
-        if not file.is_file():
-            raise InputError(f"write_rdf: {fmt} file not found: {file}")
-        entry = {"source": os.path.relpath(file, folder), "sha256": sha256(file)}
-        if fmt == "onnx":
-            entry["opset_version"] = opset
-        else:
-            entry["pytorch_version"] = torch.__version__.split("+")[0]
-        out[fmt] = entry
-    return out
-
-
-def rdf_dict(card: object, files: Mapping[str, str | Path], *, folder: str | Path, opset: int = DEFAULT_OPSET) -> dict:
-    """The bioimage.io-style resource description of exported ``files`` ({format: path}) for ``card``."""
-    card = _card(card)
-    model = card.model
-    n_members = max(len(card.weights), 1)
-    what = f"{model.get('name', '?')} fusion over {model.get('encoder', '?')} encoders"
-    return {
-        "type": "model",
-        "format_version": "0.5.3",
-        "name": f"cytofuse {model.get('name', 'model')} classifier: {', '.join(card.class_names)}",
-        "description": (
-            f"Patch classifier ({what}{f', ensemble of {n_members} fold models' if n_members > 1 else ''}) "
-            f"of {len(card.class_names)} classes from channels {', '.join(card.channel_names)}. "
-            "Outputs class probabilities per patch; whole-image predictions average the patches kept by "
-            "cytofuse's Otsu sparsity filter."
-        ),
-        "tags": ["cytofuse", "classification", "fluorescence-light-microscopy", "2d"],
-        "license": "BSD-3-Clause",
-        "inputs": [_input_spec(card)],
-        "outputs": [_output_spec(card)],
-        "weights": _weights_spec(files, Path(folder), opset),
-        "config": {"cytofuse": {
-            "cytofuse_version": card.cytofuse_version, "class_names": list(card.class_names),
-            "channel_names": list(card.channel_names), "normalisation": card.recipe.normalisation_summary(),
-            "patches": card.recipe.settings.model_dump(mode="json"), "model": model, "ensemble_members": n_members,
-            "trained_on": card.trained_on,
-        }},
-    }
-
-
-def write_rdf(path: str | Path, card: object, files: Mapping[str, str | Path], *, opset: int = DEFAULT_OPSET) -> Path:
-    """Write ``rdf.yaml`` describing ``files`` ({"onnx": ..., "torchscript": ...}) beside them.
-
-    Weight sources are written relative to the rdf's folder, each with its sha256.
-    """
-    path = Path(path)
-    text = yaml.safe_dump(rdf_dict(card, files, folder=path.parent, opset=opset), sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- a whole model folder
@@ -397,31 +280,105 @@ def _verify(wrapped: ProbabilityModel, files: Mapping[str, Path], patch_size: in
 
 
 def export_model_folder(model_dir: str | Path, out: str | Path, *, formats: Sequence[str] = ("onnx", "torchscript"),
-                        overwrite: bool = False, opset: int = DEFAULT_OPSET, verify: bool = True) -> dict[str, Path]:
-    """Export a model folder to ``out``: model.onnx / model.pt, rdf.yaml and a copy of model.yaml.
+                        overwrite: bool = False, opset: int = DEFAULT_OPSET, verify: bool = True,
+                        model_name: str | None = None, bioimageio: bool = True, cv_run: str | Path | None = None,
+                        sample_image: "str | Path | Image | None" = None, authors: Sequence[str] = (),
+                        cite: Sequence[str] = (), license: str = "BSD-3-Clause") -> dict[str, Path]:
+    """Export a model folder (or a CV run's fold ensemble) to ``out``: model.onnx / model.pt, model.yaml and,
+    with ``bioimageio``, a validated bioimage.io package (rdf.yaml, test tensors, cover, README).
 
     An ensemble becomes one graph returning the mean of its members' probabilities.
     verify: check each file against PyTorch on random patches (max abs difference < 1e-4).
-    Returns {format: path} plus "rdf" and "card". Written beside ``out`` and swapped in; an existing
-    ``out`` is replaced only with ``overwrite`` and only if cytofuse made it.
+    cv_run: the CV run the model came from (a CV run exported itself is its own): its out-of-fold metrics
+        go into the README's Validation section and its first image gives the test patch.
+    sample_image: an image file (or ``Image``) to cut the test patch from instead (the kept patch with the
+        highest foreground ratio); without either, the test patch is synthetic and the README says so.
+    authors: ``"Name;affiliation"``; cite: ``"text;doi"`` (placeholders, marked as such, when empty).
+    Returns {format: path} plus "card" (and "rdf" with ``bioimageio``). Written beside ``out`` and swapped
+    in; an existing ``out`` is replaced only with ``overwrite`` and only if cytofuse made it.
     """
-    from cytofuse.inference.modelfolder import CARD_FILE, read_model_folder
+    import yaml
+
+    from cytofuse.inference.modelfolder import CARD_FILE, load_models
 
     formats, out, model_dir = _check_formats(formats), Path(out), Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist or is not a folder")
+    if bioimageio:
+        from cytofuse.bioimageio import parse_author, parse_cite, spec_version
+
+        spec_version()
+        for text in authors:  # bad flags fail before any work
+            parse_author(text)
+        for text in cite:
+            parse_cite(text)
     check_replaceable(out, overwrite=overwrite, what="export folder")
-    models, card = read_model_folder(model_dir)
+    models, card = load_models(model_dir, model_name=model_name)
     patch_size = _check_patch_size(card.recipe.settings.size)
+    is_card_folder = (model_dir / CARD_FILE).is_file()
+    cv_run = Path(cv_run) if cv_run is not None else (None if is_card_folder else model_dir)
     with replacing_folder(out, overwrite=overwrite, what="export folder") as tmp:
         names = _write_export(tmp, models, card, formats, patch_size=patch_size, opset=opset, verify=verify)
-        shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
+        if is_card_folder:
+            shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
+        else:
+            (tmp / CARD_FILE).write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
+        if bioimageio:
+            names["rdf"] = _write_package(tmp, card, names, opset=opset, cv_run=cv_run, sample_image=sample_image,
+                                          authors=authors, cite=cite, license=license).name
     return {key: out / name for key, name in {**names, "card": CARD_FILE}.items()}
+
+
+def _write_package(folder: Path, card: "ModelCard", names: Mapping[str, str], *, opset: int, cv_run: Path | None,
+                   sample_image, authors: Sequence[str], cite: Sequence[str], license: str) -> Path:
+    """The bioimage.io package of the exported files in ``folder`` (see ``cytofuse.bioimageio``)."""
+    from cytofuse.bioimageio import run_image, sample_from_image, synthetic_sample, write_package
+
+    image = _sample_image(sample_image) if sample_image is not None else run_image(cv_run) if cv_run else None
+    sample = sample_from_image(image, card) if image is not None else synthetic_sample(card)
+    weights = {f: folder / names[f] for f in FILE_NAMES if f in names}
+    first = weights.get("onnx", weights.get("torchscript"))
+    probabilities = run_exported(first, sample.normalised[None])
+    for fmt, file in weights.items():  # every weights entry must reproduce the test output
+        diff = float(np.abs(run_exported(file, sample.normalised[None]) - probabilities).max())
+        if not diff < PARITY_TOLERANCE:
+            raise CytofuseError(f"exported {fmt} file {file.name} differs from {first.name} on the test patch by "
+                                f"{diff:.2e} (> {PARITY_TOLERANCE})")
+    metrics, source = _cv_metrics(cv_run, card)
+    return write_package(folder, card, weights, opset=opset, sample=sample, probabilities=probabilities,
+                         metrics=metrics, metrics_source=source, authors=authors, cite=cite, license=license)
+
+
+def _sample_image(sample_image) -> "Image":
+    from cytofuse.io.readers import Image, read_image
+
+    return sample_image if isinstance(sample_image, Image) else read_image(sample_image)
+
+
+def _cv_metrics(cv_run: Path | None, card: "ModelCard"):
+    """(RunMetrics, what they are) of the card's model in ``cv_run``, or (None, "")."""
+    from cytofuse.evaluation.metrics import RunMetrics
+    from cytofuse.runs import RunFolder
+
+    if cv_run is None:
+        return None, ""
+    name = card.trained_on.get("model_name")
+    folder = RunFolder(cv_run)
+    candidates = [folder.model(name)] if name else [folder.model(n) for n in _run_models(folder)]
+    found = [m.metrics for m in candidates if m.metrics.is_file()]
+    if len(found) != 1:
+        raise InputError(f"cv_run {cv_run}: expected the metrics.json of model {name or '(the only model)'} in "
+                         f"{folder.models}, found {len(found)}; pass the CV run the model came from")
+    return RunMetrics.read(found[0]), f"model {found[0].parent.name} in CV run {Path(cv_run).name}"
+
+
+def _run_models(folder) -> list[str]:
+    return sorted(p.name for p in folder.models.iterdir() if p.is_dir()) if folder.models.is_dir() else []
 
 
 def _write_export(folder: Path, models: list[nn.Module], card: "ModelCard", formats: list[str], *, patch_size: int,
                   opset: int, verify: bool) -> dict[str, str]:
-    """Write the exported graphs and rdf.yaml into ``folder``; their names by format (and "rdf")."""
+    """Write the exported graphs into ``folder``; their names by format."""
     wrapped, meta = as_probability_model(models, tta=card.tta), _metadata(card, patch_size)
     files = {f: folder / FILE_NAMES[f] for f in formats}
     if "onnx" in files:
@@ -430,5 +387,4 @@ def _write_export(folder: Path, models: list[nn.Module], card: "ModelCard", form
         export_torchscript(wrapped, files["torchscript"], patch_size=patch_size, metadata=meta)
     if verify:
         _verify(wrapped, files, patch_size)
-    write_rdf(folder / RDF_FILE, card, files, opset=opset)
-    return {**{f: FILE_NAMES[f] for f in formats}, "rdf": RDF_FILE}
+    return {f: FILE_NAMES[f] for f in formats}
