@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cytofuse.errors import DataSetError
-from cytofuse.io.readers import check_fits_in_memory, supported_suffixes
+from cytofuse.io.readers import FOLDER_FORMATS, check_fits_in_memory, supported_suffixes
 
 CHANNEL_FILE_PATTERN = r"^(?P<channel>Ch\d+)_(?P<key>.+)\.[^.]+$"
 _MAX_LISTED = 20
@@ -120,7 +120,7 @@ class ImageSet:
         if not root.is_dir():
             raise DataSetError(f"image folder {root} does not exist or is not a folder")
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        files = {d.name: sorted(f for f in d.rglob("*") if f.is_file() and _is_image(f)) for d in class_dirs}
+        files = {d.name: sorted(f for f in d.rglob("*") if _is_image(f)) for d in class_dirs}
         if not any(files.values()):
             raise DataSetError(f"image folder {root} has no class sub-folders with images ({', '.join(supported_suffixes())})")
         empty = [str(root / k) for k, v in files.items() if not v]
@@ -279,13 +279,18 @@ def _read_manifest(csv: Path):
 
 
 def _is_image(path: Path) -> bool:
+    """An image file, or an image stored as a folder (OME-Zarr) that is not inside another one."""
     name = path.name.lower()
-    return not name.startswith(".") and name.endswith(supported_suffixes())
+    if name.startswith(".") or not name.endswith(supported_suffixes()):
+        return False
+    if any(p.suffix.lower() in FOLDER_FORMATS for p in path.parents):
+        return False
+    return path.is_dir() if path.suffix.lower() in FOLDER_FORMATS else path.is_file()
 
 
 def _rel_id(path: Path, root: Path) -> str:
     rel = path.relative_to(root).as_posix()
-    for suffix in (".ome.tiff", ".ome.tif", path.suffix):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", path.suffix):
         if suffix and rel.lower().endswith(suffix):
             return rel[: -len(suffix)]
     return rel
@@ -378,6 +383,8 @@ def _check_files(record: ImageRecord) -> list[str]:
     for f in record.files:
         if not f.exists():
             problems.append(f"{f}: file does not exist")
+        elif f.suffix.lower() in FOLDER_FORMATS:  # an image stored as a folder: its reader checks it
+            continue
         elif not f.is_file():
             problems.append(f"{f}: not a file")
         elif f.stat().st_size == 0:

@@ -3,7 +3,8 @@
 Every reader returns an :class:`Image`: an array of shape (C, Z, Y, X) plus channel
 names and the physical pixel size in micrometres (z, y, x) when the file has them.
 
-- :func:`read_image` / :func:`probe_image`: TIFF (plain, ImageJ, OME), CZI, ND2, PNG/JPEG, .npy.
+- :func:`read_image` / :func:`probe_image`: TIFF (plain, ImageJ, OME), CZI, ND2, PNG/JPEG, .npy, and
+  OME-Zarr folders (NGFF 0.4 / 0.5), whose data is a lazy ``cytofuse.io.zarr.ZarrStack``.
 - :func:`group_channel_files` / :func:`read_channel_files`: one file per channel.
 - :func:`montage_tiles` / :func:`split_montage`: montages of single-cell tiles.
 - :func:`write_ome_tiff`.
@@ -185,6 +186,10 @@ def _check_file(path: str | Path) -> Path:
         raise InputError(f"unsupported image file {path}: suffix {path.suffix!r} is not one of {', '.join(supported_suffixes())}")
     if not path.exists():
         raise InputError(f"image file {path} does not exist")
+    if suffix in FOLDER_FORMATS:
+        if not path.is_dir():
+            raise InputError(f"image path {path} is not a folder; {suffix} images are folders")
+        return path
     if not path.is_file():
         raise InputError(f"image path {path} is not a file")
     if path.stat().st_size == 0:
@@ -516,7 +521,18 @@ def _npy(path: Path, axes: str | None, load: bool) -> _Parsed:
     return _Parsed(shape, array.dtype, data, None, (None, None, None), {"format": "npy", "axes": axes.upper(), "z_axis": z_axis})
 
 
+def _ome_zarr(path: Path, axes: str | None, load: bool) -> _Parsed:
+    """OME-Zarr (NGFF 0.4 / 0.5): a lazy stack that reads chunks on demand (``cytofuse.io.zarr``)."""
+    _no_axes(axes, path)
+    from cytofuse.io.zarr import open_ome_zarr
+
+    with _reading(path, "OME-Zarr"):
+        stack, names, pixel, meta = open_ome_zarr(path)
+    return _Parsed(stack.shape, stack.dtype, stack if load else None, names, pixel, meta)
+
+
 _FORMATS = {
+    ".zarr": _ome_zarr,
     ".tif": _tiff,
     ".tiff": _tiff,
     ".czi": _czi,
@@ -526,6 +542,9 @@ _FORMATS = {
     ".jpeg": _pillow,
     ".npy": _npy,
 }
+
+
+FOLDER_FORMATS = (".zarr",)  # images stored as folders (OME-Zarr: ``name.ome.zarr``)
 
 
 def supported_suffixes() -> tuple[str, ...]:

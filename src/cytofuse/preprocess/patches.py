@@ -159,10 +159,14 @@ def channel_histogram(channel: np.ndarray, *, hist_samples: int | None = 8_000_0
         from cytofuse.preprocess._kernels import histogram_int
 
         info = np.iinfo(channel.dtype)
-        channel = np.ascontiguousarray(channel)
         parts = _z_parts(len(channel))
         sub = np.zeros((len(parts), int(info.max) - int(info.min) + 1), np.int64)
-        _parallel(lambda i: histogram_int(channel[parts[i]], int(info.min), step, sub[i]), len(parts))
+        if isinstance(channel, np.ndarray):
+            channel = np.ascontiguousarray(channel)
+            _parallel(lambda i: histogram_int(channel[parts[i]], int(info.min), step, sub[i]), len(parts))
+        else:  # a lazy stack (OME-Zarr): each part reads its z-slices one at a time
+            _parallel(lambda i: [histogram_int(np.ascontiguousarray(channel[z : z + 1]), int(info.min), step, sub[i])
+                                 for z in range(len(channel))[parts[i]]], len(parts))
         counts = sub.sum(axis=0)
         values = np.arange(int(info.min), int(info.max) + 1)
         nz = np.flatnonzero(counts)
@@ -280,6 +284,14 @@ def cut_patches(stack: np.ndarray, origins: np.ndarray, low: np.ndarray, high: n
     first, last = (origins.min(axis=0), origins.max(axis=0)) if len(origins) else (None, None)
     if first is not None and (min(first) < 0 or last[0] >= n_z or last[1] + size > n_y or last[2] + size > n_x):
         raise InputError(f"patch origins reach outside the stack of shape {stack.shape} (patch size {size})")
+    if not isinstance(stack, np.ndarray):  # a lazy stack (OME-Zarr): cut from one z-slice at a time
+        out = np.empty((len(origins), size, size, c) if channels_last else (len(origins), c, size, size), np.float32)
+        view = out.transpose(0, 3, 1, 2) if channels_last else out
+        for z in np.unique(origins[:, 0]):
+            rows = np.flatnonzero(origins[:, 0] == z)
+            plane = np.ascontiguousarray(stack[:, int(z) : int(z) + 1])
+            view[rows] = cut_patches(plane, origins[rows] * [0, 1, 1], low, high, size=size)
+        return view
     scale = (1.0 / np.maximum(np.asarray(high, np.float64) - low, NORM_EPS)).astype(np.float32)
     offset = np.asarray(low, np.float32)
     if channels_last:
@@ -425,7 +437,9 @@ def _patch_one(image_set, image_id: str, settings: PatchSettings) -> dict:
     idx = select_channels(image.channel_names, channels=settings.channels, exclude=settings.exclude_channels)
     names = tuple(image.channel_names[i] for i in idx)
     try:
-        result = extract_patches(np.asarray(image.data[idx]), channel_names=names, settings=settings)
+        stack = image.data[idx]  # a lazy stack (OME-Zarr) stays lazy: the stage reads it a z-slice at a time
+        result = extract_patches(np.asarray(stack) if isinstance(stack, np.ndarray) else stack, channel_names=names,
+                                 settings=settings)
     except InputError as exc:
         raise InputError(f"{image_set[image_id].display}: {exc}") from None
     return {"image_id": image_id, "shape": image.shape, "dtype": str(image.data.dtype), "result": result}
