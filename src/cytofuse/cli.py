@@ -257,6 +257,8 @@ def predict(
     heatmap_resolution: str = typer.Option("stride", help="stride (one value per patch-grid cell, the summary's "
                                            "heatmap_cell_px image pixels) | full (one value per image pixel, "
                                            "files cell**2 times larger)."),
+    format_: str = typer.Option("tiff", "--format", help="Heat maps as tiff (OME-TIFF files) | ome-zarr (OME-Zarr "
+                                "multiscale images, one channel per class, for viewers that stream)."),
     read_ahead: bool = typer.Option(False, help="Read and preprocess the next image while the model runs on "
                                     "the current one: faster on many images, two images in memory."),
     scheduler: Optional[str] = SchedulerOpt,
@@ -273,6 +275,7 @@ def predict(
             model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
             heatmap_resolution=heatmap_resolution, read_ahead=read_ahead, scheduler=check_scheduler(scheduler),
+            heatmap_format=format_,
         )
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)

@@ -19,6 +19,9 @@ Outputs (``out``)::
                                    patch covers it (filtered out, skipped slice, image border)
     images/<name>/heatmap_max.tif  (classes, y, x) maximum over z (NaN-aware)
     images/<name>/overlay.png      the image (max projection) beside each class's heat map
+    images/<name>/heatmap.ome.zarr, heatmap_max.ome.zarr
+                                   with heatmap_format="ome-zarr", instead of the two TIFFs: the same
+                                   values as OME-Zarr (NGFF 0.4) multiscale images, one channel per class
 
 The heat maps are stitched (``cytofuse.inference.heatmaps``) and written (``cytofuse.inference.writers``)
 slice by slice while the model runs on later slices; memory holds one slice of heat map per class.
@@ -46,7 +49,14 @@ import numpy as np
 
 from cytofuse.errors import InputError
 from cytofuse.inference.threads import background_nice, default_workers, in_order, lower_priority, single_threaded_ops
-from cytofuse.inference.writers import HEATMAP_RESOLUTIONS, HeatMapWriter, overlay_step, write_overlay_png
+from cytofuse.inference.writers import (
+    HEATMAP_FILES,
+    HEATMAP_FORMATS,
+    HEATMAP_RESOLUTIONS,
+    HeatMapWriter,
+    overlay_step,
+    write_overlay_png,
+)
 from cytofuse.runtime import bf16_supported
 from cytofuse.preprocess.patches import cut_patches
 from cytofuse.runs import atomic_path, replacing_folder
@@ -214,7 +224,7 @@ def prepare_image(image: "Image", card: "ModelCard", *, name: str) -> tuple[np.n
 
 def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "ModelCard", *, name: str,
                   folder: Path, batch_size: int = 64, bf16: bool = False, workers: int | None = None,
-                  heatmap_resolution: str = "stride",
+                  heatmap_resolution: str = "stride", heatmap_format: str = "tiff",
                   prepared: tuple[np.ndarray, "ImagePatches"] | None = None) -> ImageResult:
     """Preprocess one image as in training (unless ``prepared`` by ``prepare_image``), predict its
     patches, and stream its heat maps into ``folder``."""
@@ -224,10 +234,12 @@ def predict_image(image: "Image", models: Sequence["torch.nn.Module"], card: "Mo
     settings = card.recipe.prediction_settings()
     workers = default_workers() if workers is None else workers
     step = overlay_step(stack.shape[2:])  # the overlay needs every step-th pixel only
-    writer = HeatMapWriter(folder / "heatmap.tif", shape=stack.shape[1:], class_names=card.class_names,
+    if heatmap_format not in HEATMAP_FORMATS:
+        raise InputError(f"heatmap_format must be one of {list(HEATMAP_FORMATS)}, got {heatmap_format!r}")
+    writer = HeatMapWriter(folder / HEATMAP_FILES[heatmap_format], shape=stack.shape[1:], class_names=card.class_names,
                            size=settings.size, stride=settings.step, pixel_size_um=image.pixel_size_um,
                            resolution=heatmap_resolution, project=image.data[:, :, ::step, ::step],
-                           nice=background_nice(workers))
+                           nice=background_nice(workers), heatmap_format=heatmap_format)
     with writer:
         probs = predict_patches(stack, res, models, size=settings.size, batch_size=batch_size, bf16=bf16,
                                 workers=workers, on_batch=writer.add, tta=card.tta)
@@ -298,6 +310,7 @@ def predict_images(
     axes: str | None = None,
     device: str = "cpu",
     heatmap_resolution: Literal["full", "stride"] = "stride",
+    heatmap_format: Literal["tiff", "ome-zarr"] = "tiff",
     read_ahead: bool = False,
     scheduler: str | None = None,
 ) -> "pd.DataFrame":
@@ -310,6 +323,7 @@ def predict_images(
     channel_names / axes: passed to ``cytofuse.io.readers.read_image`` (names for files that store none).
     heatmap_resolution: "stride" (one pixel per stitching cell, the default) or "full" (image pixels); see
         the module notes.
+    heatmap_format: "tiff" (OME-TIFF files) or "ome-zarr" (OME-Zarr multiscale images of the same values).
     read_ahead: read and preprocess the next image while the model runs on the current one (faster on
         folders of images; two images in memory instead of one).
     scheduler: None (every image here, in turn), or a Dask cluster (``local:N`` or an address, see
@@ -328,12 +342,14 @@ def predict_images(
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got batch_size={batch_size}, workers={workers}")
     if heatmap_resolution not in HEATMAP_RESOLUTIONS:
         raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {heatmap_resolution!r}")
+    if heatmap_format not in HEATMAP_FORMATS:
+        raise InputError(f"heatmap_format must be one of {list(HEATMAP_FORMATS)}, got {heatmap_format!r}")
     scheduler = check_scheduler(scheduler, what="scheduler")
     _use_bf16(precision)  # checked here; decided where the model runs
     models, card = load_models(model_dir_or_run, model_name=model_name)
     names = _image_names(images)
     options = dict(batch_size=batch_size, workers=workers, precision=precision, channel_names=channel_names, axes=axes,
-                   heatmap_resolution=heatmap_resolution)
+                   heatmap_resolution=heatmap_resolution, heatmap_format=heatmap_format)
     with replacing_folder(out, overwrite=overwrite, what="prediction folder") as tmp:
         if scheduler is None:
             rows, tables = _predict_here(prepare_models(models, device=device), card, images, names, tmp,
@@ -352,7 +368,7 @@ def predict_images(
 def _predict_here(models, card: "ModelCard", images: Sequence, names: list[str], tmp: Path, *, progress: bool,
                   read_ahead: bool, batch_size: int, workers: int | None, precision: str,
                   channel_names: Sequence[str] | None, axes: str | None,
-                  heatmap_resolution: str) -> tuple[list[dict], list["pd.DataFrame"]]:
+                  heatmap_resolution: str, heatmap_format: str) -> tuple[list[dict], list["pd.DataFrame"]]:
     """Summary rows and patch tables of every image, predicted in this process in turn (heat maps into ``tmp``)."""
     from rich.progress import Progress
 
@@ -380,6 +396,7 @@ def _predict_here(models, card: "ModelCard", images: Sequence, names: list[str],
                 folder.mkdir(parents=True)
                 result = predict_image(image, models, card, name=name, folder=folder, batch_size=batch_size,
                                        bf16=bf16, workers=workers, heatmap_resolution=heatmap_resolution,
+                                       heatmap_format=heatmap_format,
                                        prepared=prepared)
                 del image, prepared
                 if overlay is not None:
@@ -432,7 +449,7 @@ def predict_file(model: tuple[str, str | None, str], item, name: str, folder: Pa
     folder.mkdir(parents=True, exist_ok=True)  # a retried task finds it
     result = predict_image(image, models, card, name=name, folder=folder, batch_size=options["batch_size"],
                            bf16=_use_bf16(options["precision"]), workers=options["workers"],
-                           heatmap_resolution=options["heatmap_resolution"])
+                           heatmap_resolution=options["heatmap_resolution"], heatmap_format=options["heatmap_format"])
     _write_overlay(folder, result, card.class_names)
     return _summary_row(result, card.class_names), result.patches
 

@@ -5,7 +5,9 @@ model has moved past it and written by a background thread into its place in a c
 uncompressed OME-TIFF (``HeatMapWriter``) while the model runs on later slices. Memory holds
 one slice of heat map per class, never the whole (classes, Z, Y, X) array. The file is
 written under a hidden temporary name and renamed when complete; a writer error is raised
-in the caller. ``write_heatmap_tiff`` writes an in-memory ``HeatMap``; ``write_overlay_png``
+in the caller. With ``heatmap_format="ome-zarr"`` the same slices go into an OME-Zarr
+multiscale image instead (``heatmap.ome.zarr``: one channel per class, levels downsampled by 2,
+written into a hidden folder and renamed when complete), for viewers that stream. ``write_heatmap_tiff`` writes an in-memory ``HeatMap``; ``write_overlay_png``
 draws the image beside each class's heat map.
 """
 
@@ -28,6 +30,9 @@ from cytofuse.runs import atomic_path
 
 _OVERLAY_PX = 512
 HEATMAP_RESOLUTIONS = ("full", "stride")
+HEATMAP_FORMATS = ("tiff", "ome-zarr")
+HEATMAP_FILES = {"tiff": "heatmap.tif", "ome-zarr": "heatmap.ome.zarr"}
+ZARR_MIN_SIDE = 64  # OME-Zarr heat maps: levels halve until the larger side is at most this
 _DONE = object()
 
 
@@ -37,6 +42,12 @@ def _ome_metadata(axes: str, class_names: Sequence[str], pixel_size_um, scale: i
     if py and px:
         meta |= {"PhysicalSizeY": py * scale, "PhysicalSizeX": px * scale}
     return meta
+
+
+def max_projection_path(path: Path) -> Path:
+    """``heatmap.tif`` -> ``heatmap_max.tif``, ``heatmap.ome.zarr`` -> ``heatmap_max.ome.zarr``."""
+    suffix = ".ome.zarr" if path.name.endswith(".ome.zarr") else path.suffix
+    return path.with_name(path.name[: len(path.name) - len(suffix)] + "_max" + suffix)
 
 
 def _write_tiff_atomic(path: Path, data: np.ndarray, **kwargs) -> None:
@@ -58,29 +69,44 @@ class HeatMapWriter:
     leaving the ``with`` block by an exception) removes the temporary file.
 
     resolution: "full" (image pixels) or "stride" (one pixel per stitching cell).
+    heatmap_format: "tiff" (the file above) or "ome-zarr" (``path`` is an OME-Zarr folder, NGFF 0.4, and the
+        max projection ``<stem>_max.ome.zarr``).
     project: optional (C, Z, Y, X) stack whose max over z is kept as ``projection`` on the way.
     nice: the writer thread's nice value (see ``cytofuse.inference.threads.background_nice``).
     """
 
     def __init__(self, path: str | Path, *, shape: tuple[int, int, int], class_names: Sequence[str], size: int,
                  stride: int, pixel_size_um=(None, None, None), resolution: str = "full",
-                 project: np.ndarray | None = None, max_pending: int = 1024, nice: int = WRITER_NICE) -> None:
-        import tifffile
-
+                 project: np.ndarray | None = None, max_pending: int = 1024, nice: int = WRITER_NICE,
+                 heatmap_format: str = "tiff") -> None:
         if resolution not in HEATMAP_RESOLUTIONS:
             raise InputError(f"heatmap_resolution must be one of {list(HEATMAP_RESOLUTIONS)}, got {resolution!r}")
+        if heatmap_format not in HEATMAP_FORMATS:
+            raise InputError(f"heatmap_format must be one of {list(HEATMAP_FORMATS)}, got {heatmap_format!r}")
         self.path, self.class_names, self.resolution = Path(path), list(class_names), resolution
+        self.format = heatmap_format
         self.stitcher = SliceStitcher(shape, len(class_names), size=size, stride=stride)
         scale = self.cell = 1 if resolution == "full" else self.stitcher.block  # image pixels per stored pixel
         self._plane_shape = tuple(shape[1:]) if resolution == "full" else self.stitcher.cells_shape
         self._meta = lambda axes: _ome_metadata(axes, class_names, pixel_size_um, scale)
-        # the heat map is written under the hidden name of atomic_path: close renames it onto path, abort removes it
-        self._output = atomic_path(self.path)
-        self._tmp = self._output.__enter__()
+        pz, py, px = pixel_size_um
+        self._zarr_pixel = (pz or 1.0, (py or 1.0) * scale, (px or 1.0) * scale)  # unknown sizes: image pixels
         full_shape = (len(class_names), shape[0], *self._plane_shape)
-        self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
-                                           photometric="minisblack", metadata=self._meta("CZYX"), returnoffset=True)
-        self._file = open(self._tmp, "r+b", buffering=0)
+        self._file = self._zarr = None
+        if heatmap_format == "ome-zarr":
+            from cytofuse.io.zarr import MultiscaleWriter
+
+            self._zarr = MultiscaleWriter(self.path, shape=full_shape, dtype=np.float32, channel_names=class_names,
+                                          pixel_size_um=self._zarr_pixel, min_side=ZARR_MIN_SIDE, fill_value=np.nan)
+        else:
+            import tifffile
+
+            # written under the hidden name of atomic_path: close renames it onto path, abort removes it
+            self._output = atomic_path(self.path)
+            self._tmp = self._output.__enter__()
+            self._offset, _ = tifffile.imwrite(self._tmp, shape=full_shape, dtype=np.float32, ome=True,
+                                               photometric="minisblack", metadata=self._meta("CZYX"), returnoffset=True)
+            self._file = open(self._tmp, "r+b", buffering=0)
         self._project, self._nice = project, nice
         self.projection = None if project is None or not project.shape[1] else project[:, 0].copy()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -104,8 +130,15 @@ class HeatMapWriter:
         if self._error is not None:
             self._discard()
             self._raise_error()
+        if self._zarr is not None:
+            from cytofuse.io.zarr import write_ome_zarr
+
+            self._zarr.close()
+            write_ome_zarr(max_projection_path(self.path), self.max_projection(full=False)[:, None],
+                           channel_names=self.class_names, pixel_size_um=self._zarr_pixel, min_side=ZARR_MIN_SIDE)
+            return
         self._output.__exit__(None, None, None)
-        _write_tiff_atomic(self.path.with_name(self.path.stem + "_max.tif"), self.max_projection(full=False),
+        _write_tiff_atomic(max_projection_path(self.path), self.max_projection(full=False),
                            ome=True, photometric="minisblack", metadata=self._meta("CYX"))
 
     def abort(self) -> None:
@@ -141,9 +174,13 @@ class HeatMapWriter:
         self._closed = True
         self._queue.put(_DONE)
         self._thread.join()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def _discard(self) -> None:
+        if self._zarr is not None:
+            self._zarr.abort()
+            return
         aborted = RuntimeError(f"heat map {self.path} discarded")
         self._output.__exit__(RuntimeError, aborted, None)  # removes the file, never renames it
 
@@ -174,6 +211,9 @@ class HeatMapWriter:
         n_z = self.stitcher.shape[0]
         for k, values in enumerate(cells):
             plane = upsample_cells(values, self.stitcher.block, self.stitcher.shape[1:]) if self.resolution == "full" else values
+            if self._zarr is not None:
+                self._zarr.write(k, z, plane)
+                continue
             self._file.seek(self._offset + (k * n_z + z) * plane.nbytes)
             view = memoryview(np.ascontiguousarray(plane)).cast("B")
             while view:
