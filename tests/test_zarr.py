@@ -1,6 +1,7 @@
 """OME-Zarr: lazy reading (NGFF 0.4 and 0.5), the patch stage and prediction on it, and OME-Zarr heat maps."""
 
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -98,6 +99,8 @@ def test_ome_zarr_reads_back_lazily_equal_to_the_source(images, stack, version):
     np.testing.assert_array_equal(image.data[key], stack[key])
     info = probe_image(images[version])
     assert (info.shape, info.channel_names) == (SHAPE, tuple(CHANNELS))
+    copy = pickle.loads(pickle.dumps(image.data[[1, 2]]))  # as sent to a worker process: without its cache
+    np.testing.assert_array_equal(copy[1, 6], stack[2, 6])
 
 
 def test_cytofuse_writer_round_trips_both_versions_with_halved_levels(tmp_path, stack):

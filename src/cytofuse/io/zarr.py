@@ -68,6 +68,15 @@ class ZarrStack:
         block = self.zchunk * self.shape[2] * self.shape[3] * self.dtype.itemsize
         self._cache = _cache or _BlockCache(max(cache_bytes, 2 * n_c * block))
 
+    def __getstate__(self) -> dict:
+        """Pickled (to a worker process) without its cache: the copy starts an empty one."""
+        return {**self.__dict__, "_cache": None, "_limit": self._cache.limit}
+
+    def __setstate__(self, state: dict) -> None:
+        limit = state.pop("_limit")
+        self.__dict__.update(state)
+        self._cache = _BlockCache(limit)
+
     # ----- array protocol
     @property
     def size(self) -> int:
