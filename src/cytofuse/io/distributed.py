@@ -76,8 +76,10 @@ def cluster_client(scheduler: str, *, timeout: float | None = None) -> Iterator[
     timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":")[1])
+        # no dashboard, and the scheduler's HTTP server on a free port (not 8787, which another cluster may hold)
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster, set_as_default=False) as client:
+                          scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster, set_as_default=False) as client:
             yield client
         return
     try:
