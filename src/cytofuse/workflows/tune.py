@@ -207,7 +207,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
     """What a study's trials depend on: the config without the search's budget (trials, timeout)."""
     raw = cfg.model_dump(mode="json")
     raw["tune"] = {k: v for k, v in raw["tune"].items() if k not in ("trials", "timeout_min", "final", "defaults")}
-    for key in ("workers",):
+    for key in ("workers", "scheduler"):  # where the per-image stages run, not what they compute
         raw.pop(key, None)
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("progress", "num_workers")}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
