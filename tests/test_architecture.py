@@ -20,7 +20,7 @@ LAYERS = (
     {"inference", "synthetic"},  # model folders and prediction; synthetic data
     {"evaluation", "export", "bioimageio"},  # metrics, plots, baseline, explanations, report; export formats
     {"workflows"},  # cross-validation, final model, demo
-    {"cli", "api"},  # the command and the Python entry points
+    {"cli", "api", "napari"},  # the command, the Python entry points and the napari plugin
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
