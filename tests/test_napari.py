@@ -158,6 +158,7 @@ def _predict_with_widget(viewer, qtbot, image_file, model_dir):
     worker = widget.predict()
     qtbot.waitUntil(lambda: widget.prediction is not None, timeout=30_000)
     qtbot.waitUntil(lambda: not worker.is_running, timeout=5_000)
+    assert worker.pbar.total == worker.pbar.n == 2 * 3 * 4  # napari's progress bar counted every patch
     return widget
 
 
@@ -203,3 +204,20 @@ def test_gradcam_adds_one_patch_sized_layer_per_channel(make_napari_viewer, qtbo
         assert np.isfinite(layer.data).all() and 0 <= layer.data.min() and layer.data.max() <= 1
         assert tuple(layer.translate) == (16, 32)  # the patch under (y, x) = (20, 40): corner (16, 32)
         assert "z1 y16 x32" in layer.name
+
+
+def test_widget_names_the_missing_channel_layer(make_napari_viewer, image_file, model_dir):
+    from cytofuse.errors import InputError
+    from cytofuse.napari.widget import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(image_file), plugin="cytofuse")
+    viewer.layers.remove("mito")
+    widget = PredictWidget(viewer)
+    widget.image.value = viewer.layers["dna"]
+    widget.model.value = str(model_dir)
+    with pytest.raises(InputError, match=r"expects channels \['dna', 'mito'\].*missing \['mito'\]"):
+        widget.predict()
+    widget.model.value = str(model_dir / "nowhere")
+    with pytest.raises(InputError, match="is not a folder"):
+        widget.predict()
