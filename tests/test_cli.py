@@ -273,3 +273,31 @@ def test_demo_command_runs_end_to_end_on_a_smaller_phantom_set(tmp_path, monkeyp
         assert text in output, text
     summary = pd.read_csv(tmp_path / "demo" / "run" / "summary.csv")
     assert {"early", "intermediate", "late", "single:mitochondria"} <= set(summary["model"])
+
+
+@pytest.mark.parametrize("command", ["cv", "train", "tune"])
+def test_verbose_flag_turns_on_lightnings_own_lines(command, tmp_path, monkeypatch):
+    """Quiet by default; --verbose sets train.verbose for the command's fits."""
+    import cytofuse.workflows.cv as cv_module
+    import cytofuse.workflows.final as final_module
+    import cytofuse.workflows.tune as tune_module
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, *args, **kwargs):
+        seen.append(cfg.train_settings.verbose)
+        raise Stop
+
+    monkeypatch.setattr(cv_module, "run_cv", capture)
+    monkeypatch.setattr(final_module, "train_final", capture)
+    monkeypatch.setattr(tune_module, "run_tune", capture)
+    config = tmp_path / "c.yaml"
+    tune = "tune: {space: {train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}\n" if command == "tune" else ""
+    config.write_text(f"data: {{images: {tmp_path}}}\nmodels: [{{fusion: early}}]\n{tune}")
+    for flags, expected in (([], False), (["--verbose"], True)):
+        result = _invoke(command, config, "--out", tmp_path / "out", *flags)
+        assert isinstance(result.exception, Stop), result.output
+        assert seen[-1] is expected

@@ -14,6 +14,8 @@ app = typer.Typer(
 )
 
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing run folder.")
+VerboseOpt = typer.Option(False, "--verbose", help="Print Lightning's own lines for every fit (device, precision, tips, "
+                          "model summary); quiet by default (train.verbose).")
 SchedulerOpt = typer.Option(None, "--scheduler", help="Run the per-image stage as one Dask task per image: local:N (N "
                             "worker processes here) or a running scheduler's address, e.g. tcp://host:8786 (its "
                             "workers must see the images and the output folder). The outputs are the same.")
@@ -117,13 +119,14 @@ def cv(
     out: Path = typer.Option(..., help="Run folder to write (resumed when unfinished)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
     scheduler: Optional[str] = SchedulerOpt,
+    verbose: bool = VerboseOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Patches -> image-grouped stratified k-fold CV of every configured model -> metrics."""
     from cytofuse.errors import CytofuseError
 
     try:
-        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=list(set_)), scheduler)
+        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=_verbose(set_, verbose)), scheduler)
         from cytofuse.workflows.cv import run_cv, run_sweep
 
         if cfg.sweep is not None:
@@ -197,13 +200,14 @@ def tune(
                                "process that only runs trials of the leader's studies in --storage, with its own "
                                "--out."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
+    verbose: bool = VerboseOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Nested hyperparameter search (Optuna TPE + Hyperband) scored beside the defaults on the same outer folds."""
     from cytofuse.errors import CytofuseError
 
     try:
-        cfg = _config(config, images=None, manifest=None, overrides=list(set_))
+        cfg = _config(config, images=None, manifest=None, overrides=_verbose(set_, verbose))
         from cytofuse.workflows.tune import run_tune
 
         result = run_tune(cfg, out, trials=trials, timeout_min=timeout, storage=storage, worker=worker,
@@ -227,13 +231,14 @@ def train(
     model: Optional[str] = typer.Option(None, help="Which model of the config (its display name); default the first."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value."),
     scheduler: Optional[str] = SchedulerOpt,
+    verbose: bool = VerboseOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Fit one model on all labelled images and write a model folder for `predict` and `export`."""
     from cytofuse.errors import CytofuseError
 
     try:
-        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=list(set_)), scheduler)
+        cfg = _with_scheduler(_config(config, images=None, manifest=None, overrides=_verbose(set_, verbose)), scheduler)
         from cytofuse.workflows.final import train_final
 
         path = train_final(cfg, out, epochs=epochs, cv_run=cv_run, model_name=model, overwrite=overwrite)
@@ -420,6 +425,10 @@ def demo(
     print_patch_summary(read_patch_index(result.run_dir), result.run_dir)
     print_cv_summary(result)
     print_demo_findings(result)
+
+
+def _verbose(overrides: list[str], verbose: bool) -> list[str]:
+    return list(overrides) + (["train.verbose=true"] if verbose else [])
 
 
 def _with_scheduler(cfg, scheduler: str | None):
