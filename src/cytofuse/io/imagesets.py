@@ -9,6 +9,10 @@ A manifest (CSV): a ``path`` column (one file per image) or one ``path_<channel>
 channel, a ``label`` column, an optional ``group`` column (default: the image itself) and
 any further columns, kept as metadata. Relative paths are resolved against the manifest's
 folder.
+
+A path may also be an fsspec URL (``s3://bucket/a.ome.tif``, ``gs://``, ``https://``, ``file://``,
+``memory://``): it is kept as given (a ``cytofuse.io.readers.ImageURL``), checked with the filesystem's
+``exists``, and read through fsspec. A folder per class may be a URL too, listed with fsspec.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cytofuse.errors import DataSetError
-from cytofuse.io.readers import FOLDER_FORMATS, check_fits_in_memory, supported_suffixes
+from cytofuse.io.readers import (FOLDER_FORMATS, ImageURL, check_fits_in_memory, check_url, is_url,
+                                 supported_suffixes)
 
 CHANNEL_FILE_PATTERN = r"^(?P<channel>Ch\d+)_(?P<key>.+)\.[^.]+$"
 _MAX_LISTED = 20
@@ -36,12 +41,12 @@ class ImageRecord:
     image_id: str
     label: str
     group: str
-    path: Path | None = None
-    channel_paths: tuple[tuple[str, Path], ...] = ()
+    path: Path | ImageURL | None = None
+    channel_paths: tuple[tuple[str, Path | ImageURL], ...] = ()
     metadata: dict = field(default_factory=dict, compare=False)
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | ImageURL]:
         return [self.path] if self.path is not None else [p for _, p in self.channel_paths]
 
     @property
@@ -114,16 +119,21 @@ class ImageSet:
         """One sub-folder per class; files found recursively below each class folder.
 
         Files whose names all match ``channel_pattern`` (default: ``Ch<n>_<key>.<ext>`` when every
-        file of the set matches it) are grouped per key into one multichannel image.
+        file of the set matches it) are grouped per key into one multichannel image. ``root`` may be an
+        fsspec URL string (``s3://bucket/set``), listed with the filesystem's ``ls`` and ``find``.
         """
-        root = Path(root)
-        if not root.is_dir():
-            raise DataSetError(f"image folder {root} does not exist or is not a folder")
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        files = {d.name: sorted(f for f in d.rglob("*") if _is_image(f)) for d in class_dirs}
+        if is_url(root):
+            root = ImageURL(root)
+            files = _url_folder_files(root)
+        else:
+            root = Path(root)
+            if not root.is_dir():
+                raise DataSetError(f"image folder {root} does not exist or is not a folder")
+            class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            files = {d.name: sorted(f for f in d.rglob("*") if _is_image(f)) for d in class_dirs}
         if not any(files.values()):
             raise DataSetError(f"image folder {root} has no class sub-folders with images ({', '.join(supported_suffixes())})")
-        empty = [str(root / k) for k, v in files.items() if not v]
+        empty = [str(root.joinpath(k)) for k, v in files.items() if not v]
         if empty:
             raise DataSetError(f"image folder {root}: class folder(s) {empty} hold no image files "
                                f"({', '.join(supported_suffixes())}); add images or move the folder(s) out")
@@ -288,12 +298,48 @@ def _is_image(path: Path) -> bool:
     return path.is_dir() if path.suffix.lower() in FOLDER_FORMATS else path.is_file()
 
 
-def _rel_id(path: Path, root: Path) -> str:
-    rel = path.relative_to(root).as_posix()
+def _rel_id(path: Path | ImageURL, root: Path | ImageURL) -> str:
+    if isinstance(path, ImageURL):
+        rel = str(path)[len(str(root).rstrip("/")) + 1 :] if path.is_relative_to(root) else path.name
+    else:
+        rel = path.relative_to(root).as_posix()
     for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", path.suffix):
         if suffix and rel.lower().endswith(suffix):
             return rel[: -len(suffix)]
     return rel
+
+
+def _url_folder_files(root: ImageURL) -> dict[str, list[ImageURL]]:
+    """{class: image URLs} below the class folders of a folder URL, listed with fsspec."""
+    fs, base = root.filesystem()
+    try:
+        if not fs.isdir(base):
+            raise DataSetError(f"image folder {root} does not exist or is not a folder")
+        entries = fs.ls(base, detail=True)
+    except DataSetError:
+        raise
+    except Exception as exc:  # a driver's own errors: permissions, network, credentials
+        raise DataSetError(f"image folder {root} cannot be listed: {type(exc).__name__}: {exc}") from None
+    base = base.rstrip("/")
+    files: dict[str, list[ImageURL]] = {}
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "directory" or name.startswith("."):
+            continue
+        found = fs.find(entry["name"], withdirs=True, detail=True)
+        urls = []
+        for where, info in found.items():
+            rel = where.rstrip("/")[len(base) + 1 :] if where.startswith(base + "/") else None
+            parts = rel.split("/") if rel else []
+            if len(parts) < 2 or any(p.startswith(".") for p in parts):
+                continue
+            if any(p.lower().endswith(FOLDER_FORMATS) for p in parts[:-1]) or not parts[-1].lower().endswith(supported_suffixes()):
+                continue  # inside an OME-Zarr folder, or not an image
+            is_folder = parts[-1].lower().endswith(FOLDER_FORMATS)
+            if is_folder == (info.get("type") == "directory"):
+                urls.append(root.joinpath(rel))
+        files[name] = sorted(urls)
+    return files
 
 
 def _grouped_records(label: str, paths: list[Path], root: Path, pattern: str) -> list[ImageRecord]:
@@ -323,10 +369,12 @@ def _manifest_record(row, i, csv, path_column, channel_cols, label_column, group
     if not label:
         raise DataSetError(f"manifest {csv}, line {line}: empty value in column {label_column!r}")
 
-    def resolve(column: str) -> Path:
+    def resolve(column: str) -> Path | ImageURL:
         value = row[column].strip()
         if not value:
             raise DataSetError(f"manifest {csv}, line {line}: empty value in column {column!r}")
+        if is_url(value):  # kept as given: read through fsspec wherever the image is read
+            return ImageURL(value, origin=f"manifest {csv}, line {line}, column {column!r}")
         p = Path(value)
         return p if p.is_absolute() else csv.parent / p
 
@@ -381,7 +429,12 @@ def _duplicate_paths(records: Sequence[ImageRecord]) -> list[str]:
 def _check_files(record: ImageRecord) -> list[str]:
     problems = []
     for f in record.files:
-        if not f.exists():
+        if isinstance(f, ImageURL):  # the filesystem's exists (and the file's kind and size)
+            try:
+                check_url(f)
+            except Exception as exc:
+                problems.append(f"{f}: {exc}")
+        elif not f.exists():
             problems.append(f"{f}: file does not exist")
         elif f.suffix.lower() in FOLDER_FORMATS:  # an image stored as a folder: its reader checks it
             continue

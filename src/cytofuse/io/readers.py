@@ -8,18 +8,26 @@ names and the physical pixel size in micrometres (z, y, x) when the file has the
 - :func:`group_channel_files` / :func:`read_channel_files`: one file per channel.
 - :func:`montage_tiles` / :func:`split_montage`: montages of single-cell tiles.
 - :func:`write_ome_tiff`.
+
+An image may be a local path or an fsspec URL (``s3://``, ``gs://``, ``https://``, ``file://``,
+``memory://``, ...; see :class:`ImageURL`): TIFF, PNG/JPEG and .npy files are read whole through
+``fsspec.open``, OME-Zarr stays lazy through zarr's fsspec store. Storage options (credentials,
+endpoints) come from fsspec's own configuration and the environment, as fsspec and its drivers read them.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import posixpath
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -27,6 +35,102 @@ from cytofuse.errors import InputError
 from cytofuse.runs import atomic_path
 
 RGB_NAMES = ("red", "green", "blue")
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+URL_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")  # formats read from a URL
+
+
+def is_url(value: object) -> bool:
+    """Whether ``value`` is a string (not a ``Path``) of the form ``scheme://...``: an fsspec URL."""
+    return isinstance(value, str) and bool(_URL.match(value.strip()))
+
+
+class ImageURL(str):
+    """An image addressed by an fsspec URL (``s3://bucket/a.ome.tif``): a string with the parts of a path
+    that image sets use (``name``, ``suffix``, ``parent``). ``absolute()`` and ``resolve()`` return it
+    unchanged, so it reaches cluster workers as given. ``origin`` says where it was written (a manifest
+    row), for error messages."""
+
+    origin: str = ""
+
+    def __new__(cls, url: str, origin: str = "") -> "ImageURL":
+        text = str(url).strip()
+        if not is_url(text):
+            raise InputError(f"{url!r} is not a URL of the form scheme://...")
+        out = super().__new__(cls, text)
+        out.origin = origin or getattr(url, "origin", "")
+        return out
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.origin))
+
+    @property
+    def protocol(self) -> str:
+        return self.split("://", 1)[0].lower()
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(urlsplit(str(self)).path.rstrip("/")) or str(self)
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> "ImageURL":
+        head = str(self).rstrip("/")
+        return ImageURL(head.rsplit("/", 1)[0] if head.count("/") > 2 else head, self.origin)
+
+    def joinpath(self, *parts: str) -> "ImageURL":
+        return ImageURL("/".join([str(self).rstrip("/"), *(str(p).strip("/") for p in parts)]), self.origin)
+
+    def absolute(self) -> "ImageURL":
+        return self
+
+    def resolve(self) -> "ImageURL":
+        return self
+
+    def is_relative_to(self, other) -> bool:
+        return isinstance(other, ImageURL) and str(self).startswith(str(other).rstrip("/") + "/")
+
+    def filesystem(self):
+        """(fsspec filesystem, path within it); an error naming the package when the scheme's driver is missing."""
+        return url_filesystem(self)
+
+    def exists(self) -> bool:
+        fs, path = self.filesystem()
+        return bool(fs.exists(path))
+
+    def where(self) -> str:
+        return f" ({self.origin})" if self.origin else ""
+
+
+def as_image_path(value: "str | Path | ImageURL") -> "Path | ImageURL":
+    """A URL string as an :class:`ImageURL`, anything else as a ``Path``."""
+    if isinstance(value, ImageURL):
+        return value
+    return ImageURL(value) if is_url(value) else Path(value)
+
+
+def url_filesystem(url: str):
+    """(fsspec filesystem, path) of ``url``, with storage options from fsspec's configuration and environment."""
+    try:
+        import fsspec
+    except ImportError:
+        raise InputError(f"image URL {url} needs fsspec: pip install fsspec") from None
+    protocol = str(url).split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as exc:
+        from fsspec.registry import known_implementations
+
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        hint = f"; pip install {package}" if package and package != "fsspec" else ""
+        raise InputError(f"image URL {url}{getattr(url, 'origin', '') and f' ({url.origin})'}: reading "
+                         f"{protocol}:// needs a package that is not installed ({exc}){hint}") from None
+    except ValueError as exc:
+        raise InputError(f"image URL {url}: {protocol}:// is not a storage scheme fsspec knows ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -123,7 +227,8 @@ def read_image(
     """
     path = _check_file(path)
     reader = _FORMATS[path.suffix.lower()]
-    parsed = reader(path, axes, True, mmap=True) if mmap and reader is _tiff else reader(path, axes, True)
+    remote = isinstance(path, ImageURL)  # a URL is read whole: memory mapping does not apply
+    parsed = reader(path, axes, True, mmap=True) if mmap and not remote and reader is _tiff else reader(path, axes, True)
     names = _channel_names(parsed.shape[0], parsed.names, channel_names, path)
     check_finite(parsed.data, path, names)
     return Image(parsed.data, names, parsed.pixel_size_um, str(path), parsed.metadata)
@@ -179,8 +284,10 @@ def check_fits_in_memory(nbytes: int, source: str | Path, shape: Sequence[int], 
         )
 
 
-def _check_file(path: str | Path) -> Path:
-    path = Path(path)
+def _check_file(path: str | Path) -> Path | ImageURL:
+    path = as_image_path(path)
+    if isinstance(path, ImageURL):
+        return check_url(path)
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
         raise InputError(f"unsupported image file {path}: suffix {path.suffix!r} is not one of {', '.join(supported_suffixes())}")
@@ -195,6 +302,42 @@ def _check_file(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise InputError(f"image file {path} is empty (0 bytes)")
     return path
+
+
+def check_url(url: ImageURL) -> ImageURL:
+    """The URL, when it names an existing file (a folder for OME-Zarr) of a format read from URLs."""
+    suffix = url.suffix.lower()
+    if suffix not in URL_FORMATS:
+        known = f"{suffix!r} files are read from local paths only" if suffix in _FORMATS else \
+            f"suffix {suffix!r} is not one of {', '.join(supported_suffixes())}"
+        raise InputError(f"image URL {url}{url.where()}: {known}; from a URL cytofuse reads "
+                         f"{', '.join(URL_FORMATS)}: copy the file locally (or to shared storage) and give its path")
+    fs, where = url.filesystem()
+    try:
+        info = fs.info(where)
+    except FileNotFoundError:
+        raise InputError(f"image URL {url}{url.where()} does not exist") from None
+    except Exception as exc:  # a driver's own errors: permissions, network, credentials
+        raise InputError(f"image URL {url}{url.where()} cannot be reached: {type(exc).__name__}: {exc}") from None
+    is_dir = info.get("type") == "directory"
+    if suffix in FOLDER_FORMATS:
+        if not is_dir:
+            raise InputError(f"image URL {url}{url.where()} is not a folder; {suffix} images are folders")
+    elif is_dir:
+        raise InputError(f"image URL {url}{url.where()} is a folder, not a file")
+    elif info.get("size") == 0:
+        raise InputError(f"image URL {url}{url.where()} is empty (0 bytes)")
+    return url
+
+
+def _url_bytes(url: ImageURL, what: str) -> io.BytesIO:
+    """The whole file behind ``url``, read once into memory."""
+    fs, where = url.filesystem()
+    size = fs.size(where)
+    if size:
+        check_fits_in_memory(int(size), url, (int(size),), np.uint8)
+    with _reading(url, what), fs.open(where, "rb") as fh:
+        return io.BytesIO(fh.read())
 
 
 def _channel_names(n: int, found: Sequence[str] | None, override: Sequence[str] | None, path: Path) -> tuple[str, ...]:
@@ -304,10 +447,14 @@ def _tifffile_log() -> Iterator[list[str]]:
 def _tiff(path: Path, axes: str | None, load: bool, *, mmap: bool = False) -> _Parsed:
     import tifffile
 
-    with _tifffile_log() as log, _reading(path, "TIFF"), tifffile.TiffFile(path) as tif:
+    remote = isinstance(path, ImageURL)
+    source = _url_source(path, "TIFF", load) if remote else nullcontext(path)
+    with source as handle, _tifffile_log() as log, _reading(path, "TIFF"), \
+            tifffile.TiffFile(handle, **({"name": path.name} if remote else {})) as tif:
+        size = _handle_size(handle)
         len(tif.pages)  # indexes the IFD chain, stopping at a circular reference (tif.series alone loops on one)
         series = tif.series[0]
-        _check_tiff_complete(tif, series, path, log)
+        _check_tiff_complete(tif, series, path, log, size)
         file_axes = (axes or series.axes).upper()
         _, shape, z_axis = _axes_plan(series.shape, file_axes, path)
         names, pixel = _tiff_metadata(tif, file_axes, shape)
@@ -318,17 +465,36 @@ def _tiff(path: Path, axes: str | None, load: bool, *, mmap: bool = False) -> _P
         elif load:
             check_fits_in_memory(series.nbytes, path, series.shape, series.dtype)
             data = _to_czyx(series.asarray(), file_axes, path)
-        _check_tiff_complete(tif, series, path, log)
+        _check_tiff_complete(tif, series, path, log, size)
         meta = {"format": "tiff", "axes": file_axes, "z_axis": z_axis, "n_series": len(tif.series)}
     return _Parsed(shape, series.dtype, data, names, pixel, meta)
 
 
-def _check_tiff_complete(tif, series, path: Path, log: list[str]) -> None:
+@contextmanager
+def _url_source(url: ImageURL, what: str, load: bool) -> Iterator:
+    """A seekable file of ``url``: the whole file in memory to load pixels, else the fsspec file (headers only)."""
+    if load:
+        yield _url_bytes(url, what)
+        return
+    fs, where = url.filesystem()
+    with _reading(url, what), fs.open(where, "rb") as fh:
+        yield fh
+
+
+def _handle_size(handle) -> int:
+    """Bytes in a local path or an open binary file."""
+    if isinstance(handle, (str, Path)):
+        return Path(handle).stat().st_size
+    if isinstance(handle, io.BytesIO):
+        return handle.getbuffer().nbytes
+    return int(handle.size)
+
+
+def _check_tiff_complete(tif, series, path: Path, log: list[str], size: int) -> None:
     """Raise when tifffile reported corruption or the image data runs past the end of the file."""
     bad = [m for m in log if re.search(r"invalid|corrupt|truncat|failed", m, re.IGNORECASE)]
     if bad:
         raise InputError(f"image file {path} is truncated or corrupt: {bad[0]}")
-    size = path.stat().st_size
     end = series.dataoffset + series.nbytes if series.dataoffset is not None else 0
     for page in series.pages:
         if page is not None and page.dataoffsets:
@@ -485,7 +651,8 @@ def _pillow(path: Path, axes: str | None, load: bool) -> _Parsed:
     _no_axes(axes, path)
     from PIL import Image as PILImage
 
-    with _reading(path, "PNG/JPEG image"), PILImage.open(path) as pil:
+    source = _url_bytes(path, "PNG/JPEG image") if isinstance(path, ImageURL) else path
+    with _reading(path, "PNG/JPEG image"), PILImage.open(source) as pil:
         pil.load()
         mode = pil.mode
         array = _pillow_array(pil)
@@ -513,7 +680,10 @@ def _npy(path: Path, axes: str | None, load: bool) -> _Parsed:
     if axes is None:
         raise InputError(f"{path}: a .npy file stores no axis order; pass axes= (e.g. 'YXC', 'CZYX', 'ZCYX' or 'YX')")
     with _reading(path, "NumPy .npy"):
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if isinstance(path, ImageURL):
+            array = np.load(_url_bytes(path, "NumPy .npy"), allow_pickle=False)
+        else:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     if array.dtype.kind not in "biuf":
         raise InputError(f"{path} holds dtype {array.dtype}; images need integer, float or bool pixels")
     order, shape, z_axis = _axes_plan(array.shape, axes, path)

@@ -254,9 +254,13 @@ def _ome_attrs(group, path: Path) -> tuple[dict, str]:
 
 
 def _image_group(path: Path):
-    """The zarr group of the first image: the folder itself, or series 0 of a bioformats2raw layout."""
+    """The zarr group of the first image: the folder itself, or series 0 of a bioformats2raw layout.
+
+    A URL (an ``ImageURL``) opens through zarr's ``FsspecStore``, with fsspec's configured storage options."""
     import zarr
 
+    if hasattr(path, "filesystem"):  # an ImageURL: a missing fsspec driver is named before zarr reports it
+        path.filesystem()
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises many kinds for a folder that is not a group
@@ -265,7 +269,7 @@ def _image_group(path: Path):
     if "bioformats2raw.layout" in attrs or "bioformats2raw.layout" in (attrs.get("ome") or {}):
         if "0" not in group:
             raise InputError(f"{path}: a bioformats2raw layout without its first series '0'")
-        return group["0"], path / "0"
+        return group["0"], (f"{str(path).rstrip('/')}/0" if isinstance(path, str) else path / "0")
     return group, path
 
 
@@ -286,8 +290,9 @@ def _pixel_size(multiscale: dict, axes: list[dict], dataset: dict) -> tuple[floa
 
 def open_ome_zarr(path: str | Path) -> tuple[ZarrStack, list[str] | None, tuple, dict]:
     """(lazy (C, Z, Y, X) stack of the full-resolution level, channel names or None, (z, y, x) pixel size in
-    micrometres, metadata) of an OME-Zarr image folder."""
-    path = Path(path)
+    micrometres, metadata) of an OME-Zarr image folder: a local path, or an fsspec URL (``s3://...``,
+    ``memory://...``, e.g. a ``cytofuse.io.readers.ImageURL``) read through zarr's fsspec store, chunk by chunk."""
+    path = path if isinstance(path, str) and "://" in path else Path(path)  # a URL stays a string
     group, where = _image_group(path)
     meta, version = _ome_attrs(group, where)
     multiscale = meta["multiscales"][0]
