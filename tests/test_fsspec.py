@@ -162,3 +162,22 @@ def test_a_folder_url_is_listed_per_class(memory, synthetic):
     assert {r.label for r in image_set} == set(table["label"])
     report = image_set.validate()
     assert report.n_images == len(table)
+
+
+def test_a_folder_url_made_a_local_path_is_named(tmp_path):
+    with pytest.raises(DataSetError, match=r"s3:/bucket/set looks like a s3:// URL read as a local path"):
+        ImageSet.from_folder(Path("s3://bucket/set"))
+
+
+def test_file_urls_through_a_local_cluster_give_the_local_patches(synthetic, tmp_path):
+    pytest.importorskip("distributed")
+    table = pd.read_csv(synthetic / "labels.csv")
+    rows = [((synthetic / rel).absolute(), label) for rel, label in zip(table["path"], table["label"])]
+    a = _patches(_manifest(tmp_path / "local.csv", [(str(p), label) for p, label in rows]), tmp_path / "local")
+    manifest = _manifest(tmp_path / "urls.csv", [(p.as_uri(), label) for p, label in rows])
+    result = CliRunner().invoke(app, ["patches", "--manifest", str(manifest), "--out", str(tmp_path / "urls"),
+                                      "--size", "32", "--stride", "16", "--scheduler", "local:2"])
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(a, pd.read_parquet(tmp_path / "urls" / "patches.parquet"))
+    sources = pd.read_parquet(tmp_path / "urls" / "images.parquet")["source"]
+    assert list(sources) == [p.as_uri() for p, _ in rows]

@@ -4,8 +4,10 @@
 processes with one thread each on this machine, closed when the map ends; an address such as
 ``tcp://host:8786`` connects to a running scheduler (started by dask-jobqueue on SLURM, by the Dask
 Kubernetes operator, or by ``dask scheduler`` by hand). ``None`` means no cluster: the callers keep
-their local path. Workers read the images and write their outputs (part files, heat maps) on storage
-the client shares, and send back small results; the client puts them in the images' order, so what
+their local path. Workers read the images from storage the client shares, or from fsspec URLs
+(``s3://``, ``gs://``, ``https://``, ``file://``: sent as given, never made absolute or resolved, and
+read with the workers' own fsspec configuration and credentials), write their outputs (part files, heat
+maps) on shared storage, and send back small results; the client puts them in the images' order, so what
 is written does not depend on which worker ran a task, or how often.
 
 A task that raises is retried (``retries``), and a task whose worker dies is rescheduled by the
@@ -152,7 +154,8 @@ def map_images(fn: Callable, calls: Sequence[tuple], *, images: Sequence[str], s
     images: a name per call (its file), for the progress bar's count and for error messages.
     done: images finished before (a resumed stage), counted in the progress bar.
     ``fn`` and its arguments travel by Dask's protocol, so they must be importable on the workers
-    (cytofuse installed there) and paths in them must be valid there (shared storage)."""
+    (cytofuse installed there) and paths in them must be valid there (shared storage); image URLs
+    (``cytofuse.io.readers.ImageURL``) travel unchanged."""
     from rich.progress import Progress
 
     if len(calls) != len(images):

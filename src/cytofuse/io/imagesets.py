@@ -127,6 +127,7 @@ class ImageSet:
             files = _url_folder_files(root)
         else:
             root = Path(root)
+            _collapsed_url(root)
             if not root.is_dir():
                 raise DataSetError(f"image folder {root} does not exist or is not a folder")
             class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -307,6 +308,19 @@ def _rel_id(path: Path | ImageURL, root: Path | ImageURL) -> str:
         if suffix and rel.lower().endswith(suffix):
             return rel[: -len(suffix)]
     return rel
+
+
+def _collapsed_url(root: Path) -> None:
+    """Raise when a missing folder is a URL that became a local path (``s3://b/x`` -> ``s3:/b/x``)."""
+    found = re.search(r"(?:^|/)([A-Za-z][A-Za-z0-9+.-]*):/", root.as_posix())
+    if root.exists() or found is None:
+        return
+    from fsspec.registry import known_implementations
+
+    if found.group(1).lower() in known_implementations:
+        raise DataSetError(f"image folder {root} looks like a {found.group(1)}:// URL read as a local path; a folder "
+                           "URL is listed by ImageSet.from_folder('scheme://...') given as a string, and on the "
+                           "command line or in a config the images go in a manifest whose path column holds URLs")
 
 
 def _url_folder_files(root: ImageURL) -> dict[str, list[ImageURL]]:
