@@ -311,3 +311,27 @@ def test_ddp_on_two_cpu_processes_through_the_cv_command_matches_one_process(tmp
     for key, single in scores["single"].items():
         assert single >= 0.9 and scores["ddp"][key] >= 0.9, scores
         assert abs(scores["ddp"][key] - single) <= 0.1, (key, scores)
+
+
+def test_file_urls_predicted_on_two_workers_through_the_cli_give_the_local_outputs(model_dir, data, local_prediction,
+                                                                                   tmp_path):
+    """Images named by fsspec URLs reach the workers as URLs (not mangled into local paths)."""
+    from typer.testing import CliRunner
+
+    from cytofuse.cli import app
+
+    urls = [Path(p).absolute().as_uri() for p in _images(data)]
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["predict", str(model_dir), *urls, "--out", str(out), "--precision", "fp32",
+                                      "--scheduler", "local:2"])
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(pd.read_parquet(local_prediction / "patches.parquet"),
+                                  pd.read_parquet(out / "patches.parquet"))
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert [str(s) for s in summary["source"]] == urls
+    local = pd.read_parquet(local_prediction / "summary.parquet")
+    pd.testing.assert_frame_equal(local.drop(columns="source"), summary.drop(columns="source"))
+    for name in summary["image"]:
+        one = (local_prediction / "images" / name / "heatmap.tif").read_bytes()
+        two = (out / "images" / name / "heatmap.tif").read_bytes()
+        assert UUID.sub(b"urn:uuid:-", one) == UUID.sub(b"urn:uuid:-", two)

@@ -250,7 +250,7 @@ def train(
 @app.command()
 def predict(
     model_dir: Path = typer.Argument(..., help="A model folder (`cytofuse train`) or a CV run folder (fold ensemble)."),
-    images: list[Path] = typer.Argument(..., help="Image files, any readable format."),
+    images: list[str] = typer.Argument(..., help="Image files, any readable format, or fsspec URLs (s3://...)."),
     out: Path = typer.Option(..., help="Output folder (summary, per-patch table, heat maps)."),
     model: Optional[str] = typer.Option(None, help="Model name inside a CV run folder."),
     batch_size: int = typer.Option(64, help="Patches per forward pass."),
@@ -276,8 +276,10 @@ def predict(
         from cytofuse.inference.predict import predict_images
         from cytofuse.io.distributed import check_scheduler
 
+        from cytofuse.io.readers import as_image_path
+
         summary = predict_images(
-            model_dir, images, out=out, model_name=model, batch_size=batch_size, workers=workers,
+            model_dir, [as_image_path(i) for i in images], out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
             heatmap_resolution=heatmap_resolution, read_ahead=read_ahead, scheduler=check_scheduler(scheduler),
             heatmap_format=format_,

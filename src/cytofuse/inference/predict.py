@@ -461,8 +461,11 @@ def _predict_on_cluster(model: tuple[str, str | None, str], images: Sequence, na
 
     calls, labels = [], []
     for item, name in zip(images, names):
-        if not hasattr(item, "channel_names"):  # a file: read where the task runs, named as given
-            item = (Path(item).absolute(), str(Path(item)))
+        if not hasattr(item, "channel_names"):  # a file (or fsspec URL): read where the task runs, named as given
+            from cytofuse.io.readers import as_image_path
+
+            path = as_image_path(item)
+            item = (path.absolute(), str(path))
         calls.append((model, item, name, tmp.absolute() / "images" / name, options))
         labels.append(item[1] if isinstance(item, tuple) else (item.source or name))
     done = dict(map_images(predict_file, calls, images=labels, scheduler=scheduler, description="predicting images",
