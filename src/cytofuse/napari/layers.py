@@ -19,8 +19,6 @@ import numpy as np
 from cytofuse.errors import InputError
 
 if TYPE_CHECKING:
-    import pandas as pd
-    import torch
 
     from cytofuse.inference.modelfolder import ModelCard
     from cytofuse.io.readers import Image
