@@ -19,7 +19,6 @@ import numpy as np
 from cytofuse.errors import InputError
 
 if TYPE_CHECKING:
-
     from cytofuse.inference.modelfolder import ModelCard
     from cytofuse.io.readers import Image
     from cytofuse.preprocess.patches import ImagePatches
