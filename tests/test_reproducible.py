@@ -25,6 +25,7 @@ def config(tmp_path_factory):
            "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
            "models": [{"fusion": "early", "name": "a"}, {"fusion": "intermediate", "name": "b"}],
            "train": {"max_epochs": 6, "batch_size": 8, "progress": False, "accelerator": "cpu",
+                     "checkpoint_every_s": 0,  # a resumable checkpoint every epoch, so the kill lands mid-fold
                      "augment": {"crop_scale": 0.9, "gain": 0.1}},
            "cv": {"n_folds": 2, "baseline": False, "probes": False, "val_fraction": 0.34}}
     path = root / "config.yaml"

@@ -365,3 +365,55 @@ def test_lightning_lines_only_when_verbose(toy, tmp_path, capfd, caplog, verbose
     printed = "".join(capfd.readouterr()) + caplog.text  # the summary is printed, the device lines are logged
     for line in ("GPU available", "Trainable params"):
         assert (line in printed) is verbose, (line, printed[-400:])
+
+
+class CheckpointSaves(Callback):
+    """Records, at each epoch's start, the epoch stored in last.ckpt (None before the first save)."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.seen.append(torch.load(self.path, weights_only=True)["epoch"] if self.path.is_file() else None)
+
+
+@pytest.mark.parametrize("every_s, expected", [(0.0, [None, 0, 1, 2]), (3600.0, [None, None, None, None])])
+def test_resumable_checkpoint_every_epoch_or_after_an_interval_and_always_at_the_end(toy, tmp_path, every_s, expected):
+    train_ds, val_ds = toy
+    saves = CheckpointSaves(tmp_path / "last.ckpt")
+    result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=4, checkpoint_every_s=every_s),
+                 out_dir=tmp_path, callbacks=[saves])
+    assert saves.seen == expected
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)  # the end of the budget is always saved
+    assert last["global_step"] == 4 * 4 and "optimizer_states" in last
+    assert json.loads((tmp_path / "fit.json").read_text())["completed"] is True
+    assert result.history["epoch"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_fit_stopped_between_interval_checkpoints_resumes_to_the_same_weights(toy, tmp_path):
+    """With an hour between checkpoints, a fit stopped after epoch 2 has its state saved at the stop only;
+    the resumed fit still equals the uninterrupted one, bit for bit."""
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=4, checkpoint_every_s=3600.0, augment=Augment(crop_scale=0.9, gain=0.1))
+    whole = _model()
+    fit(whole, train_ds, val_ds, settings=settings, out_dir=tmp_path / "whole")
+    fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path / "part", callbacks=[StopAfter(2)])
+    resumed, recorder = _model(seed=7), EpochRecorder()
+    fit(resumed, train_ds, val_ds, settings=settings, out_dir=tmp_path / "part", callbacks=[recorder])
+    assert recorder.epochs == [2, 3]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_best_checkpoint_holds_weights_only(toy, tmp_path):
+    """The best epoch is evaluated, never resumed from: no optimiser state, about half of last.ckpt."""
+    train_ds, val_ds = toy
+    scores = [0.2, 0.9, 0.4, 0.5]
+    settings = _settings(max_epochs=4, early_stopping=True, smoothing=1, min_epochs=1)  # evaluates the best epoch
+    result = fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[Scripted(scores)])
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and "optimizer_states" in last
+    assert best["epoch"] == 1 and best["cytofuse_score"] == pytest.approx(0.9)
+    assert (result.best_epoch, result.best_score) == (1, pytest.approx(0.9))
+    assert (tmp_path / "best.ckpt").stat().st_size < 0.7 * (tmp_path / "last.ckpt").stat().st_size

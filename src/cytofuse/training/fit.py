@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import time
 import logging
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
@@ -119,6 +121,10 @@ class TrainSettings(BaseModel):
         "auto", description="Numeric precision; 'auto': bf16-mixed where the device computes bfloat16 natively "
         "(CPUs with AVX512-BF16 or AMX, recent GPUs), else 32-true.")
     deterministic: bool = Field(False, description="Use only deterministic torch algorithms (needed for bitwise GPU reproducibility).")
+    checkpoint_every_s: float = Field(
+        60.0, ge=0, description="Seconds between resumable checkpoints (last.ckpt: weights, weight average and optimiser "
+        "state), written at an epoch's end once this much time has passed, and always at the end of the fit; 0: "
+        "every epoch. An interrupted fit resumes from it to the same result, losing at most this much work.")
     progress: bool = Field(True, description="Show progress bars.")
     verbose: bool = Field(
         False, description="Print Lightning's own lines for every fit (device and precision, tips, the model summary).")
@@ -386,6 +392,9 @@ class ClassifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cytofuse_history"] = list(self.history)
+        score = self.trainer.callback_metrics.get("val_smoothed")
+        if score is not None:  # the monitored value of the saved epoch, also in weights-only checkpoints
+            checkpoint["cytofuse_score"] = float(score)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("cytofuse_history", []))
@@ -426,6 +435,8 @@ def _checkpoint_state(path: Path, *, prefix: str) -> tuple[dict, int, float]:
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     scores = [v["best_model_score"] for k, v in ckpt.get("callbacks", {}).items()
               if k.startswith("ModelCheckpoint") and v.get("monitor")]
+    if not scores:  # a weights-only checkpoint (best.ckpt) stores the score of its own epoch
+        scores = [ckpt.get("cytofuse_score")]
     score = float(scores[0]) if scores and scores[0] is not None else float("nan")
     return state, int(ckpt["epoch"]), score
 
@@ -463,18 +474,45 @@ def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tup
     return DataLoader(train_ds, sampler=sampler, **common), DataLoader(val_ds, shuffle=False, **common)
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the full state a fit resumes from: at an epoch's end once ``every_s`` seconds have passed
+    since the last save (0: every epoch), and at the end of training (budget spent or early stop)."""
+
+    def __init__(self, out_dir: Path, every_s: float) -> None:
+        super().__init__(dirpath=out_dir, filename=FitFolder(out_dir).last_checkpoint.stem, monitor=None,
+                         save_top_k=1, enable_version_counter=False)
+        self.every_s = every_s
+        self._path = FitFolder(out_dir).last_checkpoint
+        self._saved_at = time.monotonic()
+        self._saved_step = -1
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        if super()._should_skip_saving_checkpoint(trainer):
+            return True
+        # rank 0's clock decides for every rank: saving is collective under DDP
+        return bool(trainer.strategy.broadcast(time.monotonic() - self._saved_at < self.every_s, src=0))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._saved_step:
+            self._save_checkpoint(trainer, str(self._path))
+
+
 def _callbacks(settings: TrainSettings, out_dir: Path, extra: Sequence[L.Callback]) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     files = FitFolder(out_dir)  # Lightning adds the .ckpt suffix to each file name
-    last = ModelCheckpoint(dirpath=out_dir, filename=files.last_checkpoint.stem, monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+    last = LastCheckpoint(out_dir, settings.checkpoint_every_s)
     if not settings.early_stopping:
         return [*extra, last]
     mode = "max" if settings.monitor == "val_balanced_accuracy" else "min"
     stop = EarlyStopping(monitor="val_smoothed", mode=mode, patience=settings.patience, min_delta=settings.min_delta)
+    # the best epoch's weights only: it is evaluated, never resumed from (last.ckpt holds the optimiser state)
     best = ModelCheckpoint(dirpath=out_dir, filename=files.best_checkpoint.stem, monitor="val_smoothed", mode=mode,
-                           save_top_k=1, enable_version_counter=False)
+                           save_top_k=1, enable_version_counter=False, save_weights_only=True)
     return [*extra, stop, best, last]  # user callbacks see each epoch before the stopping decision
 
 
@@ -507,7 +545,7 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
 def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings, *,
             auxiliary_targets: int = 0) -> str:
     """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
-    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers"}).encode())
+    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers", "checkpoint_every_s"}).encode())
     if auxiliary_targets:
         h.update(f"auxiliary_targets={auxiliary_targets}".encode())
     h.update(type(model).__qualname__.encode())
