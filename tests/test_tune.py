@@ -174,10 +174,36 @@ def test_epoch_reporter_reports_each_epoch_and_prunes_a_poor_trial():
     reporter = EpochReporter(trial)
     reporter.on_validation_end(_FakeTrainer(0, 0.1, sanity=True), None)  # sanity check: not an epoch
     reporter.on_validation_end(_FakeTrainer(0, 0.75), None)
-    assert trial.reports == [(0, 0.75)]
+    assert trial.reports == [(1, 0.75)]  # the step is the number of epochs trained
     with pytest.raises(optuna.TrialPruned, match=r"pruned at epoch 1 with val_balanced_accuracy 0\.250"):
         reporter.on_validation_end(_FakeTrainer(1, 0.25), None)
     assert reporter.reported == {0: 0.75, 1: 0.25}
+
+
+def test_hyperband_stops_trials_after_exactly_its_rungs_epochs():
+    """With a budget of 9 epochs and reduction factor 3, Hyperband's rungs sit at 1 and 3 epochs: a pruned
+    trial has trained 1 or 3 epochs (an off-by-one step would train 2 or 4); one that trained all 9 completes
+    (Hyperband's last bracket would prune it at 9, when nothing is left to save)."""
+    import optuna
+
+    from cytofuse.workflows.tune import EpochReporter, make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(9, reduction_factor=3),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        quality = trial.suggest_float("q", 0.0, 1.0)
+        reporter = EpochReporter(trial, epochs=9)
+        for epoch in range(9):
+            reporter.on_validation_end(_FakeTrainer(epoch, quality * (1 + epoch) / 9), None)
+        return reporter.reported[8]
+
+    study.optimize(objective, n_trials=30)
+    trained = {t.number: len(t.intermediate_values) for t in study.trials}
+    pruned = [trained[t.number] for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [trained[t.number] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) >= 10 and set(pruned) <= {1, 3} and set(complete) == {9}
 
 
 def test_a_pruned_trial_stops_training_inside_lightning(synthetic_set, tmp_path, spy_fits, monkeypatch):
@@ -194,7 +220,7 @@ def test_a_pruned_trial_stops_training_inside_lightning(synthetic_set, tmp_path,
         tune.run_tune(cfg, tmp_path / "run", progress=False)
     study = optuna.load_study(study_name="outer_0", storage=f"sqlite:///{tmp_path / 'run' / 'tune' / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
-    assert all(list(t.intermediate_values) == [0] for t in study.trials)  # stopped after epoch 0 of 2
+    assert all(list(t.intermediate_values) == [1] for t in study.trials)  # stopped after 1 epoch of 2
 
 
 # --------------------------------------------------------------------------- resumption and storage
@@ -376,12 +402,14 @@ def test_studies_live_in_a_postgresql_server(synthetic_set, tmp_path, postgres_u
     run_tune(cfg, tmp_path / "run", storage=postgres_url, progress=False)
     with opened_storage(postgres_url) as storage:
         studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    assert sorted(studies) == ["outer_0", "outer_1"]
+    assert sorted(studies) == ["outer_0", "outer_1", "refits"]  # the searches, and the outer refits as jobs
     for summary in studies.values():
         assert summary.n_trials == 2 and summary.user_attrs["config"] == config_fingerprint(cfg)
     with psycopg.connect(postgres_url.replace("+psycopg", "")) as db:  # Optuna's own tables, in that server
         states = db.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall()
-    assert sum(n for _, n in states) == 4 and {s for s, _ in states} <= {"COMPLETE", "PRUNED"}
+        jobs = db.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'job' ORDER BY value_json").fetchall()
+    assert sum(n for _, n in states) == 6 and {s for s, _ in states} <= {"COMPLETE", "PRUNED"}
+    assert [json.loads(v) for (v,) in jobs] == ["outer_0/tuned/trials_2", "outer_1/tuned/trials_2"]
     assert not (tmp_path / "run" / "tune" / "study.db").exists()
     assert json.loads((tmp_path / "run" / "tune" / "nested.json").read_text())["storage"] == postgres_url
     assert len(pd.read_csv(tmp_path / "run" / "tune" / "trials.csv")) == 4

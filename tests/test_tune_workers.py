@@ -40,13 +40,14 @@ def _trials(journal: Path, name: str):
 
 
 def _meeting_fit(real, journal: Path, worker: int):
-    """``fit_model`` that makes every trial fit wait until the other process has a trial in the same study, so
-    that both processes work on every study however fast either starts (refits do not wait)."""
+    """``fit_model`` that makes every trial fit wait until the other process has a trial in the same study, and
+    every refit until the other process has claimed a refit, so that both processes work on every study and
+    on the refits however fast either starts."""
 
     def fit(*args, **kwargs):
-        out = Path(args[9])  # RUN/tune/<study>/trials/<number>
-        if "trials" in out.parts:
-            study = out.parent.parent.name
+        out = Path(args[9])  # RUN/tune/<study>/trials/<number> or RUN/tune/outer_<k>/<procedure>
+        if out.parent.name != "trials" or "trials" in out.parts:
+            study = out.parent.parent.name if "trials" in out.parts else "refits"
             deadline = time.monotonic() + WAIT_S
             while not any(t.user_attrs.get("worker", 0) != worker for t in _trials(journal, study)):
                 if time.monotonic() > deadline:
@@ -100,7 +101,7 @@ def test_two_processes_share_the_studies_of_one_search(synthetic_set, tmp_path, 
     assert process.exitcode == 0
     done = json.loads(report.read_text())
     assert done["exit_code"] == 0, done["output"]
-    assert "worker 1: ran" in done["output"] and "the leader (--worker 0) refits" in done["output"]
+    assert "worker 1: ran" in done["output"] and "outer refits by this worker: outer_" in done["output"]
     assert "nested estimate, image level" in leader.output
 
     # every study holds trials of both processes; tune.trials finished ones, plus at most one (workers - 1) that
@@ -126,6 +127,18 @@ def test_two_processes_share_the_studies_of_one_search(synthetic_set, tmp_path, 
     assert ran["worker"] == 1 and [s["name"] for s in ran["studies"]] == ["outer_0", "outer_1"]
     assert all(s["ran"] >= 1 and s["workers"]["1"] == s["ran"] for s in ran["studies"])
     nested = json.loads((leader_dir / "tune" / "nested.json").read_text())
+    # the four refits (tuned and default on two outer folds) were shared: each ran once, in one of the processes,
+    # whose run folder holds its fit; the leader's estimate reads the worker's test-fold probabilities
+    by = {f"outer_{k}/tuned": f["refit_by"] for k, f in enumerate(nested["folds"])}
+    by |= {f"outer_{k}/default": w for k, w in nested["default_refit_by"].items()}
+    assert sorted(by) == ["outer_0/default", "outer_0/tuned", "outer_1/default", "outer_1/tuned"]
+    assert set(by.values()) == {0, 1}
+    assert sorted(key.removesuffix(f"/trials_{TRIALS}") for key in ran["refits"]) == sorted(k for k, w in by.items() if w == 1)
+    for key, w in by.items():
+        assert ((worker_dir if w else leader_dir) / "tune" / key / "fit.json").is_file(), key
+        assert not ((leader_dir if w else worker_dir) / "tune" / key / "fit.json").exists(), key
+    predictions = json.loads((leader_dir / "tune" / "nested.json").read_text())["metrics"]
+    assert set(predictions) == {"tuned", "default"}
     for fold in nested["folds"]:  # the studies when the leader's search of each ended: a trial may still run
         finished = fold["complete"] + fold["pruned"]
         assert sum(fold["workers"].values()) == finished >= TRIALS and fold["running"] <= 1
@@ -182,3 +195,33 @@ def test_the_leader_finishes_while_another_process_still_runs_a_trial(synthetic_
     assert counts.loc["outer_0", ["complete", "pruned", "failed", "running", "total"]].sum() == 2 * (TRIALS + 1)
     assert counts.loc["outer_0", "running"] == 1 and counts.loc["outer_1", "running"] == 0
     assert counts.loc["outer_0", "complete or pruned, by worker"] == f"0: {TRIALS}"
+
+
+def test_a_refit_left_by_a_dead_process_is_done_again_and_finished_ones_are_read_back(synthetic_set, tmp_path,
+                                                                                      monkeypatch):
+    """A refit whose process died (its heartbeat old) is failed and refitted by the leader; a finished refit of
+    an interrupted run is read back from the storage instead of fitted again."""
+    import optuna
+    import torch
+
+    import cytofuse.workflows.tune as tune
+    from cytofuse.workflows.tune import open_storage, open_study, run_tune
+
+    torch.set_num_threads(1)
+    journal = tmp_path / "studies.log"
+    cfg = validate_config(_config(synthetic_set / "labels.csv", defaults=False))
+    dead = open_study("refits", open_storage(str(journal)), cfg, seed=0).ask()
+    for key, value in {"worker": 3, "job": f"outer_0/tuned/trials_{TRIALS}", "alive": time.time() - 3600}.items():
+        dead.set_user_attr(key, value)
+    first = run_tune(cfg, tmp_path / "run", storage=str(journal), progress=False)
+    refits = optuna.load_study(study_name="refits", storage=open_storage(str(journal))).trials
+    assert [(t.user_attrs["job"], t.state.name, t.user_attrs["worker"]) for t in refits] == [
+        (f"outer_0/tuned/trials_{TRIALS}", "FAIL", 3), (f"outer_0/tuned/trials_{TRIALS}", "COMPLETE", 0),
+        (f"outer_1/tuned/trials_{TRIALS}", "COMPLETE", 0)]
+    assert [f.refit_by for f in first.folds] == [0, 0]
+
+    fits = []
+    monkeypatch.setattr(tune, "fit_model", lambda *a, **kw: fits.append(a[9]))
+    again = run_tune(cfg, tmp_path / "run", storage=str(journal), progress=False)  # nothing left to fit
+    assert fits == []
+    assert again.metrics["tuned"] == first.metrics["tuned"]

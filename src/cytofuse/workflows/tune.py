@@ -31,19 +31,28 @@ the config and of the run's folds it was made for and refuses to continue for ot
 Several processes share the search through one ``storage`` (Optuna's distributed mode): ``worker=0`` (the
 leader) does everything above; each ``worker=N > 0``, started with the same config and storage but its own
 run folder, patches its own copy of the data (deterministic, and checked against the studies' folds
-fingerprint), runs trials of the same studies in the same order and stops there: no refits, no
-``best_config.yaml``. Each process seeds its TPE sampler with ``tune.seed + i + 1009 * worker`` (study ``i``)
+fingerprint), runs trials of the same studies in the same order, then takes its share of the refits (below)
+and stops: no ``best_config.yaml``, no nested estimate. Each process seeds its TPE sampler with ``tune.seed + i + 1009 * worker`` (study ``i``)
 and uses TPE's constant liar, so processes do not propose the same settings; each trial records its
 ``worker``. A process stops a study once it holds ``tune.trials`` complete or pruned trials, counted over
 all processes; trials that other processes are still running then finish too, so a study of ``W``
-processes ends with between ``tune.trials`` and ``tune.trials + W - 1`` of them. The leader does not wait
-for them: it refits the best trial finished when its own search of that study ended.
+processes ends with between ``tune.trials`` and ``tune.trials + W - 1`` of them.
+
+The outer refits (step 3: tuned and default on each outer fold) are shared too: they are the trials of one
+more study, ``refits``, in the same storage. Each process, once its searches end, claims one refit at a time
+(a new trial names its job; of two processes that name the same job at once, the lower trial number keeps
+it), fits it in its own run folder and stores the test fold's class probabilities (float32, exact) in the
+trial; the leader waits for the refits others run and computes the nested estimate from all of them. A tuned
+refit uses the best trial of its study when the refit begins. A refitting process writes a heartbeat into its
+trial every ``HEARTBEAT_S`` seconds; a refit silent for ``STALE_S`` seconds (a process killed), or silent since
+before the leader started (left by an interrupted run), is failed and done again. A refit's weights stay in
+the run folder of the process that ran it (``nested.json`` says which).
 
 Run folder (beside the usual ``config.yaml``, ``patches.parquet``, ``folds.csv``, ``cache/``)::
 
     tune/study.db                       the Optuna studies: outer_<k> and all
-    tune/worker.json                    (worker N > 0 only) the trials this worker ran, per study
-    tune/outer_<k>/{tuned,default}/     the refits of outer fold k (fit.json, history.csv, weights)
+    tune/worker.json                    (worker N > 0 only) the trials and refits this worker ran
+    tune/outer_<k>/{tuned,default}/     the refits of outer fold k this process ran (fit.json, history.csv, weights)
     tune/trials.csv                     every trial of every study: state, value, settings
     tune/nested.json, tune/nested.csv   nested estimate of the tuned procedure and of the defaults
     best_config.yaml
@@ -58,7 +67,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -85,10 +94,13 @@ CONNECT_TIMEOUT_S = 10  # how long a database storage may take to answer before 
 class EpochReporter(L.Callback):
     """Reports the validation metric to an Optuna trial after every validation epoch and raises
     ``optuna.TrialPruned`` when the trial's pruner says so (optuna-integration's Lightning callback breaks
-    with current Lightning). ``reported`` maps epoch -> value."""
+    with current Lightning). ``reported`` maps epoch -> value. The step reported is the number of epochs
+    trained (epoch + 1), Hyperband's resource: its rungs at 1, 3, 9, ... epochs then stop a trial after that
+    many epochs, not one more. The last epoch of the budget (``epochs``) is reported but never pruned: the
+    trial has trained in full, so it completes with that value."""
 
-    def __init__(self, trial, monitor: str = MONITOR) -> None:
-        self.trial, self.monitor = trial, monitor
+    def __init__(self, trial, monitor: str = MONITOR, *, epochs: int | None = None) -> None:
+        self.trial, self.monitor, self.epochs = trial, monitor, epochs
         self.reported: dict[int, float] = {}
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -98,8 +110,8 @@ class EpochReporter(L.Callback):
 
         epoch, value = int(trainer.current_epoch), float(trainer.callback_metrics[self.monitor])
         self.reported[epoch] = value
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
+        self.trial.report(value, step=epoch + 1)
+        if (self.epochs is None or epoch + 1 < self.epochs) and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.monitor} {value:.3f}")
 
 
@@ -307,6 +319,7 @@ class SearchResult:
     failed: int
     running: int = 0  # trials other processes were still running when this process's search of the study ended
     workers: dict = field(default_factory=dict)  # worker number (str) -> complete or pruned trials it ran
+    refit_by: int | None = None  # the process (worker number) that refitted these settings on the outer fold
 
 
 def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, work: Path, *, trials: int,
@@ -335,7 +348,7 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         trial_cfg = with_parameters(cfg, params)
         settings = trial_cfg.train_settings.model_copy(update={"progress": False})
         out = work / name / "trials" / str(trial.number)
-        reporter = EpochReporter(trial)
+        reporter = EpochReporter(trial, epochs=None if settings.max_steps else settings.max_epochs)
         try:
             fit_model(trial_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes,
                       settings, out, callbacks=[reporter])
@@ -380,9 +393,16 @@ def search_result(study, *, required: bool = True) -> SearchResult:
 # --------------------------------------------------------------------------- outer folds
 
 
-def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> pd.DataFrame:
+def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path, *,
+                callbacks: tuple = ()) -> pd.DataFrame:
     """Fit ``cfg`` with ``params`` on outer fold ``k``'s training part as ``cytofuse cv`` does (validation split
     of ``cv.val_fraction``, normalisation from the training part) and predict its test fold."""
+    return outer_frame(data, k, refit_outer(cfg, data, k, params, out, callbacks=callbacks))
+
+
+def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path, *,
+                callbacks: tuple = ()) -> np.ndarray:
+    """The class probabilities of outer fold ``k``'s test patches from the refit of :func:`score_outer`."""
     from cytofuse.config import model_channels
     from cytofuse.training.cache import PatchDataset
     from cytofuse.training.fit import predict_proba
@@ -398,14 +418,172 @@ def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) 
     view = normalised_view(cfg.patches, data.cache, data.index, rows[train], out, seed=cfg.cv.seed + k,
                            measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
                            channels=[data.index.channel_names[i] for i in inputs])
-    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out)
+    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out,
+                      callbacks=list(callbacks))
     ds = PatchDataset(view, rows[test], labels[test], channels=inputs)
     proba, _ = predict_proba(model, ds, batch_size=128, tta=settings.tta)
+    return np.asarray(proba, dtype=np.float32)
+
+
+def outer_frame(data: RunData, k: int, proba: np.ndarray) -> pd.DataFrame:
+    """The out-of-fold predictions of outer fold ``k`` (as ``predictions.parquet`` of ``cytofuse cv``)."""
+    _, test = data.outer(k)
     frame = data.folds.iloc[test][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
     frame.insert(3, "fold", k)
     for c, name in enumerate(data.classes):
         frame[f"prob_{name}"] = proba[:, c]
     return frame
+
+
+# --------------------------------------------------------------------------- refits shared by the processes
+
+
+REFITS = "refits"  # the study whose trials are the outer refits, claimed one at a time by every process
+HEARTBEAT_S = 30.0  # a process refitting writes the time into its trial at least this often
+STALE_S = 300.0  # a refit without a heartbeat for this long is taken to have died and is done again
+POLL_S = 2.0  # how often the leader looks for refits that other processes are running
+
+
+@dataclass
+class RefitJob:
+    fold: int
+    procedure: str  # "tuned" or "default"
+    trials: int  # tune.trials: a search continued to more trials refits its (new) best settings again
+
+    @property
+    def key(self) -> str:
+        return f"outer_{self.fold}/{self.procedure}" + (f"/trials_{self.trials}" if self.procedure == "tuned" else "")
+
+
+def refit_jobs(cfg: RunConfig, n_folds: int) -> list[RefitJob]:
+    procedures = ["tuned"] + (["default"] if cfg.tune.defaults else [])
+    return [RefitJob(k, proc, cfg.tune.trials) for k in range(n_folds) for proc in procedures]
+
+
+class Heartbeat(L.Callback):
+    """Writes the time into a refit's trial every ``HEARTBEAT_S`` seconds of training, so that the other
+    processes can tell a running refit from one whose process died."""
+
+    def __init__(self, trial) -> None:
+        self.trial, self.last = trial, 0.0
+
+    def beat(self) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        now = time.time()
+        if now - self.last >= HEARTBEAT_S:
+            self.last = now
+            try:
+                self.trial.set_user_attr("alive", now)
+            except UpdateFinishedTrialError:  # taken for dead by another process, which redoes the job
+                pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.beat()
+
+
+def _encode(proba: np.ndarray) -> dict:
+    import base64
+
+    array = np.ascontiguousarray(proba, dtype="<f4")
+    return {"shape": list(array.shape), "float32_base64": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def _decode(stored: dict) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(stored["float32_base64"]), dtype="<f4").reshape(stored["shape"]).copy()
+
+
+def _refit_state(study, *, started: float):
+    """(finished: job key -> its complete trial, live: keys of refits that a living process runs). A running
+    refit whose heartbeat is older than ``STALE_S``, or than ``started`` (the leader's start: left by an
+    interrupted run), is failed and its job is free again."""
+    from optuna.trial import TrialState
+
+    finished, live = {}, set()
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("job")
+        if key is None:
+            continue
+        if t.state == TrialState.COMPLETE:
+            finished.setdefault(key, t)
+        elif t.state == TrialState.RUNNING:
+            alive = float(t.user_attrs.get("alive", 0.0))
+            if alive < max(started, time.time() - STALE_S):
+                try:
+                    study.tell(t.number, state=TrialState.FAIL)
+                except (RuntimeError, ValueError):  # finished or failed meanwhile by its process or another
+                    pass
+            else:
+                live.add(key)
+    return finished, live
+
+
+def _claim(study, jobs: list[RefitJob], *, started: float, worker: int):
+    """A new trial of the refit study holding the first job that no other process has finished or runs, or
+    None when there is none. Two processes that pick the same job at once both see it; the trial with the
+    lower number keeps it, the other tries again."""
+    from optuna.trial import TrialState
+
+    while True:
+        finished, live = _refit_state(study, started=started)
+        free = [j for j in jobs if j.key not in finished and j.key not in live]
+        if not free:
+            return None, finished, live
+        trial = study.ask()
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("alive", time.time())
+        trial.set_user_attr("job", free[0].key)
+        rivals = [t for t in study.get_trials(deepcopy=False)
+                  if t.number < trial.number and t.user_attrs.get("job") == free[0].key
+                  and t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
+        if not rivals:
+            return (free[0], trial), finished, live
+        study.tell(trial, state=TrialState.PRUNED)  # another process has it
+
+
+def run_refits(cfg: RunConfig, data: RunData, storage, work: Path, jobs: list[RefitJob], *, worker: int,
+               started: float, bar=None, task=None) -> dict[str, tuple]:
+    """Every refit of ``jobs``, shared with the other processes of the search through the refit study of
+    ``storage``: each process claims one job at a time and stores its test-fold probabilities in its trial.
+    The leader (``worker`` 0) waits for the jobs other processes run and returns every finished job as
+    (probabilities, settings, worker, inner value of the settings); a worker returns when no job is left to
+    claim. ``started``: the leader's start (its stale-refit rule); a worker passes -inf."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    study = open_study(REFITS, storage, cfg, seed=0, data=data_fingerprint(data.folds))
+    while True:
+        claimed, finished, live = _claim(study, jobs, started=started, worker=worker)
+        done = sum(j.key in finished for j in jobs)
+        if bar is not None:
+            bar.update(task, completed=done,
+                       description=f"tune: refits on the outer folds ({len(live)} running elsewhere)" if live
+                       else "tune: refits on the outer folds")
+        if claimed is None:
+            if done == len(jobs) or worker:
+                break
+            time.sleep(POLL_S)  # the leader waits for refits that other processes are running
+            continue
+        job, trial = claimed
+        params = {}
+        if job.procedure == "tuned":
+            best = search_result(open_study(f"outer_{job.fold}", storage, cfg, seed=0))
+            params, trial_value = best.params, best.value
+            trial.set_user_attr("inner_value", trial_value)
+        trial.set_user_attr("params", params)
+        proba = refit_outer(cfg, data, job.fold, params, work / f"outer_{job.fold}" / job.procedure,
+                            callbacks=(Heartbeat(trial),))
+        try:
+            trial.set_user_attr("proba", _encode(proba))
+            study.tell(trial, 1.0)
+        except UpdateFinishedTrialError:  # taken for dead meanwhile: the job is (being) done again
+            continue
+    finished, _ = _refit_state(study, started=float("-inf"))
+    wanted = {j.key for j in jobs}
+    return {key: (_decode(t.user_attrs["proba"]), dict(t.user_attrs["params"]), int(t.user_attrs["worker"]),
+                  t.user_attrs.get("inner_value"))
+            for key, t in finished.items() if key in wanted}
 
 
 def consensus(cfg: RunConfig, bests: list[dict]) -> dict:
@@ -454,6 +632,7 @@ class WorkerResult:
     storage: str
     studies: list[SearchResult]
     seconds: float = 0.0
+    refits: list[str] = field(default_factory=list)  # the outer refits this worker ran (job keys)
 
     def ran(self, study: SearchResult) -> int:
         """Complete or pruned trials of ``study`` that this worker ran."""
@@ -505,24 +684,31 @@ def _tune(cfg: RunConfig, run_dir: Path, storage_obj, storage: str | None, *, wo
     data = prepare_data(cfg, run_dir, progress=progress)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [f"outer_{k}" for k in range(data.n_folds)] + (["all"] if tune.final == "all" else [])
-    if overwrite and not worker:
-        delete_studies(storage_obj, names)  # all at once, before any process adds trials to a fresh study
+    if overwrite and not worker:  # all at once, before any process adds trials to a fresh study
+        delete_studies(storage_obj, names + [REFITS])
+    started_wall = time.time() - (time.monotonic() - started)
+    default_by: dict[int, int] = {}
     deadline = started + tune.timeout_min * 60 if tune.timeout_min else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         results = _search_studies(cfg, data, names, storage_obj, work, bar, worker=worker, deadline=deadline)
+        jobs = refit_jobs(cfg, data.n_folds)
+        task = bar.add_task("tune: refits on the outer folds", total=len(jobs))
+        refits = run_refits(cfg, data, storage_obj, work, jobs, worker=worker, task=task, bar=bar,
+                            started=started_wall if not worker else float("-inf"))
         if worker:
-            return _finish_worker(run_dir, worker, storage, results, time.monotonic() - started)
-        bar.update(bar.task_ids[0], description="tune: refits on the outer folds")
-        procedures = {"tuned": lambda k: results[f"outer_{k}"].params}
-        if tune.defaults:
-            procedures["default"] = lambda k: {}
-        parts: dict[str, list[pd.DataFrame]] = {p: [] for p in procedures}
-        for k in range(data.n_folds):
-            for proc, params in procedures.items():
-                parts[proc].append(score_outer(cfg, data, k, params(k), work / f"outer_{k}" / proc))
+            return _finish_worker(run_dir, worker, storage, results, time.monotonic() - started, refits)
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for job in jobs:
+        proba, params, by, value = refits[job.key]
+        parts.setdefault(job.procedure, []).append(outer_frame(data, job.fold, proba))
+        if job.procedure == "tuned":  # the settings refitted (the study's best when its refit began)
+            found = results[f"outer_{job.fold}"]
+            results[f"outer_{job.fold}"] = replace(found, params=params, value=float(value), refit_by=by)
+        else:
+            default_by[job.fold] = by
     final = results["all"].params if tune.final == "all" else consensus(cfg, [results[f"outer_{k}"].params
                                                                                for k in range(data.n_folds)])
     best_config = _write_best_config(cfg, final, run_dir)
@@ -536,6 +722,7 @@ def _tune(cfg: RunConfig, run_dir: Path, storage_obj, storage: str | None, *, wo
         "storage": storage_label(storage) if storage else None,
         "final": {"rule": tune.final, "params": final},
         "folds": [vars(r) for r in result.folds] + ([vars(results["all"])] if "all" in results else []),
+        "default_refit_by": default_by,
         "metrics": metrics, "seconds": result.seconds})
     write_table_atomic(work / "nested.csv", summary)
     mark_finished(run_dir)
@@ -569,10 +756,11 @@ def _search_studies(cfg: RunConfig, data: RunData, names: list[str], storage, wo
 
 
 def _finish_worker(run_dir: Path, worker: int, storage: str, results: dict[str, SearchResult],
-                   seconds: float) -> WorkerResult:
-    result = WorkerResult(run_dir, worker, storage_label(storage), list(results.values()), seconds)
+                   seconds: float, refits: dict[str, tuple]) -> WorkerResult:
+    mine = sorted(key for key, (_, _, by, _) in refits.items() if by == worker)
+    result = WorkerResult(run_dir, worker, storage_label(storage), list(results.values()), seconds, mine)
     write_json_atomic(run_dir / "tune" / "worker.json", {
-        "worker": worker, "storage": result.storage, "seconds": seconds,
+        "worker": worker, "storage": result.storage, "seconds": seconds, "refits": mine,
         "studies": [{"name": r.name, "ran": result.ran(r), **vars(r), "value": None if np.isnan(r.value) else r.value}
                     for r in result.studies]})
     mark_finished(run_dir)
@@ -664,5 +852,5 @@ def print_worker_summary(result: WorkerResult) -> None:
     for r in result.studies:
         best = "no complete trial yet" if np.isnan(r.value) else f"best inner value {r.value:.3f}"
         console.print(f"{r.name}: {result.ran(r)} of its trials by this worker ({_counts(r)}); {best}")
-    console.print("the leader (--worker 0) refits the outer folds, prints the nested estimate and writes "
-                  "best_config.yaml")
+    console.print(f"outer refits by this worker: {', '.join(result.refits) or 'none'}; the leader (--worker 0) "
+                  "collects every refit, prints the nested estimate and writes best_config.yaml")
