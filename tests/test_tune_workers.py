@@ -225,3 +225,25 @@ def test_a_refit_left_by_a_dead_process_is_done_again_and_finished_ones_are_read
     again = run_tune(cfg, tmp_path / "run", storage=str(journal), progress=False)  # nothing left to fit
     assert fits == []
     assert again.metrics["tuned"] == first.metrics["tuned"]
+
+
+def test_the_heartbeat_beats_while_a_refit_runs_and_stops_quietly_when_its_trial_was_taken_over():
+    import optuna
+
+    from cytofuse.workflows.tune import heartbeat
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("alive", 0.0)
+    started = time.time()
+    with heartbeat(trial, every_s=0.05):
+        time.sleep(0.4)  # a refit that runs no Lightning callback (e.g. the test fold's prediction)
+    first = study.trials[0].user_attrs["alive"]
+    assert started < first <= time.time()
+
+    other = study.ask()
+    with heartbeat(other, every_s=0.05):
+        study.tell(other.number, state=optuna.trial.TrialState.FAIL)  # another process took it for dead
+        time.sleep(0.3)
+    assert study.trials[1].state.name == "FAIL" and "alive" not in study.trials[1].user_attrs

@@ -393,15 +393,13 @@ def search_result(study, *, required: bool = True) -> SearchResult:
 # --------------------------------------------------------------------------- outer folds
 
 
-def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path, *,
-                callbacks: tuple = ()) -> pd.DataFrame:
+def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> pd.DataFrame:
     """Fit ``cfg`` with ``params`` on outer fold ``k``'s training part as ``cytofuse cv`` does (validation split
     of ``cv.val_fraction``, normalisation from the training part) and predict its test fold."""
-    return outer_frame(data, k, refit_outer(cfg, data, k, params, out, callbacks=callbacks))
+    return outer_frame(data, k, refit_outer(cfg, data, k, params, out))
 
 
-def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path, *,
-                callbacks: tuple = ()) -> np.ndarray:
+def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> np.ndarray:
     """The class probabilities of outer fold ``k``'s test patches from the refit of :func:`score_outer`."""
     from cytofuse.config import model_channels
     from cytofuse.training.cache import PatchDataset
@@ -418,8 +416,7 @@ def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path, 
     view = normalised_view(cfg.patches, data.cache, data.index, rows[train], out, seed=cfg.cv.seed + k,
                            measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
                            channels=[data.index.channel_names[i] for i in inputs])
-    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out,
-                      callbacks=list(callbacks))
+    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out)
     ds = PatchDataset(view, rows[test], labels[test], channels=inputs)
     proba, _ = predict_proba(model, ds, batch_size=128, tta=settings.tta)
     return np.asarray(proba, dtype=np.float32)
@@ -460,26 +457,29 @@ def refit_jobs(cfg: RunConfig, n_folds: int) -> list[RefitJob]:
     return [RefitJob(k, proc, cfg.tune.trials) for k in range(n_folds) for proc in procedures]
 
 
-class Heartbeat(L.Callback):
-    """Writes the time into a refit's trial every ``HEARTBEAT_S`` seconds of training, so that the other
-    processes can tell a running refit from one whose process died."""
+@contextmanager
+def heartbeat(trial, every_s: float = HEARTBEAT_S):
+    """Writes the time into a refit's trial every ``every_s`` seconds while the block runs (fit, validation and
+    test-fold prediction alike), so that the other processes can tell a running refit from one whose process
+    died. A thread, so that no step of the refit has to remember to beat."""
+    import threading
 
-    def __init__(self, trial) -> None:
-        self.trial, self.last = trial, 0.0
+    stop = threading.Event()
 
-    def beat(self) -> None:
-        from optuna.exceptions import UpdateFinishedTrialError
-
-        now = time.time()
-        if now - self.last >= HEARTBEAT_S:
-            self.last = now
+    def beat() -> None:
+        while not stop.wait(every_s):
             try:
-                self.trial.set_user_attr("alive", now)
-            except UpdateFinishedTrialError:  # taken for dead by another process, which redoes the job
-                pass
+                trial.set_user_attr("alive", time.time())
+            except Exception:  # noqa: BLE001 - taken for dead and finished elsewhere, or the storage is gone:
+                return  # the refit's own final write reports either
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.beat()
+    thread = threading.Thread(target=beat, name="cytofuse-refit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _encode(proba: np.ndarray) -> dict:
@@ -572,8 +572,8 @@ def run_refits(cfg: RunConfig, data: RunData, storage, work: Path, jobs: list[Re
             params, trial_value = best.params, best.value
             trial.set_user_attr("inner_value", trial_value)
         trial.set_user_attr("params", params)
-        proba = refit_outer(cfg, data, job.fold, params, work / f"outer_{job.fold}" / job.procedure,
-                            callbacks=(Heartbeat(trial),))
+        with heartbeat(trial):
+            proba = refit_outer(cfg, data, job.fold, params, work / f"outer_{job.fold}" / job.procedure)
         try:
             trial.set_user_attr("proba", _encode(proba))
             study.tell(trial, 1.0)
