@@ -152,8 +152,8 @@ def test_fit_learns_separable_toy_problem(toy, tmp_path):
     bacc = np.mean([(proba.argmax(1)[val_ds.labels == k] == k).mean() for k in range(3)])
     assert bacc == pytest.approx(result.best_score)  # the model holds the best epoch's weights
     assert model.training  # predict_proba restores the mode
-    # no early stopping: the end of the budget is evaluated, and no best.ckpt is kept
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "fit.json", "history.csv", "last.ckpt"]
+    # no early stopping: the end of the budget is evaluated; a completed fit keeps no checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "fit.json", "history.csv"]
     assert result.best_epoch == 7
 
 
@@ -161,7 +161,7 @@ def test_early_stopping_restores_best_epoch(toy, tmp_path):
     train_ds, val_ds = toy
     scores = [0.2, 0.5, 0.9, 0.4, 0.6, 0.8, 0.85, 0.3, 0.3, 0.3]
     model = _model()
-    settings = _settings(max_epochs=10, patience=3, early_stopping=True, smoothing=1, min_epochs=1)
+    settings = _settings(max_epochs=10, patience=3, early_stopping=True, smoothing=1, min_epochs=1, keep_checkpoints=True)
     result = fit(model, train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[Scripted(scores)])
     assert result.stopped_early and result.best_epoch == 2 and result.best_score == pytest.approx(0.9)
     assert result.history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]  # 3 epochs without improvement after epoch 2
@@ -311,7 +311,8 @@ def test_warmup_cosine_schedule_reaches_zero_at_the_end_of_the_budget():
 def test_budget_in_optimiser_steps_and_ema_as_the_evaluated_model(toy, tmp_path):
     train_ds, val_ds = toy
     model = _model()
-    result = fit(model, train_ds, val_ds, settings=_settings(max_steps=6, max_epochs=100), out_dir=tmp_path)
+    result = fit(model, train_ds, val_ds, settings=_settings(max_steps=6, max_epochs=100, keep_checkpoints=True),
+                 out_dir=tmp_path)
     # 4 steps per epoch (64 patches / batch 16): the budget ends inside epoch 1, validated at epoch ends only
     assert result.history["epoch"].tolist() == [0]
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -381,8 +382,8 @@ class CheckpointSaves(Callback):
 def test_resumable_checkpoint_every_epoch_or_after_an_interval_and_always_at_the_end(toy, tmp_path, every_s, expected):
     train_ds, val_ds = toy
     saves = CheckpointSaves(tmp_path / "last.ckpt")
-    result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=4, checkpoint_every_s=every_s),
-                 out_dir=tmp_path, callbacks=[saves])
+    result = fit(_model(), train_ds, val_ds, settings=_settings(max_epochs=4, checkpoint_every_s=every_s,
+                                                                keep_checkpoints=True), out_dir=tmp_path, callbacks=[saves])
     assert saves.seen == expected
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)  # the end of the budget is always saved
     assert last["global_step"] == 4 * 4 and "optimizer_states" in last
@@ -409,7 +410,8 @@ def test_best_checkpoint_holds_weights_only(toy, tmp_path):
     """The best epoch is evaluated, never resumed from: no optimiser state, about half of last.ckpt."""
     train_ds, val_ds = toy
     scores = [0.2, 0.9, 0.4, 0.5]
-    settings = _settings(max_epochs=4, early_stopping=True, smoothing=1, min_epochs=1)  # evaluates the best epoch
+    settings = _settings(max_epochs=4, early_stopping=True, smoothing=1, min_epochs=1,  # evaluates the best epoch
+                         keep_checkpoints=True)
     result = fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[Scripted(scores)])
     best = torch.load(tmp_path / "best.ckpt", weights_only=True)
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -417,3 +419,19 @@ def test_best_checkpoint_holds_weights_only(toy, tmp_path):
     assert best["epoch"] == 1 and best["cytofuse_score"] == pytest.approx(0.9)
     assert (result.best_epoch, result.best_score) == (1, pytest.approx(0.9))
     assert (tmp_path / "best.ckpt").stat().st_size < 0.7 * (tmp_path / "last.ckpt").stat().st_size
+
+
+def test_a_completed_fit_deletes_its_checkpoints_and_an_unfinished_one_keeps_them(toy, tmp_path):
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=4, early_stopping=True, smoothing=1, min_epochs=1, patience=50)
+    fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[StopAfter(2)])
+    assert (tmp_path / "last.ckpt").is_file() and (tmp_path / "best.ckpt").is_file()  # to resume from
+    assert json.loads((tmp_path / "fit.json").read_text())["completed"] is False
+    recorder = EpochRecorder()
+    fit(_model(), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [2, 3]
+    assert not (tmp_path / "last.ckpt").exists() and not (tmp_path / "best.ckpt").exists()
+    assert json.loads((tmp_path / "fit.json").read_text())["completed"] is True
+    recorder = EpochRecorder()  # the completed fit is read back from its weights, not re-run
+    again = fit(_model(seed=3), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [] and again.history["epoch"].tolist() == [0, 1, 2, 3]

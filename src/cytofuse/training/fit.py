@@ -9,8 +9,10 @@ On CPUs with native bfloat16 the steps run under bf16 autocast, always in channe
 
 ``fit`` drives a :class:`lightning.Trainer`, so the same call trains on a CPU, on a GPU, with
 bf16 mixed precision, or across GPUs and nodes with DDP. It writes into ``out_dir``:
-``last.ckpt`` (every epoch; an interrupted fit resumes from it), ``best.ckpt`` (early stopping
-only), ``best.safetensors`` (the evaluated weights), ``history.csv`` and ``fit.json``.
+``last.ckpt`` (the full state, every ``checkpoint_every_s`` seconds and at the end; an interrupted fit
+resumes from it), ``best.ckpt`` (early stopping only; the best epoch's weights), ``best.safetensors``
+(the evaluated weights), ``history.csv`` and ``fit.json``. Once the fit is complete the two checkpoints
+are deleted (``keep_checkpoints`` keeps them): later calls read the weights, history and ``fit.json``.
 
 Distributed training: from a plain Python call (a script, a notebook, pytest) use
 ``strategy="ddp_spawn"``; under ``torchrun`` or ``srun`` (one process per device already
@@ -125,6 +127,9 @@ class TrainSettings(BaseModel):
         60.0, ge=0, description="Seconds between resumable checkpoints (last.ckpt: weights, weight average and optimiser "
         "state), written at an epoch's end once this much time has passed, and always at the end of the fit; 0: "
         "every epoch. An interrupted fit resumes from it to the same result, losing at most this much work.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep last.ckpt and best.ckpt once the fit is complete. Off: they are deleted then (the "
+        "saved weights, history and fit.json are all that later runs read; for resnet50 x3 a checkpoint is ~1 GB).")
     progress: bool = Field(True, description="Show progress bars.")
     verbose: bool = Field(
         False, description="Print Lightning's own lines for every fit (device and precision, tips, the model summary).")
@@ -545,7 +550,7 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
 def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings, *,
             auxiliary_targets: int = 0) -> str:
     """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
-    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers", "checkpoint_every_s"}).encode())
+    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers", "checkpoint_every_s", "keep_checkpoints"}).encode())
     if auxiliary_targets:
         h.update(f"auxiliary_targets={auxiliary_targets}".encode())
     h.update(type(model).__qualname__.encode())
@@ -691,7 +696,11 @@ def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_
     result = FitResult(best_epoch, best_score, history, files.weights, stopped_early)
     _warn_if_chance(history, model, out_dir)
     if trainer.is_global_zero:
-        _save_result(model, result, out_dir, settings, key=key, completed=_completed(out_dir, history, settings, stopped_early))
+        completed = _completed(out_dir, history, settings, stopped_early)
+        _save_result(model, result, out_dir, settings, key=key, completed=completed)
+        if completed and not settings.keep_checkpoints:  # only an unfinished fit resumes from them
+            files.last_checkpoint.unlink(missing_ok=True)
+            files.best_checkpoint.unlink(missing_ok=True)
     return result
 
 
