@@ -213,3 +213,34 @@ def test_progress_display_works_with_and_without_training_bars(tiny_set, tmp_pat
     run_cv(cfg, tmp_path / "run", progress=True)  # rich allows one live display: nesting used to crash
     err = capsys.readouterr().err
     assert ("early: fold 2/2 done" in err) == train_bars
+
+
+def test_fits_side_by_side_in_processes_give_the_numbers_of_the_serial_run(tiny_set, tmp_path):
+    """cv.jobs 2: every (model, fold) fit runs in one of two spawned processes with an equal share of the
+    threads (here one each, as the serial run); predictions, metrics and saved weights equal the serial
+    run's to the last digit, and the positive-class thresholds (from validation predictions) come through too."""
+    import torch
+    from safetensors.numpy import load_file
+
+    torch.set_num_threads(1)
+    raw = {
+        "data": {"manifest": str(tiny_set)},
+        "patches": {"size": 32, "exclude_channels": ["nucleus"], "min_ratio": 0.0},
+        "models": [{"fusion": "early", "encoder": "smallcnn"}, {"fusion": "intermediate", "encoder": "smallcnn"}],
+        "train": {"max_epochs": 2, "batch_size": 16, "progress": False, "accelerator": "cpu"},
+        "cv": {"n_folds": 2, "baseline": False, "probes": False, "positive_class": "fragmented"},
+    }
+    serial = run_cv(validate_config(raw), tmp_path / "serial", progress=False)
+    parallel = run_cv(validate_config({**raw, "cv": {**raw["cv"], "jobs": 2}}), tmp_path / "parallel", progress=False)
+    for name in ("early", "intermediate"):
+        pd.testing.assert_frame_equal(serial.predictions[name], parallel.predictions[name], check_exact=True)
+        a, b = serial.metrics[name], parallel.metrics[name]
+        assert a["cv"] == b["cv"] and a["positive_class"] == b["positive_class"]
+        assert a["model"]["parameters"] == b["model"]["parameters"] > 0
+        folder = name.replace(":", "_")
+        for k in (0, 1):
+            w1 = load_file(tmp_path / "serial" / "models" / folder / f"fold_{k}" / "best.safetensors")
+            w2 = load_file(tmp_path / "parallel" / "models" / folder / f"fold_{k}" / "best.safetensors")
+            assert w1.keys() == w2.keys() and all(np.array_equal(w1[t], w2[t]) for t in w1)
+    with pytest.raises(Exception, match="jobs"):
+        validate_config({**raw, "cv": {**raw["cv"], "jobs": 0}})

@@ -180,6 +180,19 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
 
     with Progress(disable=not progress or bars) as bar:
         task = bar.add_task("cross-validation", total=len(cfg.models) * n_folds)
+        fitted: dict[tuple[str, int], FoldResult] = {}
+        if cfg.cv.jobs > 1:  # every fit first, side by side; then each model's evaluation below
+            bar.update(task, description=f"cross-validation: {len(cfg.models)} models x {n_folds} folds in "
+                                         f"{cfg.cv.jobs} processes")
+            counts = dict.fromkeys((m.display_name for m in cfg.models), 0)
+
+            def fold_done(name: str) -> None:
+                counts[name] += 1
+                bar.advance(task)
+                if bars:
+                    Console(stderr=True).print(f"[bold]{name}[/]: {counts[name]}/{n_folds} folds done")
+
+            fitted = _parallel_folds(cfg, cache, index, folds, classes, run, on_fold=fold_done)
         for model_cfg in cfg.models:
             name = model_cfg.display_name
             bar.update(task, description=f"cross-validation: {name}")
@@ -193,6 +206,7 @@ def run_cv(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, prog
             predictions[name], metrics[name] = _cv_model(
                 model_cfg, cfg, cache, index, folds, classes, run.model(name),
                 progress=progress, on_fold=on_fold,
+                fitted={k: fitted[name, k] for k in range(n_folds)} if fitted else None,
             )
     kinds = dict.fromkeys(predictions, "model")
     for name, (kind, pred, metric) in _cv_feature_sets(cfg, cache, index, folds, classes, run_dir, progress=progress).items():
@@ -287,53 +301,122 @@ def _shortcut_warnings(cfg: RunConfig, metrics: dict, kinds: dict, classes: list
     return found
 
 
+@dataclass
+class FoldResult:
+    """What one fit of a CV (one model, one fold) hands to the model's evaluation."""
+
+    test: pd.DataFrame  # out-of-fold class probabilities of the fold's test patches
+    val: pd.DataFrame | None  # of its validation split (positive-class thresholds only)
+    held_out: pd.DataFrame | None  # of the held-out test set (cv.test_fraction)
+    parameters: int
+
+
+def _cv_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
+             classes: list[str], out: ModelRun, k: int, settings) -> FoldResult:
+    """Fit ``model_cfg`` on fold ``k``'s training split (normalisation from it alone) and predict its test fold."""
+    from cytofuse.config import model_channels
+    from cytofuse.models import count_parameters
+
+    rows = cache.positions(folds["patch_id"].to_numpy())
+    labels, groups = folds["y_true"].to_numpy(), folds["group"].to_numpy()
+    fold = folds["fold"].to_numpy()
+    inputs, _ = model_channels(model_cfg, index.channel_names)
+    train, test = np.flatnonzero((fold != k) & (fold >= 0)), np.flatnonzero(fold == k)
+    fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
+    fit_idx, val_idx = train[fit_rel], train[val_rel]
+    check_fold_classes(labels, fit_idx, classes, fold=k)
+    view = normalised_view(cfg.patches, cache, index, rows[train], out.fold(k).root, seed=cfg.cv.seed + k,
+                           measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
+                           channels=[index.channel_names[i] for i in inputs])
+    model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out.fold(k).root)
+    tta, held = settings.tta, np.flatnonzero(fold == -1)
+    return FoldResult(
+        _predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta),
+        _predict(model, view, rows, folds, val_idx, classes, fold=k, channels=inputs, tta=tta)
+        if cfg.cv.positive_class is not None else None,
+        _predict(model, view, rows, folds, held, classes, fold=-1, channels=inputs, tta=tta) if len(held) else None,
+        count_parameters(model))
+
+
+def _fold_settings(cfg: RunConfig, *, progress: bool):
+    settings = cfg.train_settings
+    return settings.model_copy(update={"progress": progress and settings.progress})
+
+
+def _init_fold_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fold_in_process(model_cfg, cfg, cache, index, folds, classes, out, k) -> FoldResult:
+    return _cv_fold(model_cfg, cfg, cache, index, folds, classes, out, k, _fold_settings(cfg, progress=False))
+
+
+def _parallel_folds(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame, classes: list[str], run: RunFolder,
+                    *, on_fold) -> dict[tuple[str, int], FoldResult]:
+    """Every (model, fold) fit of the run in ``cfg.cv.jobs`` spawned processes, each with an equal share of
+    torch's threads; ``on_fold(name)`` after each. The first error stops the others and is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+
+    n_folds = int(folds["fold"].max()) + 1
+    threads = max(1, torch.get_num_threads() // cfg.cv.jobs)
+    results: dict[tuple[str, int], FoldResult] = {}
+    with ProcessPoolExecutor(max_workers=cfg.cv.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_fold_process, initargs=(threads,)) as pool:
+        pending = {}
+        for model_cfg in cfg.models:
+            name = model_cfg.display_name
+            run.model(name).root.mkdir(parents=True, exist_ok=True)
+            for k in range(n_folds):
+                future = pool.submit(_fold_in_process, model_cfg, cfg, cache, index, folds, classes, run.model(name), k)
+                pending[future] = (name, k)
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    key = pending.pop(future)
+                    results[key] = future.result()  # raises the fit's own error
+                    on_fold(key[0])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
+
+
 def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
-              classes: list[str], out: ModelRun, *, progress: bool, on_fold=lambda: None) -> tuple[pd.DataFrame, dict]:
+              classes: list[str], out: ModelRun, *, progress: bool, on_fold=lambda: None,
+              fitted: dict[int, FoldResult] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every fold of one model (or the given ``fitted`` folds, computed elsewhere), then its metrics."""
+    from cytofuse.config import model_channels
     from cytofuse.evaluation.metrics import evaluate_run
 
     out.root.mkdir(parents=True, exist_ok=True)
-    settings = cfg.train_settings
-    settings = settings.model_copy(update={"progress": progress and settings.progress})
-    rows = cache.positions(folds["patch_id"].to_numpy())
-    labels, groups = folds["y_true"].to_numpy(), folds["group"].to_numpy()
-    parts = []
+    settings = _fold_settings(cfg, progress=progress)
     n_folds = int(folds["fold"].max()) + 1
-    test_pool = np.flatnonzero(folds["fold"].to_numpy() == -1)
-    test_probs, val_parts = [], []
-    from cytofuse.config import model_channels
-
-    inputs, aux = model_channels(model_cfg, index.channel_names)
-    input_names = [index.channel_names[i] for i in inputs]
+    results = []
     for k in range(n_folds):
-        train = np.flatnonzero((folds["fold"].to_numpy() != k) & (folds["fold"].to_numpy() >= 0))
-        test = np.flatnonzero(folds["fold"].to_numpy() == k)
-        fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
-        fit_idx, val_idx = train[fit_rel], train[val_rel]
-        check_fold_classes(labels, fit_idx, classes, fold=k)
-        view = normalised_view(cfg.patches, cache, index, rows[train], out.fold(k).root, seed=cfg.cv.seed + k,
-                               measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
-                               channels=input_names)
-        model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out.fold(k).root)
-        tta = settings.tta
-        parts.append(_predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta))
-        if cfg.cv.positive_class is not None:
-            val_parts.append(_predict(model, view, rows, folds, val_idx, classes, fold=k, channels=inputs, tta=tta))
-        if len(test_pool):
-            test_probs.append(_predict(model, view, rows, folds, test_pool, classes, fold=-1, channels=inputs, tta=tta))
+        if fitted is not None:
+            results.append(fitted[k])
+            continue
+        results.append(_cv_fold(model_cfg, cfg, cache, index, folds, classes, out, k, settings))
         on_fold()
-    predictions = _units(pd.concat(parts, ignore_index=True), cfg)
+    predictions = _units(pd.concat([r.test for r in results], ignore_index=True), cfg)
     write_table_atomic(out.predictions, predictions)
     _plot_curves(out, n_folds)
     metrics = {"cv": evaluate_run(predictions, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)}
-    metrics |= _extra_metrics(cfg, predictions, val_parts, index, classes)
+    metrics |= _extra_metrics(cfg, predictions, [r.val for r in results if r.val is not None], index, classes)
+    test_probs = [r.held_out for r in results if r.held_out is not None]
     if test_probs:
         held = _units(_ensemble(test_probs, classes), cfg)
         write_table_atomic(out.test_predictions, held)
         metrics["test"] = evaluate_run(held, classes=classes, method=cfg.cv.aggregate, n_boot=1000, seed=cfg.cv.seed)
-    from cytofuse.models import count_parameters
-
+    inputs, aux = model_channels(model_cfg, index.channel_names)
     metrics["model"] = model_cfg.model_dump(mode="json") | {
-        "parameters": count_parameters(model), "input_channels": input_names,
+        "parameters": results[-1].parameters, "input_channels": [index.channel_names[i] for i in inputs],
         "auxiliary_channels": [index.channel_names[i] for i in aux],
         "normalisation": cfg.patches.normalise_scope(index.images)}
     metrics["measured_on"] = _measured_on(folds, n_folds, cfg)

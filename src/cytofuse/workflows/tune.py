@@ -221,6 +221,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
     raw["tune"] = {k: v for k, v in raw["tune"].items() if k not in ("trials", "timeout_min", "final", "defaults")}
     for key in ("workers", "scheduler"):  # where the per-image stages run, not what they compute
         raw.pop(key, None)
+    raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "jobs"}  # how cytofuse cv runs its fits
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("progress", "verbose", "num_workers")}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
