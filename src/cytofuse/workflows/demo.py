@@ -20,7 +20,8 @@ def demo_config(data_dir: Path) -> dict:
         + [{"fusion": "single", "channel": c} for c in channels],
         # the default recipe (warm-up + cosine over a fixed budget, weight EMA, no early stopping)
         "train": {"max_epochs": 15, "batch_size": 32, "progress": False},
-        "cv": {"n_folds": 5},
+        # the 30 fits of small models run two at a time, one thread each: 1.5x the throughput of one at a time
+        "cv": {"n_folds": 5, "jobs": 2},
     }
 
 
