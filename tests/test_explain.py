@@ -303,7 +303,7 @@ def test_ablation_on_synthetic_phantoms_ranks_mitochondria_first(tmp_path):
     torch.set_num_threads(2)
     write_synthetic_dataset(tmp_path / "data", classes=2, images_per_class=6, shape=(4, 192, 192), seed=1,
                             difficulty=0.25, progress=False)
-    cfg = _cv_config(tmp_path / "data" / "labels.csv", epochs=8, n_folds=3, size=48, min_ratio=0.03, max_per_image=24,
+    cfg = _cv_config(tmp_path / "data" / "labels.csv", epochs=15, n_folds=3, size=48, min_ratio=0.03, max_per_image=24,
                      models=[{"fusion": "intermediate", "encoder": "smallcnn"}])
     run_cv(cfg, tmp_path / "run", progress=False)
     paths = explain_run(tmp_path / "run", methods=["tsne"], thumbnails=False, n_examples=1, progress=False)
