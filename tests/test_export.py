@@ -297,6 +297,9 @@ def test_parity_on_real_patches(real_data, name, encoder, tmp_path):
     x = _real_patches(real_data)
     assert 0.2 < float(x.mean()) < 0.8 and x.shape == (7, 3, P, P)
     model = _model(name, encoder=encoder)
+    from cytofuse.training.fit import recalibrate_batchnorm
+
+    recalibrate_batchnorm(model, [(torch.from_numpy(x), None)]).eval()  # statistics of these patches, as training gives
     assert np.ptp(_probabilities(model, x), axis=0).max() > 0.1  # answers differ between patches
     for fmt in ("onnx", "torchscript"):
         file = _export(fmt, model, tmp_path)
