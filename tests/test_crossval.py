@@ -244,3 +244,13 @@ def test_fits_side_by_side_in_processes_give_the_numbers_of_the_serial_run(tiny_
             assert w1.keys() == w2.keys() and all(np.array_equal(w1[t], w2[t]) for t in w1)
     with pytest.raises(Exception, match="jobs"):
         validate_config({**raw, "cv": {**raw["cv"], "jobs": 0}})
+
+
+def test_fits_side_by_side_cannot_be_distributed_fits(tiny_set):
+    base = {"data": {"manifest": str(tiny_set)}, "cv": {"jobs": 2}}
+    validate_config(base | {"train": {"strategy": "auto", "devices": 1}})  # one device per fit: fine
+    for train, named in (({"strategy": "ddp"}, "train.strategy: ddp"), ({"devices": 2}, "train.devices: 2"),
+                         ({"num_nodes": 2}, "train.num_nodes: 2")):
+        with pytest.raises(Exception, match=rf"cv\.jobs 2 runs fits side by side .* \({named}\)"):
+            validate_config(base | {"train": train})
+    validate_config({"data": {"manifest": str(tiny_set)}, "train": {"strategy": "ddp", "devices": 2}})  # jobs 1

@@ -419,6 +419,20 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _jobs_need_single_device_fits(self) -> "RunConfig":
+        """cv.jobs runs whole fits side by side; a fit that is itself several processes (DDP) cannot be one."""
+        if self.cv.jobs == 1:
+            return self
+        train = self.train or {}
+        spread = {k: train.get(k) for k in ("strategy", "devices", "num_nodes")
+                  if train.get(k) not in (None, "auto", 1)}
+        if spread:
+            raise ValueError(f"cv.jobs {self.cv.jobs} runs fits side by side in processes of their own and cannot be "
+                             f"combined with distributed fits ({', '.join(f'train.{k}: {v}' for k, v in spread.items())}); "
+                             "set cv.jobs to 1 or train on one device")
+        return self
+
+    @model_validator(mode="after")
     def _check_tune(self) -> "RunConfig":
         """Both ends of every searched range, and every choice, must make a valid config."""
         if self.tune is None:
