@@ -247,3 +247,27 @@ def test_the_heartbeat_beats_while_a_refit_runs_and_stops_quietly_when_its_trial
         study.tell(other.number, state=optuna.trial.TrialState.FAIL)  # another process took it for dead
         time.sleep(0.3)
     assert study.trials[1].state.name == "FAIL" and "alive" not in study.trials[1].user_attrs
+
+
+def test_a_claim_waits_for_an_older_trial_to_name_its_job_and_then_yields_it():
+    """Two processes that claim at once: the newer trial must not take the job that the older one is about to
+    name (it names it just after its trial is created); it waits, yields, and takes the next job."""
+    import threading
+
+    import optuna
+
+    from cytofuse.workflows.tune import RefitJob, _claim
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    jobs = [RefitJob(0, "default", TRIALS), RefitJob(1, "default", TRIALS)]
+    older = study.ask()
+    older.set_user_attr("worker", 1)
+    older.set_user_attr("alive", time.time())
+    timer = threading.Timer(0.5, lambda: older.set_user_attr("job", jobs[0].key))
+    timer.start()
+    claimed, _, _ = _claim(study, jobs, started=float("-inf"), worker=0)
+    timer.join()
+    assert claimed[0] == jobs[1]
+    states = [(t.user_attrs.get("job"), t.state.name) for t in study.trials]
+    assert states == [("outer_0/default", "RUNNING"), ("outer_0/default", "PRUNED"), ("outer_1/default", "RUNNING")]

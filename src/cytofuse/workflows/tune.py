@@ -521,10 +521,16 @@ def _refit_state(study, *, started: float):
     return finished, live
 
 
+CLAIM_WAIT_S = 10.0  # how long a claim waits for an older trial that has not named its job yet
+
+
 def _claim(study, jobs: list[RefitJob], *, started: float, worker: int):
     """A new trial of the refit study holding the first job that no other process has finished or runs, or
     None when there is none. Two processes that pick the same job at once both see it; the trial with the
-    lower number keeps it, the other tries again."""
+    lower number keeps it, the other tries again. A trial names its job just after it is created, so a claim
+    first waits (up to ``CLAIM_WAIT_S``) until every older running trial has named one."""
+    import datetime
+
     from optuna.trial import TrialState
 
     while True:
@@ -532,15 +538,23 @@ def _claim(study, jobs: list[RefitJob], *, started: float, worker: int):
         free = [j for j in jobs if j.key not in finished and j.key not in live]
         if not free:
             return None, finished, live
-        trial = study.ask()
+        job, trial = free[0], study.ask()
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("alive", time.time())
-        trial.set_user_attr("job", free[0].key)
-        rivals = [t for t in study.get_trials(deepcopy=False)
-                  if t.number < trial.number and t.user_attrs.get("job") == free[0].key
-                  and t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
-        if not rivals:
-            return (free[0], trial), finished, live
+        trial.set_user_attr("job", job.key)
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            older = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
+                     and t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
+            rival = any(t.user_attrs.get("job") == job.key for t in older)
+            recent = datetime.datetime.now() - datetime.timedelta(seconds=60)
+            unnamed = [t for t in older if t.state == TrialState.RUNNING and "job" not in t.user_attrs
+                       and t.datetime_start is not None and t.datetime_start > recent]
+            if rival or not unnamed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if not rival:
+            return (job, trial), finished, live
         study.tell(trial, state=TrialState.PRUNED)  # another process has it
 
 
