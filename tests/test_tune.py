@@ -83,7 +83,9 @@ def _tiny(manifest, **tune) -> dict:
 
 @pytest.fixture
 def spy_fits(monkeypatch):
-    """Every fit_model call of the tune workflow: (out folder, patch ids of the fit part, of the validation part)."""
+    """Every fit_model call of the tune workflow (trials in tune, refits through cv's fold fit): (out folder,
+    patch ids of the fit part, of the validation part)."""
+    import cytofuse.workflows.cv as cv
     import cytofuse.workflows.tune as tune
 
     calls = []
@@ -94,6 +96,7 @@ def spy_fits(monkeypatch):
         return real(model_cfg, cache, rows, labels, fit_idx, val_idx, index, classes, settings, out, **kwargs)
 
     monkeypatch.setattr(tune, "fit_model", spy)
+    monkeypatch.setattr(cv, "fit_model", spy)
     return calls
 
 

@@ -68,7 +68,9 @@ def _worker_process(config: str, out: str, journal: str, worker: int, report: st
     from cytofuse.cli import app
 
     torch.set_num_threads(1)
-    tune.fit_model = _meeting_fit(tune.fit_model, Path(journal), worker)
+    import cytofuse.workflows.cv as cv
+
+    tune.fit_model = cv.fit_model = _meeting_fit(tune.fit_model, Path(journal), worker)  # trials, refits
     result = CliRunner().invoke(app, ["tune", config, "--out", out, "--storage", journal, "--worker", str(worker)])
     Path(report).write_text(json.dumps({"exit_code": result.exit_code, "output": result.output}))
 
@@ -90,7 +92,11 @@ def test_two_processes_share_the_studies_of_one_search(synthetic_set, tmp_path, 
         target=_worker_process, args=(str(config), str(worker_dir), str(journal), 1, str(report)))
     process.start()
     try:
-        monkeypatch.setattr(tune, "fit_model", _meeting_fit(tune.fit_model, journal, 0))
+        import cytofuse.workflows.cv as cv
+
+        meeting = _meeting_fit(tune.fit_model, journal, 0)
+        monkeypatch.setattr(tune, "fit_model", meeting)  # the trials
+        monkeypatch.setattr(cv, "fit_model", meeting)  # the refits
         leader = CliRunner().invoke(app, ["tune", str(config), "--out", str(leader_dir), "--storage", str(journal)])
         process.join(timeout=WAIT_S)
     finally:
@@ -221,7 +227,10 @@ def test_a_refit_left_by_a_dead_process_is_done_again_and_finished_ones_are_read
     assert [f.refit_by for f in first.folds] == [0, 0]
 
     fits = []
-    monkeypatch.setattr(tune, "fit_model", lambda *a, **kw: fits.append(a[9]))
+    import cytofuse.workflows.cv as cv
+
+    for module in (tune, cv):  # trials and refits
+        monkeypatch.setattr(module, "fit_model", lambda *a, **kw: fits.append(a[9]))
     again = run_tune(cfg, tmp_path / "run", storage=str(journal), progress=False)  # nothing left to fit
     assert fits == []
     assert again.metrics["tuned"] == first.metrics["tuned"]

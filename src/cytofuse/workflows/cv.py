@@ -311,9 +311,10 @@ class FoldResult:
     parameters: int
 
 
-def _cv_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
-             classes: list[str], out: ModelRun, k: int, settings) -> FoldResult:
-    """Fit ``model_cfg`` on fold ``k``'s training split (normalisation from it alone) and predict its test fold."""
+def fit_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame,
+             classes: list[str], folder: Path, k: int, settings, *, extras: bool = True) -> FoldResult:
+    """Fit ``model_cfg`` on fold ``k``'s training split (normalisation from it alone) into ``folder`` and predict
+    its test fold; with ``extras``, also the validation split (``cv.positive_class``) and the held-out set."""
     from cytofuse.config import model_channels
     from cytofuse.models import count_parameters
 
@@ -325,16 +326,17 @@ def _cv_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex,
     fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
     fit_idx, val_idx = train[fit_rel], train[val_rel]
     check_fold_classes(labels, fit_idx, classes, fold=k)
-    view = normalised_view(cfg.patches, cache, index, rows[train], out.fold(k).root, seed=cfg.cv.seed + k,
+    view = normalised_view(cfg.patches, cache, index, rows[train], folder, seed=cfg.cv.seed + k,
                            measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
                            channels=[index.channel_names[i] for i in inputs])
-    model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, out.fold(k).root)
+    model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, folder)
     tta, held = settings.tta, np.flatnonzero(fold == -1)
     return FoldResult(
         _predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta),
         _predict(model, view, rows, folds, val_idx, classes, fold=k, channels=inputs, tta=tta)
-        if cfg.cv.positive_class is not None else None,
-        _predict(model, view, rows, folds, held, classes, fold=-1, channels=inputs, tta=tta) if len(held) else None,
+        if extras and cfg.cv.positive_class is not None else None,
+        _predict(model, view, rows, folds, held, classes, fold=-1, channels=inputs, tta=tta)
+        if extras and len(held) else None,
         count_parameters(model))
 
 
@@ -350,7 +352,8 @@ def _init_fold_process(threads: int) -> None:
 
 
 def _fold_in_process(model_cfg, cfg, cache, index, folds, classes, out, k) -> FoldResult:
-    return _cv_fold(model_cfg, cfg, cache, index, folds, classes, out, k, _fold_settings(cfg, progress=False))
+    return fit_fold(model_cfg, cfg, cache, index, folds, classes, out.fold(k).root, k,
+                    _fold_settings(cfg, progress=False))
 
 
 def _parallel_folds(cfg: RunConfig, cache, index: PatchIndex, folds: pd.DataFrame, classes: list[str], run: RunFolder,
@@ -402,7 +405,7 @@ def _cv_model(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex
         if fitted is not None:
             results.append(fitted[k])
             continue
-        results.append(_cv_fold(model_cfg, cfg, cache, index, folds, classes, out, k, settings))
+        results.append(fit_fold(model_cfg, cfg, cache, index, folds, classes, out.fold(k).root, k, settings))
         on_fold()
     predictions = _units(pd.concat([r.test for r in results], ignore_index=True), cfg)
     write_table_atomic(out.predictions, predictions)

@@ -401,26 +401,15 @@ def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) 
 
 
 def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> np.ndarray:
-    """The class probabilities of outer fold ``k``'s test patches from the refit of :func:`score_outer`."""
-    from cytofuse.config import model_channels
-    from cytofuse.training.cache import PatchDataset
-    from cytofuse.training.fit import predict_proba
+    """The class probabilities of outer fold ``k``'s test patches from the refit of :func:`score_outer` (the
+    fit and prediction of one ``cytofuse cv`` fold)."""
+    from cytofuse.workflows.cv import fit_fold
 
     run_cfg = with_parameters(cfg, params)
     settings = run_cfg.train_settings.model_copy(update={"progress": False})
-    labels, groups, rows = data.labels, data.groups, data.rows
-    train, test = data.outer(k)
-    fit_rel, val_rel = inner_split(labels[train], groups[train], fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
-    fit_idx, val_idx = train[fit_rel], train[val_rel]
-    check_fold_classes(labels, fit_idx, data.classes, fold=k)
-    inputs, _ = model_channels(run_cfg.models[0], data.index.channel_names)
-    view = normalised_view(cfg.patches, data.cache, data.index, rows[train], out, seed=cfg.cv.seed + k,
-                           measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
-                           channels=[data.index.channel_names[i] for i in inputs])
-    model = fit_model(run_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes, settings, out)
-    ds = PatchDataset(view, rows[test], labels[test], channels=inputs)
-    proba, _ = predict_proba(model, ds, batch_size=128, tta=settings.tta)
-    return np.asarray(proba, dtype=np.float32)
+    fold = fit_fold(run_cfg.models[0], run_cfg, data.cache, data.index, data.folds, data.classes, out, k, settings,
+                    extras=False)
+    return fold.test[[f"prob_{name}" for name in data.classes]].to_numpy(dtype=np.float32)
 
 
 def outer_frame(data: RunData, k: int, proba: np.ndarray) -> pd.DataFrame:
