@@ -394,15 +394,10 @@ def search_result(study, *, required: bool = True) -> SearchResult:
 # --------------------------------------------------------------------------- outer folds
 
 
-def score_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> pd.DataFrame:
-    """Fit ``cfg`` with ``params`` on outer fold ``k``'s training part as ``cytofuse cv`` does (validation split
-    of ``cv.val_fraction``, normalisation from the training part) and predict its test fold."""
-    return outer_frame(data, k, refit_outer(cfg, data, k, params, out))
-
-
 def refit_outer(cfg: RunConfig, data: RunData, k: int, params: dict, out: Path) -> np.ndarray:
-    """The class probabilities of outer fold ``k``'s test patches from the refit of :func:`score_outer` (the
-    fit and prediction of one ``cytofuse cv`` fold)."""
+    """Fit ``cfg`` with ``params`` on outer fold ``k``'s training part as ``cytofuse cv`` fits a fold (its
+    validation split, normalisation from the training part; the same function) and return the class
+    probabilities of the test fold's patches."""
     from cytofuse.workflows.cv import fit_fold
 
     run_cfg = with_parameters(cfg, params)
