@@ -226,6 +226,34 @@ def test_a_pruned_trial_stops_training_inside_lightning(synthetic_set, tmp_path,
     assert all(list(t.intermediate_values) == [1] for t in study.trials)  # stopped after 1 epoch of 2
 
 
+@pytest.mark.filterwarnings("ignore::cytofuse.training.fit.ChanceLevelWarning")  # 3 epochs of a tiny set
+def test_trials_train_their_own_budget_and_the_refits_the_full_one(synthetic_set, tmp_path):
+    """tune.trial_epochs: each trial trains (and reports) that many epochs, Hyperband's largest resource; the
+    outer refits train the config's train.max_epochs."""
+    import optuna
+    import torch
+
+    from cytofuse.workflows.tune import run_tune
+
+    torch.set_num_threads(1)
+    raw = _tiny(synthetic_set / "labels.csv", trial_epochs=1, defaults=False)
+    raw["train"]["max_epochs"] = 3
+    run_tune(validate_config(raw), tmp_path / "run", progress=False)
+    storage = f"sqlite:///{tmp_path / 'run' / 'tune' / 'study.db'}"
+    for k in (0, 1):
+        study = optuna.load_study(study_name=f"outer_{k}", storage=storage)
+        assert [(t.state.name, list(t.intermediate_values)) for t in study.trials] == [("COMPLETE", [1])] * 2
+        history = pd.read_csv(tmp_path / "run" / "tune" / f"outer_{k}" / "tuned" / "history.csv")
+        assert history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_a_trial_budget_beside_a_searched_epoch_budget_is_an_error():
+    with pytest.raises(ConfigError, match=r"trial_epochs \(4\) and a searched train\.max_epochs both set"):
+        validate_config(_tune({"train.max_epochs": {"low": 2, "high": 8}}, trial_epochs=4))
+    with pytest.raises(ConfigError, match=r"tune\.trial_epochs: Input should be greater than or equal to 1"):
+        validate_config(_tune({"train.lr": {"low": 0.001, "high": 0.01}}, trial_epochs=0))
+
+
 # --------------------------------------------------------------------------- resumption and storage
 
 

@@ -295,10 +295,21 @@ class TuneSettings(_Strict):
                                 "the trials (grouped and stratified as the outer folds).")
     seed: int = Field(0, description="Seed of the TPE sampler and of the inner splits.")
     reduction_factor: int = Field(3, ge=2, description="Hyperband's reduction factor (epochs are its resource).")
+    trial_epochs: int | None = Field(
+        None, ge=1, description="Training budget of one trial in epochs, and Hyperband's largest resource; None: the "
+        "fit's own budget (train.max_epochs or train.max_steps). A shorter budget makes trials cheaper but coarser "
+        "estimates: a trial's schedule (warm-up, decay) runs over its budget, and the outer refits train the full one.")
     final: Literal["all", "folds"] = Field(
         "all", description="Parameters of best_config.yaml: 'all' runs one more inner search on every CV group; "
         "'folds' takes each parameter's median (numbers) or most frequent value (choices) over the outer folds' bests.")
     defaults: bool = Field(True, description="Also score the untuned config on the same outer folds.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TuneSettings":
+        if self.trial_epochs is not None and "train.max_epochs" in self.space:
+            raise ValueError(f"trial_epochs ({self.trial_epochs}) and a searched train.max_epochs both set a trial's "
+                             "budget: remove one")
+        return self
 
     @field_validator("space")
     @classmethod

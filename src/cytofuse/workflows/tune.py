@@ -6,9 +6,10 @@ For each OUTER fold of the run's grouped CV (the folds ``cytofuse cv`` uses: sam
 1. the outer-training part is split, grouped and stratified as the outer folds, into an inner fit part
    and an inner validation part (``tune.val_fraction`` of its groups);
 2. an Optuna study (TPE sampler seeded with ``tune.seed``, Hyperband pruner with epochs as its resource)
-   runs ``tune.trials`` trials; each trial fits the model with its settings on the inner fit part and
-   reports the inner validation balanced accuracy after every epoch (:class:`EpochReporter`), so the
-   pruner can stop a poor trial early; the trial's score is its last reported value;
+   runs ``tune.trials`` trials; each trial fits the model with its settings on the inner fit part (for
+   ``tune.trial_epochs`` epochs when set, else the config's budget) and reports the inner validation
+   balanced accuracy after every epoch (:class:`EpochReporter`), so the pruner can stop a poor trial
+   early; the trial's score is its last reported value;
 3. the best trial's settings are refitted on the outer-training part (with the validation split of
    ``cv.val_fraction`` that ``cytofuse cv`` uses) and scored on the outer test fold; the untuned config is
    fitted and scored on the same outer fold (``tune.defaults``).
@@ -247,8 +248,12 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
     if overwrite:
         delete_studies(storage, [name])
     tune = cfg.tune
-    max_epochs = tune.space["train.max_epochs"].high if "train.max_epochs" in tune.space else (
-        "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs)
+    if tune.trial_epochs is not None:
+        max_epochs = tune.trial_epochs
+    elif "train.max_epochs" in tune.space:
+        max_epochs = tune.space["train.max_epochs"].high
+    else:
+        max_epochs = "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
@@ -347,7 +352,7 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         trial.set_user_attr("worker", worker)
         params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
         trial_cfg = with_parameters(cfg, params)
-        settings = trial_cfg.train_settings.model_copy(update={"progress": False})
+        settings = trial_settings(trial_cfg, cfg.tune)
         out = work / name / "trials" / str(trial.number)
         reporter = EpochReporter(trial, epochs=None if settings.max_steps else settings.max_epochs)
         try:
@@ -370,6 +375,18 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
             break
         study.optimize(objective, n_trials=todo, timeout=left, catch=(), callbacks=[cap, on_trial])
     return search_result(study, required=worker == 0)
+
+
+def trial_settings(trial_cfg: RunConfig, tune):
+    """The training settings of a trial (``trial_cfg``: the config with the trial's parameters applied):
+    ``tune.trial_epochs``, when set, replaces the fit's budget (epochs or steps); no progress bar."""
+    settings = trial_cfg.train_settings
+    update = {"progress": False}
+    if (epochs := tune.trial_epochs) is not None:
+        update.update(max_epochs=epochs, max_steps=None)
+        if settings.min_epochs is not None:
+            update["min_epochs"] = min(settings.min_epochs, epochs)
+    return settings.model_copy(update=update)
 
 
 def search_result(study, *, required: bool = True) -> SearchResult:
@@ -717,7 +734,8 @@ def _tune(cfg: RunConfig, run_dir: Path, storage_obj, storage: str | None, *, wo
                         metrics, time.monotonic() - started)
     write_json_atomic(work / "nested.json", {
         "measured_on": f"{data.n_folds} outer folds of the grouped CV (cv.seed {cfg.cv.seed}); trials scored on a "
-                       f"grouped inner validation split ({tune.val_fraction:.0%} of each outer training part's groups)",
+                       f"grouped inner validation split ({tune.val_fraction:.0%} of each outer training part's groups)"
+                       + (f" after at most {tune.trial_epochs} epochs" if tune.trial_epochs else ""),
         "storage": storage_label(storage) if storage else None,
         "final": {"rule": tune.final, "params": final},
         "folds": [vars(r) for r in result.folds] + ([vars(results["all"])] if "all" in results else []),
