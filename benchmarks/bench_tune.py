@@ -11,7 +11,7 @@ Printed: the wall time, split into the searches (first trial start to last trial
 the epochs the trials trained and their states; the nested estimate (image level) of the tuned procedure and
 of the defaults. The run folders stay under ``--out`` (a temporary folder by default).
 
-    python benchmarks/bench_tune.py [--trials 20] [--trial-epochs 8] [--reduction-factor 3] [--workers 1]
+    python benchmarks/bench_tune.py [--trials 20] [--trial-epochs 8] [--reduction-factor 4] [--workers 1]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--trial-epochs", type=int, default=8, help="tune.trial_epochs; 0: the fit's 15 epochs")
-    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--reduction-factor", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="processes beside the leader")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=None, help="folder for the data and the runs (default: temporary)")
