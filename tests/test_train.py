@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -435,3 +436,54 @@ def test_a_completed_fit_deletes_its_checkpoints_and_an_unfinished_one_keeps_the
     recorder = EpochRecorder()  # the completed fit is read back from its weights, not re-run
     again = fit(_model(seed=3), train_ds, val_ds, settings=settings, out_dir=tmp_path, callbacks=[recorder])
     assert recorder.epochs == [] and again.history["epoch"].tolist() == [0, 1, 2, 3]
+
+
+def test_label_smoothing_and_mixup_enter_the_training_loss_only():
+    from cytofuse.training.fit import ClassifierModule
+
+    weight = np.array([1.0, 2.0, 3.0])
+    module = ClassifierModule(TinyNet(), settings=_settings(label_smoothing=0.2, mixup=0.4), class_weight=weight)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -1.0, 0.0]])
+    y = torch.tensor([0, 1, 2, 2])
+    w = torch.tensor(weight, dtype=torch.float32)
+
+    def smoothed(targets):  # weighted cross-entropy against (1 - eps) one-hot + eps / K
+        q = 0.8 * F.one_hot(targets, 3) + 0.2 / 3
+        per_sample = -(q * w * F.log_softmax(logits, 1)).sum(1)
+        return per_sample.sum(), w[targets].sum()
+
+    total, wsum = module._training_loss_terms(logits, y, None, 1.0)
+    expected = smoothed(y)
+    assert float(total) == pytest.approx(float(expected[0]), rel=1e-5) and float(wsum) == pytest.approx(float(expected[1]))
+    perm = torch.tensor([3, 2, 1, 0])
+    total, wsum = module._training_loss_terms(logits, y, perm, 0.7)
+    a, b = smoothed(y), smoothed(y[perm])
+    assert float(total) == pytest.approx(0.7 * float(a[0]) + 0.3 * float(b[0]), rel=1e-5)
+    assert float(wsum) == pytest.approx(0.7 * float(a[1]) + 0.3 * float(b[1]))
+    # validation keeps the plain weighted cross-entropy
+    plain = F.cross_entropy(logits, y, weight=w, reduction="sum")
+    assert float(module._loss_terms(logits, y)[0]) == pytest.approx(float(plain), rel=1e-5)
+    # mixup blends each input with one partner: every mixed sample lies on the segment between the two
+    torch.manual_seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 2, 2).clone()
+    mixed, _, perm, lam = module._mixed(x, [])
+    assert 0 < lam < 1 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+
+
+def test_fit_with_mixup_and_label_smoothing_learns_and_repeats(toy, tmp_path):
+    from cytofuse.training.fit import fit_key
+
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=8, mixup=0.4, label_smoothing=0.1)
+    a, b = _model(), _model()
+    result = fit(a, train_ds, val_ds, settings=settings, out_dir=tmp_path / "a")
+    fit(b, train_ds, val_ds, settings=settings, out_dir=tmp_path / "b")
+    assert result.best_score >= 0.9
+    for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), name
+    plain = _model()
+    fit(plain, train_ds, val_ds, settings=_settings(max_epochs=8), out_dir=tmp_path / "plain")
+    assert not torch.equal(a.head.weight, plain.head.weight)
+    keys = {fit_key(_model(), train_ds, val_ds, s) for s in (_settings(), settings, _settings(mixup=0.4))}
+    assert len(keys) == 3

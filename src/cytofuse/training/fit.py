@@ -78,6 +78,12 @@ class TrainSettings(BaseModel):
         "the last epoch), within [0.9, 0.999].")
     bn_recalibrate: bool = Field(
         False, description="Re-estimate BatchNorm statistics of the evaluated model on the training patches after the fit.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Training loss only: this share of each target spread evenly over the classes "
+        "(for patch labels inherited from their image, where some patches show nothing of their class).")
+    mixup: float = Field(
+        0.0, ge=0, description="Mixup: each training batch is blended with a shuffled copy of itself, inputs and "
+        "targets alike, by a weight drawn from Beta(mixup, mixup) (0: off; 0.2-0.4 typical).")
     class_weighting: Literal["inverse", "none"] = Field(
         "inverse", description="Cross-entropy class weights inverse to training class frequency, or none."
     )
@@ -265,11 +271,31 @@ class ClassifierModule(L.LightningModule):
         for e, m in copied:
             e.copy_(m)
 
-    def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
-        losses = F.cross_entropy(logits.float(), y, weight=self.class_weight, reduction="none")
+        losses = F.cross_entropy(logits.float(), y, weight=self.class_weight, reduction="none", label_smoothing=smoothing)
         w = self.class_weight[y] if self.class_weight is not None else torch.ones_like(losses)
         return losses.sum(), w.sum()
+
+    def _mixed(self, x: torch.Tensor, rest: list) -> tuple[torch.Tensor, list, torch.Tensor | None, float]:
+        """Mixup of a training batch with a shuffled copy of itself: inputs (auxiliary channels included) and
+        teacher probabilities; returns the permutation and the weight of the unshuffled batch (None, 1: off)."""
+        alpha = self.settings.mixup
+        if alpha <= 0 or len(x) < 2:
+            return x, rest, None, 1.0
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())  # draws follow the epoch's seed
+        perm = torch.randperm(len(x), device=x.device)
+        x = lam * x + (1 - lam) * x[perm]
+        return x, [lam * r + (1 - lam) * r[perm] for r in rest], perm, lam
+
+    def _training_loss_terms(self, logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor | None,
+                             lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        smoothing = self.settings.label_smoothing
+        total, weight = self._loss_terms(logits, y, smoothing)
+        if perm is None:
+            return total, weight
+        total2, weight2 = self._loss_terms(logits, y[perm], smoothing)
+        return lam * total + (1 - lam) * total2, lam * weight + (1 - lam) * weight2
 
     def _branch_loss(self, branches, y: torch.Tensor) -> torch.Tensor:
         if isinstance(branches, torch.Tensor):
@@ -297,6 +323,7 @@ class ClassifierModule(L.LightningModule):
         x, y, *rest = batch  # (x, y) or (x, y, teacher probabilities at the distillation temperature)
         if self.settings.augment.enabled:  # here, not in the loader: its draws follow the epoch's seed
             x = self.settings.augment(x)
+        x, rest, perm, lam = self._mixed(x, rest)
         x_aux = None
         if self.aux_head is not None:
             x, x_aux = x[:, : -self.aux_targets], x[:, -self.aux_targets :]
@@ -311,7 +338,7 @@ class ClassifierModule(L.LightningModule):
             logits, branches = self.model(x), self.model.forward_branches(x)
         else:
             logits = self.model(x)
-        total, weight = self._loss_terms(logits, y)
+        total, weight = self._training_loss_terms(logits, y, perm, lam)
         loss = total / weight
         if rest:
             a = self.settings.distill_weight
@@ -319,7 +346,10 @@ class ClassifierModule(L.LightningModule):
         self._sums["train"] += total.detach()
         self._sums["train_w"] += weight.detach()
         if self._late:
-            loss = loss + self.settings.late_branch_loss * self._branch_loss(branches, y)
+            branch = self._branch_loss(branches, y)
+            if perm is not None:
+                branch = lam * branch + (1 - lam) * self._branch_loss(branches, y[perm])
+            loss = loss + self.settings.late_branch_loss * branch
         if x_aux is not None:
             if features is None:
                 features = self.model.forward_features(x)
@@ -550,7 +580,9 @@ def _trainer(settings: TrainSettings, out_dir: Path, callbacks: list[L.Callback]
 def fit_key(model: nn.Module, train_ds: Dataset, val_ds: Dataset, settings: TrainSettings, *,
             auxiliary_targets: int = 0) -> str:
     """A hash of what a fit's outcome depends on: settings, model layout and the two data sets."""
-    h = hashlib.sha256(settings.model_dump_json(exclude={"progress", "verbose", "num_workers", "checkpoint_every_s", "keep_checkpoints"}).encode())
+    ignored = {"progress", "verbose", "num_workers", "checkpoint_every_s", "keep_checkpoints"}
+    ignored |= {name for name in ("label_smoothing", "mixup") if not getattr(settings, name)}  # keys of fits before them
+    h = hashlib.sha256(settings.model_dump_json(exclude=ignored).encode())
     if auxiliary_targets:
         h.update(f"auxiliary_targets={auxiliary_targets}".encode())
     h.update(type(model).__qualname__.encode())
