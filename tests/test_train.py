@@ -447,9 +447,9 @@ def test_label_smoothing_and_mixup_enter_the_training_loss_only():
     y = torch.tensor([0, 1, 2, 2])
     w = torch.tensor(weight, dtype=torch.float32)
 
-    def smoothed(targets):  # weighted cross-entropy against (1 - eps) one-hot + eps / K
+    def smoothed(targets):  # cross-entropy against (1 - eps) one-hot + eps / K, weighted by the label's class
         q = 0.8 * F.one_hot(targets, 3) + 0.2 / 3
-        per_sample = -(q * w * F.log_softmax(logits, 1)).sum(1)
+        per_sample = -(q * F.log_softmax(logits, 1)).sum(1) * w[targets]
         return per_sample.sum(), w[targets].sum()
 
     total, wsum = module._training_loss_terms(logits, y, None, 1.0)
@@ -460,6 +460,12 @@ def test_label_smoothing_and_mixup_enter_the_training_loss_only():
     a, b = smoothed(y), smoothed(y[perm])
     assert float(total) == pytest.approx(0.7 * float(a[0]) + 0.3 * float(b[0]), rel=1e-5)
     assert float(wsum) == pytest.approx(0.7 * float(a[1]) + 0.3 * float(b[1]))
+    # the smoothed share does not take the other classes' weights: a rare class's weight leaves the loss of a
+    # sample of another class as it is (torch's weighted smoothing would pull every sample towards it)
+    rare = ClassifierModule(TinyNet(), settings=_settings(label_smoothing=0.2), class_weight=np.array([1.0, 100.0, 1.0]))
+    even = ClassifierModule(TinyNet(), settings=_settings(label_smoothing=0.2), class_weight=np.ones(3))
+    first = (logits[:1], y[:1])
+    assert float(rare._training_loss_terms(*first, None, 1.0)[0]) == pytest.approx(float(even._training_loss_terms(*first, None, 1.0)[0]))
     # validation keeps the plain weighted cross-entropy
     plain = F.cross_entropy(logits, y, weight=w, reduction="sum")
     assert float(module._loss_terms(logits, y)[0]) == pytest.approx(float(plain), rel=1e-5)

@@ -80,7 +80,8 @@ class TrainSettings(BaseModel):
         False, description="Re-estimate BatchNorm statistics of the evaluated model on the training patches after the fit.")
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Training loss only: this share of each target spread evenly over the classes "
-        "(for patch labels inherited from their image, where some patches show nothing of their class).")
+        "(for patch labels inherited from their image, where some patches show nothing of their class); a sample "
+        "keeps its label's class weight.")
     mixup: float = Field(
         0.0, ge=0, description="Mixup: each training batch is blended with a shuffled copy of itself, inputs and "
         "targets alike, by a weight drawn from Beta(mixup, mixup) (0: off; 0.2-0.4 typical).")
@@ -273,7 +274,15 @@ class ClassifierModule(L.LightningModule):
 
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
-        losses = F.cross_entropy(logits.float(), y, weight=self.class_weight, reduction="none", label_smoothing=smoothing)
+        logits = logits.float()
+        if smoothing:  # each sample weighted by its label's class weight; torch's form would weight the smoothed
+            log_p = F.log_softmax(logits, 1)  # share by every class's weight and pull towards the rarest classes
+            nll = -log_p.gather(1, y[:, None])[:, 0]
+            losses = (1 - smoothing) * nll - smoothing * log_p.mean(1)
+            if self.class_weight is not None:
+                losses = losses * self.class_weight[y]
+        else:
+            losses = F.cross_entropy(logits, y, weight=self.class_weight, reduction="none")
         w = self.class_weight[y] if self.class_weight is not None else torch.ones_like(losses)
         return losses.sum(), w.sum()
 
