@@ -275,15 +275,13 @@ class ClassifierModule(L.LightningModule):
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
         logits = logits.float()
+        w = self.class_weight[y] if self.class_weight is not None else torch.ones(len(y), device=logits.device)
         if smoothing:  # each sample weighted by its label's class weight; torch's form would weight the smoothed
             log_p = F.log_softmax(logits, 1)  # share by every class's weight and pull towards the rarest classes
             nll = -log_p.gather(1, y[:, None])[:, 0]
-            losses = (1 - smoothing) * nll - smoothing * log_p.mean(1)
-            if self.class_weight is not None:
-                losses = losses * self.class_weight[y]
+            losses = ((1 - smoothing) * nll - smoothing * log_p.mean(1)) * w
         else:
             losses = F.cross_entropy(logits, y, weight=self.class_weight, reduction="none")
-        w = self.class_weight[y] if self.class_weight is not None else torch.ones_like(losses)
         return losses.sum(), w.sum()
 
     def _mixed(self, x: torch.Tensor, rest: list) -> tuple[torch.Tensor, list, torch.Tensor | None, float]:
