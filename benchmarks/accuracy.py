@@ -163,24 +163,22 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
     return rows
 
 
-def rescore_without_tta(run_dir: Path) -> None:
-    """Balanced accuracy of every deep model of a finished CV run with and without test-time augmentation:
-    the fold models are re-run on their own test folds with one pass per patch (no retraining)."""
+def fold_views(run_dir: Path):
+    """For each finished deep model of a CV run and each fold: (name, fold, model, test view of the cache, test
+    rows, input channels, labels, image ids). The view is the fold's own (normalisation of its training patches)."""
     import numpy as np
     import pandas as pd
     import yaml
 
     from cytofuse.config import model_channels, validate_config
-    from cytofuse.runs import RunFolder
-    from cytofuse.training.cache import normalised_view
-    from cytofuse.training.cache import PatchCache, PatchDataset
     from cytofuse.models import load_model
     from cytofuse.preprocess.patches import read_patch_index
-    from cytofuse.training.fit import predict_proba
+    from cytofuse.runs import RunFolder
+    from cytofuse.training.cache import PatchCache, normalised_view
 
     cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     index, cache = read_patch_index(run_dir), PatchCache.open(run_dir / "cache")
-    folds = pd.read_csv(run_dir / "folds.csv")
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"image_id": str})
     rows_all = cache.positions(folds["patch_id"].to_numpy())
     for model_cfg in cfg.models:
         inputs, _ = model_channels(model_cfg, index.channel_names)
@@ -188,20 +186,76 @@ def rescore_without_tta(run_dir: Path) -> None:
         if not (folder / "metrics.json").is_file():
             print(f"{model_cfg.display_name}: not finished in {run_dir}; skipped")
             continue
-        scores = {True: [], False: []}
         for k in sorted(folds.loc[folds["fold"] >= 0, "fold"].unique()):
             train = np.flatnonzero((folds["fold"] != k) & (folds["fold"] >= 0))
             test = np.flatnonzero(folds["fold"] == k)
             view = normalised_view(cfg.patches, cache, index, rows_all[train], None, seed=cfg.cv.seed + int(k))
-            model = load_model(folder / f"fold_{k}" / "best.safetensors")
-            ds = PatchDataset(view, rows_all[test], folds["y_true"].to_numpy()[test], channels=inputs)
-            y = ds.labels
-            for tta in (True, False):
-                pred = predict_proba(model, ds, batch_size=128, tta=tta)[0].argmax(1)
-                scores[tta].append(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-        print(f"{model_cfg.display_name}: patch-level balanced accuracy, fold mean ± sd: with TTA "
-              f"{np.mean(scores[True]):.3f} ± {np.std(scores[True], ddof=1):.3f}, without "
-              f"{np.mean(scores[False]):.3f} ± {np.std(scores[False], ddof=1):.3f}", flush=True)
+            yield (model_cfg.display_name, int(k), load_model(folder / f"fold_{k}" / "best.safetensors"), view,
+                   rows_all[test], inputs, folds["y_true"].to_numpy()[test], folds["image_id"].to_numpy()[test], index)
+
+
+def _balanced(y, pred) -> float:
+    import numpy as np
+
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def rescore_without_tta(run_dir: Path) -> None:
+    """Balanced accuracy of every deep model of a finished CV run with and without test-time augmentation:
+    the fold models are re-run on their own test folds with one pass per patch (no retraining)."""
+    import numpy as np
+
+    from cytofuse.training.cache import PatchDataset
+    from cytofuse.training.fit import predict_proba
+
+    scores: dict[str, dict[bool, list]] = {}
+    for name, _, model, view, rows, inputs, y, _, _ in fold_views(run_dir):
+        ds = PatchDataset(view, rows, y, channels=inputs)
+        for tta in (True, False):
+            pred = predict_proba(model, ds, batch_size=128, tta=tta)[0].argmax(1)
+            scores.setdefault(name, {True: [], False: []})[tta].append(_balanced(ds.labels, pred))
+    for name, s in scores.items():
+        print(f"{name}: patch-level balanced accuracy, fold mean ± sd: with TTA {np.mean(s[True]):.3f} ± "
+              f"{np.std(s[True], ddof=1):.3f}, without {np.mean(s[False]):.3f} ± {np.std(s[False], ddof=1):.3f}",
+              flush=True)
+
+
+EXPOSURE_GAINS = (0.8, 1.0, 1.25)
+
+
+def exposure_check(run_dir: Path, gains=EXPOSURE_GAINS) -> None:
+    """How much a finished run's fold models lean on exposure: each test image's raw intensities are scaled by a
+    gain (as a longer or shorter exposure would), the fold's normalisation left as training fitted it, and the
+    image-level balanced accuracy (mean patch probability, TTA) and the share of test images whose class changes
+    are printed. Per-image normalisation cancels any gain, so the check is for dataset and fixed scope."""
+    import numpy as np
+    import pandas as pd
+
+    from cytofuse.training.cache import NormalisedCache, PatchDataset, cache_image_ids
+    from cytofuse.training.fit import predict_proba
+
+    out: dict[str, dict[float, list]] = {}
+    for name, _, model, view, rows, inputs, y, image_ids, index in fold_views(run_dir):
+        if not isinstance(view, NormalisedCache):
+            print(f"{name}: per-image normalisation cancels exposure; nothing to check")
+            return
+        images = index.images.copy()
+        bounds = [c for c in images.columns if c.startswith(("lo_", "hi_"))]
+        calls = {}
+        for gain in gains:
+            scaled = images.assign(**{c: images[c] * gain for c in bounds})
+            seen = NormalisedCache(view.cache, cache_image_ids(view.cache, index), scaled, view.norm)
+            prob = predict_proba(model, PatchDataset(seen, rows, y, channels=inputs), batch_size=128, tta=True)[0]
+            table = pd.DataFrame(prob).assign(image=image_ids, y=y).groupby("image").mean()
+            calls[gain] = table.drop(columns="y").to_numpy().argmax(1), table["y"].to_numpy().astype(int)
+        for gain, (pred, truth) in calls.items():
+            out.setdefault(name, {}).setdefault(gain, []).append(
+                (_balanced(truth, pred), float((pred != calls[1.0][0]).mean()) if 1.0 in calls else float("nan")))
+    for name, per_gain in out.items():
+        for gain, values in per_gain.items():
+            acc, flips = np.array(values).T
+            print(f"{name}: raw intensities x {gain:.2f}: image-level balanced accuracy {acc.mean():.3f} ± "
+                  f"{acc.std(ddof=1):.3f}, test images whose class changes {flips.mean():.3f}", flush=True)
 
 
 def main() -> None:
@@ -217,6 +271,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Append the rows to this JSON-lines file.")
     parser.add_argument("--rescore-without-tta", type=Path, metavar="RUN",
                         help="Only re-score the fold models of a finished CV run with and without TTA.")
+    parser.add_argument("--exposure-check", type=Path, metavar="RUN",
+                        help="Only re-score the fold models of a finished CV run on test images whose raw "
+                             f"intensities are scaled by {EXPOSURE_GAINS} (dataset or fixed normalisation).")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch intra-op threads (1 when other jobs share the cores: oversubscribed "
                              "threads wait on each other and slow training many times over).")
@@ -231,6 +288,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.rescore_without_tta:
         rescore_without_tta(args.rescore_without_tta)
+        return
+    if args.exposure_check:
+        exposure_check(args.exposure_check)
         return
     rows = []
     for name in args.tasks:

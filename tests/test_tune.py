@@ -30,7 +30,11 @@ def _tune(space, **extra) -> dict:
     ({"train.lr": {"low": 0, "high": 0.1, "log": True}}, r"tune\.space\.train\.lr: .*log range needs low > 0, got low=0"),
     ({"train.lr": {"low": 0.1}}, r"tune\.space\.train\.lr: .*needs both low and high \(got low=0\.1, high=None\)"),
     ({"models.encoder": {"choices": []}}, r"tune\.space\.models\.encoder: .*choices is empty"),
-    ({"patches.size": {"choices": [32, 48]}}, r"'patches\.size' changes the patch cache"),
+    ({"patches.size": {"choices": [32, 48]}}, r"'patches\.size' changes the patch cache.*searchable patch "
+     r"settings: patches\.normalise"),
+    ({"patches.normalise": {"choices": ["image", "per-cell"]}}, r"patches\.normalise is searched over choices among "
+     r"\['auto', 'image', 'dataset', 'fixed'\], got \['image', 'per-cell'\]"),
+    ({"patches.normalise": {"low": 0, "high": 1}}, r"patches\.normalise is searched over choices .* got a numeric range"),
     ({"train.lr": {"low": 0.001, "high": 0.01, "spread": 2}}, r"tune\.space\.train\.lr\.spread: unknown key"),
 ])
 def test_bad_tune_sections_name_the_key_and_the_value(space, expected):
@@ -144,6 +148,61 @@ def test_nested_search_never_shows_an_outer_test_group_to_a_trial(synthetic_set,
     validate_config(best)  # ready for cytofuse cv
     assert not list((run / "tune").glob("outer_*/trials/*")), "trial folders are removed after scoring"
     print(f"tiny nested search: {seconds:.1f} s")
+
+
+def test_a_search_over_the_normalisation_scope_fits_each_scope_once_on_inner_fit_statistics(
+        synthetic_set, tmp_path, spy_fits, monkeypatch):
+    """patches.normalise in the space: a dataset-scope trial sees the patches with percentiles of its inner fit
+    part only; a trial that repeats a complete trial's settings takes its score without a fit; the best scope
+    reaches best_config.yaml and the outer refits."""
+    import optuna
+    import torch
+    import yaml
+
+    import cytofuse.workflows.tune as tune
+
+    torch.set_num_threads(1)
+    views = []
+    real_view = tune.normalised_view
+
+    def spy_view(settings, cache, index, train_rows, folder=None, **kwargs):
+        views.append((settings.normalise, np.asarray(train_rows)))
+        return real_view(settings, cache, index, train_rows, folder, **kwargs)
+
+    monkeypatch.setattr(tune, "normalised_view", spy_view)
+    raw = _tiny(synthetic_set / "labels.csv", trials=5, defaults=False)
+    raw["train"]["max_epochs"] = 1
+    raw["tune"]["space"] = {"patches.normalise": {"choices": ["image", "dataset"]}}
+    result = tune.run_tune(validate_config(raw), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    storage = f"sqlite:///{run / 'tune' / 'study.db'}"
+    for k in (0, 1):
+        study = optuna.load_study(study_name=f"outer_{k}", storage=storage)
+        assert len(study.trials) == 5 and all(t.state.name == "COMPLETE" for t in study.trials)
+        first = {}
+        for t in study.trials:  # a repeat scores exactly as the trial it repeats, which was fitted
+            scope = t.params["patches.normalise"]
+            if scope in first:
+                assert t.user_attrs["repeat_of"] == first[scope].number and t.value == first[scope].value
+            else:
+                first[scope] = t
+                assert "repeat_of" not in t.user_attrs
+        fits = [c for c in spy_fits if f"outer_{k}" in c[0].parts and "trials" in c[0].parts]
+        assert len(fits) == len(first)
+    # every dataset-scope view of a trial has the percentiles of exactly that study's inner fit part
+    from cytofuse.training.cache import PatchCache
+
+    folds = pd.read_csv(run / "folds.csv")
+    rows = PatchCache.open(run / "cache").positions(folds["patch_id"].to_numpy())
+    fit_parts = {tuple(sorted(rows[f[1]])) for f in spy_fits if "trials" in f[0].parts}
+    dataset_views = [tuple(sorted(r)) for scope, r in views if scope == "dataset"]
+    assert dataset_views and set(dataset_views) <= fit_parts
+    best = yaml.safe_load((run / "best_config.yaml").read_text())
+    assert best["patches"]["normalise"] == result.final["patches.normalise"] in ("image", "dataset")
+    for k in (0, 1):  # each outer refit is seen with the scope its study chose
+        chosen = tune.search_result(optuna.load_study(study_name=f"outer_{k}", storage=storage)).params
+        recipe = json.loads((run / "tune" / f"outer_{k}" / "tuned" / "recipe.json").read_text())
+        assert recipe["normalisation"]["scope"] == chosen["patches.normalise"]
 
 
 # --------------------------------------------------------------------------- pruning

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
@@ -229,14 +229,20 @@ _NOT_TUNABLE = {
 }
 
 
+# Patch settings that change how a fold sees the cached patches, not the cache itself: searchable without
+# cutting the images again.
+VIEW_PATCH_SETTINGS = ("patches.normalise",)
+
+
 def tunable_parameters() -> list[str]:
-    """Every setting path a ``tune.space`` may name: ``train.<field>``, ``train.augment.<field>``, ``models.<field>``."""
+    """Every setting path a ``tune.space`` may name: ``train.<field>``, ``train.augment.<field>``, ``models.<field>``
+    and the patch settings of :data:`VIEW_PATCH_SETTINGS`."""
     from cytofuse.training.cache import Augment
 
     names = [f"train.{f}" for f in _train_settings().model_fields if f not in _NOT_TUNABLE["train"]]
     names += [f"train.augment.{f}" for f in Augment.model_fields]
     names += [f"models.{f}" for f in ModelSettings.model_fields if f not in _NOT_TUNABLE["models"]]
-    return names
+    return names + list(VIEW_PATCH_SETTINGS)
 
 
 class TuneRange(_Strict):
@@ -318,10 +324,16 @@ class TuneSettings(_Strict):
             raise ValueError("empty: name at least one setting to search, e.g. "
                              "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")
         known = tunable_parameters()
-        for name in value:
-            if name.startswith("patches."):
-                raise ValueError(f"{name!r} changes the patch cache and cannot be searched yet; "
-                                 f"compare patch settings with a sweep (sweep.parameter)")
+        for name, spec in value.items():
+            if name.startswith("patches.") and name not in VIEW_PATCH_SETTINGS:
+                raise ValueError(f"{name!r} changes the patch cache and cannot be searched; compare patch settings "
+                                 f"with a sweep (sweep.parameter); searchable patch settings: "
+                                 f"{', '.join(VIEW_PATCH_SETTINGS)}")
+            if name == "patches.normalise":
+                allowed = list(get_args(PatchSettings.model_fields["normalise"].annotation))
+                if spec.choices is None or not set(spec.choices) <= set(allowed):
+                    raise ValueError(f"patches.normalise is searched over choices among {allowed}, got "
+                                     f"{spec.choices if spec.choices is not None else 'a numeric range'}")
             if name not in known:
                 import difflib
 

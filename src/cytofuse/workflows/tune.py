@@ -9,7 +9,11 @@ For each OUTER fold of the run's grouped CV (the folds ``cytofuse cv`` uses: sam
    runs ``tune.trials`` trials; each trial fits the model with its settings on the inner fit part (for
    ``tune.trial_epochs`` epochs when set, else the config's budget) and reports the inner validation
    balanced accuracy after every epoch (:class:`EpochReporter`), so the pruner can stop a poor trial
-   early; the trial's score is its last reported value;
+   early; the trial's score is its last reported value. A trial that draws the settings of a complete
+   trial of its study takes that trial's score without a fit (fits repeat bit for bit). Besides training
+   and model settings, the search may include ``patches.normalise`` (the normalisation scope: image or
+   dataset statistics, fitted on the inner fit part), which changes how the cached patches are seen, not
+   the cache;
 3. the best trial's settings are refitted on the outer-training part (with the validation split of
    ``cv.val_fraction`` that ``cytofuse cv`` uses) and scored on the outer test fold; the untuned config is
    fitted and scored on the same outer fold (``tune.defaults``).
@@ -343,21 +347,34 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
                                    what="inner validation")
     fit_idx, val_idx = pool[fit_rel], pool[val_rel]
     check_fold_classes(labels, fit_idx, data.classes, fold=-1 if name == "all" else int(name.rsplit("_", 1)[1]))
-    view = normalised_view(cfg.patches, data.cache, data.index, rows[fit_idx], None, seed=seed,
-                           measured_on=f"the {len(fit_idx)} inner-fit patches of study {name}")
+    views = {}  # by normalisation scope, when the search includes it: the patches as that scope shows them
+
+    def view_of(patches):
+        scope = patches.normalise_scope(data.index.images)
+        if scope not in views:
+            views[scope] = normalised_view(patches, data.cache, data.index, rows[fit_idx], None, seed=seed,
+                                           measured_on=f"the {len(fit_idx)} inner-fit patches of study {name}")
+        return views[scope]
+
     study = open_study(name, storage, cfg, seed=seed + SEED_STRIDE * worker, overwrite=overwrite,
                        data=data_fingerprint(data.folds))
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", worker)
         params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
+        # fits repeat bit for bit, so parameters a complete trial of this study already scored are not fitted
+        # again (small categorical spaces, e.g. the normalisation scope, draw the same values often)
+        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if done.params == params:
+                trial.set_user_attr("repeat_of", done.number)
+                return float(done.value)
         trial_cfg = with_parameters(cfg, params)
         settings = trial_settings(trial_cfg, cfg.tune)
         out = work / name / "trials" / str(trial.number)
         reporter = EpochReporter(trial, epochs=None if settings.max_steps else settings.max_epochs)
         try:
-            fit_model(trial_cfg.models[0], view, rows, labels, fit_idx, val_idx, data.index, data.classes,
-                      settings, out, callbacks=[reporter])
+            fit_model(trial_cfg.models[0], view_of(trial_cfg.patches), rows, labels, fit_idx, val_idx, data.index,
+                      data.classes, settings, out, callbacks=[reporter])
         finally:
             shutil.rmtree(out, ignore_errors=True)
         if not reporter.reported:
