@@ -345,6 +345,8 @@ def test_a_killed_search_resumes_to_the_requested_total(synthetic_set, tmp_path,
     outer_0 = optuna.load_study(study_name="outer_0", storage=storage)
     assert [t.state.name for t in outer_0.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert outer_0.trials[0].params == kept
+    # the continued study's sampler does not replay its first draw (that would be a repeat, scored without a fit)
+    assert outer_0.trials[2].params != kept and "repeat_of" not in outer_0.trials[2].user_attrs
     trial_fits = [c[0] for c in spy_fits if "trials" in c[0].parts]
     assert sum("outer_0" in p.parts for p in trial_fits) == 1 and sum("outer_1" in p.parts for p in trial_fits) == 2
 

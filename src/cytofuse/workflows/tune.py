@@ -30,7 +30,8 @@ or the most frequent value (choices; ties go to the earlier fold).
 The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the storage given as ``storage``
 (an SQLAlchemy URL such as ``postgresql+psycopg://user@host/db``, which several processes or machines can
 share, or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
-continues each study up to ``tune.trials`` complete or pruned trials. A study remembers a fingerprint of
+continues each study up to ``tune.trials`` complete or pruned trials (a continued study's sampler is seeded
+anew from the number of trials it holds, so it does not replay its first draws). A study remembers a fingerprint of
 the config and of the run's folds it was made for and refuses to continue for other ones.
 
 Several processes share the search through one ``storage`` (Optuna's distributed mode): ``worker=0`` (the
@@ -90,6 +91,7 @@ from cytofuse.workflows.fitting import fit_model
 
 MONITOR = "val_balanced_accuracy"
 SEED_STRIDE = 1009  # sampler seed of worker N: tune.seed + study number + SEED_STRIDE * N
+RESUME_STRIDE = 7919  # a continued study's sampler seed moves on by this per trial it already holds
 CONNECT_TIMEOUT_S = 10  # how long a database storage may take to answer before its URL is reported unreachable
 
 
@@ -263,6 +265,10 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
         pruner=make_pruner(max_epochs, reduction_factor=tune.reduction_factor),
     )
+    if held := len(study.get_trials(deepcopy=False)):
+        # a continued study (a resumed search, another process's): a sampler seeded as at the study's start would
+        # replay its first random draws, so the seed moves on with the trials the study already holds
+        study.sampler = optuna.samplers.TPESampler(seed=seed + RESUME_STRIDE * held, constant_liar=True)
     for key, mark, what in (("config", config_fingerprint(cfg), "another config or search space"),
                             ("folds", data, "other patches or folds (a worker must read the same images, at the "
                                             "same paths relative to the manifest, as the leader)")):
