@@ -150,11 +150,12 @@ def test_nested_search_never_shows_an_outer_test_group_to_a_trial(synthetic_set,
     print(f"tiny nested search: {seconds:.1f} s")
 
 
-def test_a_search_over_the_normalisation_scope_fits_each_scope_once_on_inner_fit_statistics(
+def test_a_search_over_the_normalisation_scope_tries_each_scope_once_on_inner_fit_statistics(
         synthetic_set, tmp_path, spy_fits, monkeypatch):
-    """patches.normalise in the space: a dataset-scope trial sees the patches with percentiles of its inner fit
-    part only; a trial that repeats a complete trial's settings takes its score without a fit; the best scope
-    reaches best_config.yaml and the outer refits."""
+    """patches.normalise in a space of choices only: each study tries every scope exactly once at its full
+    budget (brute force, no pruning, tune.trials above the grid's size); a dataset-scope trial sees the
+    patches with percentiles of its inner fit part only; the best scope reaches best_config.yaml and the
+    outer refits."""
     import optuna
     import torch
     import yaml
@@ -171,24 +172,17 @@ def test_a_search_over_the_normalisation_scope_fits_each_scope_once_on_inner_fit
 
     monkeypatch.setattr(tune, "normalised_view", spy_view)
     raw = _tiny(synthetic_set / "labels.csv", trials=5, defaults=False)
-    raw["train"]["max_epochs"] = 1
+    raw["train"]["max_epochs"] = 2
     raw["tune"]["space"] = {"patches.normalise": {"choices": ["image", "dataset"]}}
     result = tune.run_tune(validate_config(raw), tmp_path / "run", progress=False)
     run = tmp_path / "run"
     storage = f"sqlite:///{run / 'tune' / 'study.db'}"
     for k in (0, 1):
         study = optuna.load_study(study_name=f"outer_{k}", storage=storage)
-        assert len(study.trials) == 5 and all(t.state.name == "COMPLETE" for t in study.trials)
-        first = {}
-        for t in study.trials:  # a repeat scores exactly as the trial it repeats, which was fitted
-            scope = t.params["patches.normalise"]
-            if scope in first:
-                assert t.user_attrs["repeat_of"] == first[scope].number and t.value == first[scope].value
-            else:
-                first[scope] = t
-                assert "repeat_of" not in t.user_attrs
+        assert sorted(t.params["patches.normalise"] for t in study.trials) == ["dataset", "image"]
+        assert all(t.state.name == "COMPLETE" and len(t.intermediate_values) == 2 for t in study.trials)
         fits = [c for c in spy_fits if f"outer_{k}" in c[0].parts and "trials" in c[0].parts]
-        assert len(fits) == len(first)
+        assert len(fits) == 2
     # every dataset-scope view of a trial has the percentiles of exactly that study's inner fit part
     from cytofuse.training.cache import PatchCache
 
@@ -202,7 +196,29 @@ def test_a_search_over_the_normalisation_scope_fits_each_scope_once_on_inner_fit
     for k in (0, 1):  # each outer refit is seen with the scope its study chose
         chosen = tune.search_result(optuna.load_study(study_name=f"outer_{k}", storage=storage)).params
         recipe = json.loads((run / "tune" / f"outer_{k}" / "tuned" / "recipe.json").read_text())
-        assert recipe["normalisation"]["scope"] == chosen["patches.normalise"]
+        assert recipe["settings"]["normalise"] == chosen["patches.normalise"]
+        assert (recipe["normalisation"] or {"scope": "image"})["scope"] == chosen["patches.normalise"]
+
+
+def test_a_space_of_choices_is_a_grid_searched_by_brute_force_without_pruning(tmp_path):
+    import optuna
+
+    from cytofuse.workflows.tune import REFITS, grid_size, open_study
+
+    grid = validate_config(_tune({"patches.normalise": {"choices": ["image", "dataset"]},
+                                  "models.encoder": {"choices": ["smallcnn", "resnet18"]}}))
+    mixed = validate_config(_tune({"patches.normalise": {"choices": ["image", "dataset"]},
+                                   "train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    assert grid_size(grid.tune.space) == 4 and grid_size(mixed.tune.space) is None
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study("outer_0", storage, grid, seed=0)
+    assert isinstance(study.sampler, optuna.samplers.BruteForceSampler)
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)
+    refits = open_study(REFITS, storage, grid, seed=0)  # the refits' jobs are told by hand: no sampler stops them
+    assert isinstance(refits.sampler, optuna.samplers.TPESampler)
+    study = open_study("outer_0", f"sqlite:///{tmp_path / 'mixed.db'}", mixed, seed=0)
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
 
 
 # --------------------------------------------------------------------------- pruning

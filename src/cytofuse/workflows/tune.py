@@ -9,11 +9,12 @@ For each OUTER fold of the run's grouped CV (the folds ``cytofuse cv`` uses: sam
    runs ``tune.trials`` trials; each trial fits the model with its settings on the inner fit part (for
    ``tune.trial_epochs`` epochs when set, else the config's budget) and reports the inner validation
    balanced accuracy after every epoch (:class:`EpochReporter`), so the pruner can stop a poor trial
-   early; the trial's score is its last reported value. A trial that draws the settings of a complete
-   trial of its study takes that trial's score without a fit (fits repeat bit for bit). Besides training
-   and model settings, the search may include ``patches.normalise`` (the normalisation scope: image or
-   dataset statistics, fitted on the inner fit part), which changes how the cached patches are seen, not
-   the cache;
+   early; the trial's score is its last reported value. A space of choices only (a finite grid) is
+   searched exhaustively instead: Optuna's brute-force sampler tries each setting once (at most
+   ``tune.trials`` of them), every trial trains its full budget (no pruning), the best inner score wins.
+   Besides training and model settings, the search may include ``patches.normalise`` (the normalisation
+   scope: image or dataset statistics, fitted on the inner fit part), which changes how the cached
+   patches are seen, not the cache;
 3. the best trial's settings are refitted on the outer-training part (with the validation split of
    ``cv.val_fraction`` that ``cytofuse cv`` uses) and scored on the outer test fold; the untuned config is
    fitted and scored on the same outer fold (``tune.defaults``).
@@ -71,6 +72,7 @@ import json
 import re
 import shutil
 import time
+import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -233,6 +235,13 @@ def config_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def grid_size(space: dict) -> int | None:
+    """The number of settings of a space of choices only (searched exhaustively); None when a range is in it."""
+    if any(spec.choices is None for spec in space.values()):
+        return None
+    return int(np.prod([len(spec.choices) for spec in space.values()]))
+
+
 def make_pruner(max_epochs: int | str, *, reduction_factor: int):
     """Hyperband over epochs: brackets of successive halving from 1 epoch up to the (largest) budget."""
     import optuna
@@ -260,12 +269,17 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
         max_epochs = tune.space["train.max_epochs"].high
     else:
         max_epochs = "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs
-    study = optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-        pruner=make_pruner(max_epochs, reduction_factor=tune.reduction_factor),
-    )
-    if held := len(study.get_trials(deepcopy=False)):
+    grid = name != REFITS and grid_size(tune.space)  # the refits' study only stores jobs (ask and tell)
+    if grid:  # the brute-force sampler is marked experimental (since Optuna 3.1); constraints.txt pins Optuna
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler, pruner = optuna.samplers.BruteForceSampler(seed=seed), optuna.pruners.NopPruner()
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        pruner = make_pruner(max_epochs, reduction_factor=tune.reduction_factor)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=sampler, pruner=pruner)
+    if not grid and (held := len(study.get_trials(deepcopy=False))):
         # a continued study (a resumed search, another process's): a sampler seeded as at the study's start would
         # replay its first random draws, so the seed moves on with the trials the study already holds
         study.sampler = optuna.samplers.TPESampler(seed=seed + RESUME_STRIDE * held, constant_liar=True)
@@ -368,12 +382,6 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
     def objective(trial) -> float:
         trial.set_user_attr("worker", worker)
         params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
-        # fits repeat bit for bit, so parameters a complete trial of this study already scored are not fitted
-        # again (small categorical spaces, e.g. the normalisation scope, draw the same values often)
-        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if done.params == params:
-                trial.set_user_attr("repeat_of", done.number)
-                return float(done.value)
         trial_cfg = with_parameters(cfg, params)
         settings = trial_settings(trial_cfg, cfg.tune)
         out = work / name / "trials" / str(trial.number)
@@ -389,6 +397,7 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         return reporter.reported[max(reporter.reported)]
 
     started = time.monotonic()
+    trials = min(trials, grid_size(cfg.tune.space) or trials)  # a space of choices: each setting once at most
     cap = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
     # optimize ends after its own n_trials, at the cap (counted over all processes) or at the timeout; a trial
     # another process failed or abandoned leaves the study short, so this process asks again
