@@ -200,25 +200,47 @@ def test_a_search_over_the_normalisation_scope_tries_each_scope_once_on_inner_fi
         assert (recipe["normalisation"] or {"scope": "image"})["scope"] == chosen["patches.normalise"]
 
 
-def test_a_space_of_choices_is_a_grid_searched_by_brute_force_without_pruning(tmp_path):
+def test_a_space_of_choices_is_a_grid_searched_setting_by_setting_without_pruning(tmp_path):
     import optuna
+    from optuna.distributions import CategoricalDistribution
 
-    from cytofuse.workflows.tune import REFITS, grid_size, open_study
+    from cytofuse.workflows.tune import grid_points, next_grid_point, open_study
 
     grid = validate_config(_tune({"patches.normalise": {"choices": ["image", "dataset"]},
                                   "models.encoder": {"choices": ["smallcnn", "resnet18"]}}))
     mixed = validate_config(_tune({"patches.normalise": {"choices": ["image", "dataset"]},
                                    "train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
-    assert grid_size(grid.tune.space) == 4 and grid_size(mixed.tune.space) is None
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study = open_study("outer_0", storage, grid, seed=0)
-    assert isinstance(study.sampler, optuna.samplers.BruteForceSampler)
-    assert isinstance(study.pruner, optuna.pruners.NopPruner)
-    refits = open_study(REFITS, storage, grid, seed=0)  # the refits' jobs are told by hand: no sampler stops them
-    assert isinstance(refits.sampler, optuna.samplers.TPESampler)
-    study = open_study("outer_0", f"sqlite:///{tmp_path / 'mixed.db'}", mixed, seed=0)
-    assert isinstance(study.sampler, optuna.samplers.TPESampler)
-    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+    assert grid_points(grid.tune.space) == [
+        {"patches.normalise": "image", "models.encoder": "smallcnn"},
+        {"patches.normalise": "image", "models.encoder": "resnet18"},
+        {"patches.normalise": "dataset", "models.encoder": "smallcnn"},
+        {"patches.normalise": "dataset", "models.encoder": "resnet18"}]
+    assert grid_points(mixed.tune.space) is None
+    assert isinstance(open_study("outer_0", f"sqlite:///{tmp_path / 'g.db'}", grid, seed=0).pruner,
+                      optuna.pruners.NopPruner)
+    assert isinstance(open_study("outer_0", f"sqlite:///{tmp_path / 'm.db'}", mixed, seed=0).pruner,
+                      optuna.pruners.HyperbandPruner)
+
+    # which setting a process runs next: not one finished, nor one another process is running; a running trial
+    # of the process's own worker number was left by an interrupted run and is run again
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    points, dist = [{"a": 1}, {"a": 2}, {"a": 3}], {"a": CategoricalDistribution([1, 2, 3])}
+
+    def start(value, worker):
+        study.enqueue_trial({"a": value})
+        trial = study.ask(dist)
+        trial.set_user_attr("worker", worker)
+        return trial
+
+    assert next_grid_point(study, points, 0) == {"a": 1} and next_grid_point(study, points, 1) == {"a": 2}
+    by_other, done, left_by_self = start(1, 1), start(2, 0), start(3, 0)
+    study.tell(done, 0.5)
+    assert next_grid_point(study, points, 0) == {"a": 3}
+    assert next_grid_point(study, points, 1) == {"a": 1}
+    study.tell(by_other, 0.6)
+    study.tell(left_by_self, 0.7)
+    assert next_grid_point(study, points, 0) is None
 
 
 # --------------------------------------------------------------------------- pruning

@@ -10,8 +10,9 @@ For each OUTER fold of the run's grouped CV (the folds ``cytofuse cv`` uses: sam
    ``tune.trial_epochs`` epochs when set, else the config's budget) and reports the inner validation
    balanced accuracy after every epoch (:class:`EpochReporter`), so the pruner can stop a poor trial
    early; the trial's score is its last reported value. A space of choices only (a finite grid) is
-   searched exhaustively instead: Optuna's brute-force sampler tries each setting once (at most
-   ``tune.trials`` of them), every trial trains its full budget (no pruning), the best inner score wins.
+   searched exhaustively instead: each setting once, in the order of the space's choices (the first
+   ``tune.trials`` of them), every trial to its full budget (no pruning); the best inner score wins. A
+   setting whose trial an interrupted run left unfinished is tried again when the search resumes.
    Besides training and model settings, the search may include ``patches.normalise`` (the normalisation
    scope: image or dataset statistics, fitted on the inner fit part), which changes how the cached
    patches are seen, not the cache;
@@ -68,11 +69,11 @@ Run folder (beside the usual ``config.yaml``, ``patches.parquet``, ``folds.csv``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import shutil
 import time
-import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -235,11 +236,12 @@ def config_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def grid_size(space: dict) -> int | None:
-    """The number of settings of a space of choices only (searched exhaustively); None when a range is in it."""
+def grid_points(space: dict) -> list[dict] | None:
+    """Every setting of a space of choices only (searched exhaustively), in the order the space lists its
+    choices; None when a range is in it."""
     if any(spec.choices is None for spec in space.values()):
         return None
-    return int(np.prod([len(spec.choices) for spec in space.values()]))
+    return [dict(zip(space, values)) for values in itertools.product(*(spec.choices for spec in space.values()))]
 
 
 def make_pruner(max_epochs: int | str, *, reduction_factor: int):
@@ -269,17 +271,13 @@ def open_study(name: str, storage, cfg: RunConfig, *, seed: int, overwrite: bool
         max_epochs = tune.space["train.max_epochs"].high
     else:
         max_epochs = "auto" if cfg.train_settings.max_steps else cfg.train_settings.max_epochs
-    grid = name != REFITS and grid_size(tune.space)  # the refits' study only stores jobs (ask and tell)
-    if grid:  # the brute-force sampler is marked experimental (since Optuna 3.1); constraints.txt pins Optuna
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler, pruner = optuna.samplers.BruteForceSampler(seed=seed), optuna.pruners.NopPruner()
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-        pruner = make_pruner(max_epochs, reduction_factor=tune.reduction_factor)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=sampler, pruner=pruner)
-    if not grid and (held := len(study.get_trials(deepcopy=False))):
+    grid = grid_points(tune.space) is not None  # searched setting by setting (search), every one to its budget
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
+        pruner=optuna.pruners.NopPruner() if grid else make_pruner(max_epochs, reduction_factor=tune.reduction_factor),
+    )
+    if held := len(study.get_trials(deepcopy=False)):
         # a continued study (a resumed search, another process's): a sampler seeded as at the study's start would
         # replay its first random draws, so the seed moves on with the trials the study already holds
         study.sampler = optuna.samplers.TPESampler(seed=seed + RESUME_STRIDE * held, constant_liar=True)
@@ -397,7 +395,7 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         return reporter.reported[max(reporter.reported)]
 
     started = time.monotonic()
-    trials = min(trials, grid_size(cfg.tune.space) or trials)  # a space of choices: each setting once at most
+    grid = grid_points(cfg.tune.space)
     cap = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
     # optimize ends after its own n_trials, at the cap (counted over all processes) or at the timeout; a trial
     # another process failed or abandoned leaves the study short, so this process asks again
@@ -405,8 +403,27 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
         left = None if timeout_s is None else timeout_s - (time.monotonic() - started)
         if left is not None and left <= 0:
             break
+        if grid is not None:  # a space of choices: the next setting no process has finished or is running
+            if (point := next_grid_point(study, grid[:trials], worker)) is None:
+                break
+            study.enqueue_trial(point)
+            todo = 1
         study.optimize(objective, n_trials=todo, timeout=left, catch=(), callbacks=[cap, on_trial])
     return search_result(study, required=worker == 0)
+
+
+def next_grid_point(study, points: list[dict], worker: int) -> dict | None:
+    """The first of ``points`` (the grid's settings, in order) without a complete or pruned trial in ``study``
+    and not being run by another process (a running trial of this process's own ``worker`` number is left by an
+    interrupted run, so its setting is run again); the process's turn among several such settings is its
+    ``worker`` number. None when every setting is done or taken."""
+    from optuna.trial import TrialState
+
+    taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+    taken += [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+              if t.state == TrialState.WAITING or t.user_attrs.get("worker", 0) != worker]
+    free = [p for p in points if p not in taken]
+    return free[worker % len(free)] if free else None
 
 
 def trial_settings(trial_cfg: RunConfig, tune):
