@@ -241,6 +241,9 @@ def test_a_space_of_choices_is_a_grid_searched_setting_by_setting_without_prunin
     study.tell(by_other, 0.6)
     study.tell(left_by_self, 0.7)
     assert next_grid_point(study, points, 0) is None
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"a": 1})  # queued (by another process) but not yet started: taken
+    assert next_grid_point(study, points, 0) == {"a": 2}
 
 
 # --------------------------------------------------------------------------- pruning

@@ -420,8 +420,10 @@ def next_grid_point(study, points: list[dict], worker: int) -> dict | None:
     from optuna.trial import TrialState
 
     taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
-    taken += [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-              if t.state == TrialState.WAITING or t.user_attrs.get("worker", 0) != worker]
+    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    taken += [t.system_attrs.get("fixed_params", {}) for t in queued]
+    taken += [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+              if t.user_attrs.get("worker", 0) != worker]
     free = [p for p in points if p not in taken]
     return free[worker % len(free)] if free else None
 
