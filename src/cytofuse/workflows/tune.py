@@ -33,8 +33,8 @@ The studies live in ``tune/study.db`` (SQLite) in the run folder, or in the stor
 (an SQLAlchemy URL such as ``postgresql+psycopg://user@host/db``, which several processes or machines can
 share, or the path of an Optuna journal file); they are created with ``load_if_exists``, so a killed ``tune``
 continues each study up to ``tune.trials`` complete or pruned trials (a continued study's sampler is seeded
-anew from the number of trials it holds, so it does not replay its first draws). A study remembers a fingerprint of
-the config and of the run's folds it was made for and refuses to continue for other ones.
+anew from the number of trials it holds, so it does not replay its first draws). A study remembers a
+fingerprint of the config and of the run's folds it was made for and refuses to continue for other ones.
 
 Several processes share the search through one ``storage`` (Optuna's distributed mode): ``worker=0`` (the
 leader) does everything above; each ``worker=N > 0``, started with the same config and storage but its own
