@@ -51,6 +51,9 @@ def test_synth_cv_train_predict_export(cli_run, tmp_path):
     data, config, run, result = cli_run
     assert result.exit_code == 0, result.output
     assert "balanced" in result.output.lower() and "2-fold CV grouped by" in result.output
+    said = " ".join(result.output.split())  # auto on whole fields, and how to compare the other scope
+    assert "normalisation: per image (each image's own percentiles)" in said
+    assert "patches.normalise: {choices: [image, dataset]}" in said
     shutil.copytree(run, tmp_path / "run")
 
     result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "model"), "--cv-run", str(tmp_path / "run")])

@@ -27,6 +27,14 @@ def print_patch_summary(index: PatchIndex, out: str | Path) -> None:
     console.print(f"{len(index.patches)} patches from {len(index.images)} images written to {out}")
 
 
+SCOPES = {  # the deep models' normalisation scope, as the CV summary states it
+    "image": "per image (each image's own percentiles); for whole fields of constant acquisition, let `cytofuse "
+             "tune` compare it with dataset scope (tune.space: patches.normalise: {choices: [image, dataset]})",
+    "dataset": "per data set (percentiles of each fold's training patches; test patches never enter them)",
+    "fixed": "fixed range (patches.fixed_range)",
+}
+
+
 def print_cv_summary(result) -> None:
     """The models, the handcrafted baseline and the shortcut probes side by side (mean ± sd over folds)."""
     from rich.console import Console
@@ -43,6 +51,9 @@ def print_cv_summary(result) -> None:
             table.insert(0, "kind", [kinds.get(name, "model") for name in table.index])
         console.print(to_rich_table(table, title=f"{level}-level metrics, mean ± sd over folds"))
     console.print(f"measured on: {first['measured_on']}")
+    scopes = {v.get("model", {}).get("normalisation") for k, v in result.metrics.items() if kinds.get(k) == "model"}
+    for scope in sorted(scopes - {None}):
+        console.print(f"normalisation: {SCOPES.get(scope, scope)}", markup=False)
     _print_probe_verdict(console, result, kinds)
     console.print(f"run folder: {result.run_dir}")
 
