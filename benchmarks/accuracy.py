@@ -164,8 +164,8 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
 
 
 def fold_views(run_dir: Path):
-    """For each finished deep model of a CV run and each fold: (name, fold, model, test view of the cache, test
-    rows, input channels, labels, image ids). The view is the fold's own (normalisation of its training patches)."""
+    """For each finished deep model of a CV run and each fold: (name, model, view of the cache, test rows, input
+    channels, labels, image ids, patch index). The view is the fold's own (normalisation of its training patches)."""
     import numpy as np
     import pandas as pd
     import yaml
@@ -190,7 +190,7 @@ def fold_views(run_dir: Path):
             train = np.flatnonzero((folds["fold"] != k) & (folds["fold"] >= 0))
             test = np.flatnonzero(folds["fold"] == k)
             view = normalised_view(cfg.patches, cache, index, rows_all[train], None, seed=cfg.cv.seed + int(k))
-            yield (model_cfg.display_name, int(k), load_model(folder / f"fold_{k}" / "best.safetensors"), view,
+            yield (model_cfg.display_name, load_model(folder / f"fold_{k}" / "best.safetensors"), view,
                    rows_all[test], inputs, folds["y_true"].to_numpy()[test], folds["image_id"].to_numpy()[test], index)
 
 
@@ -209,7 +209,7 @@ def rescore_without_tta(run_dir: Path) -> None:
     from cytofuse.training.fit import predict_proba
 
     scores: dict[str, dict[bool, list]] = {}
-    for name, _, model, view, rows, inputs, y, _, _ in fold_views(run_dir):
+    for name, model, view, rows, inputs, y, _, _ in fold_views(run_dir):
         ds = PatchDataset(view, rows, y, channels=inputs)
         for tta in (True, False):
             pred = predict_proba(model, ds, batch_size=128, tta=tta)[0].argmax(1)
@@ -235,16 +235,16 @@ def exposure_check(run_dir: Path, gains=EXPOSURE_GAINS) -> None:
     from cytofuse.training.fit import predict_proba
 
     out: dict[str, dict[float, list]] = {}
-    for name, _, model, view, rows, inputs, y, image_ids, index in fold_views(run_dir):
+    for name, model, view, rows, inputs, y, image_ids, index in fold_views(run_dir):
         if not isinstance(view, NormalisedCache):
             print(f"{name}: per-image normalisation cancels exposure; nothing to check")
             return
-        images = index.images.copy()
+        images, row_images = index.images, cache_image_ids(view.cache, index)
         bounds = [c for c in images.columns if c.startswith(("lo_", "hi_"))]
         calls = {}
         for gain in gains:
             scaled = images.assign(**{c: images[c] * gain for c in bounds})
-            seen = NormalisedCache(view.cache, cache_image_ids(view.cache, index), scaled, view.norm)
+            seen = NormalisedCache(view.cache, row_images, scaled, view.norm)
             prob = predict_proba(model, PatchDataset(seen, rows, y, channels=inputs), batch_size=128, tta=True)[0]
             table = pd.DataFrame(prob).assign(image=image_ids, y=y).groupby("image").mean()
             calls[gain] = table.drop(columns="y").to_numpy().argmax(1), table["y"].to_numpy().astype(int)
