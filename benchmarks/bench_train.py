@@ -113,14 +113,23 @@ class EpochClock(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.threads = torch.get_num_threads()
+        _sync()
         self._start = time.perf_counter()
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
+            _sync()
             self.train_parts.append(time.perf_counter() - self._start)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        _sync()
         self.epochs.append(time.perf_counter() - self._start)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that wall clocks measure it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_fit(train_ds, val_ds, settings: TrainSettings, out_dir: Path, encoder: str = "smallcnn") -> EpochClock:
@@ -136,15 +145,16 @@ def run_plain(train_ds, val_ds, settings: TrainSettings, *, fast: bool = True, e
     fused AdamW, the weight average updated every step and validated); otherwise the previous
     path: fp32, contiguous memory, Adam with its default multi-tensor update, no weight average.
     """
-    from cytofuse.training.fit import resolve_precision
+    from cytofuse.training.fit import eval_device, resolve_precision
 
     L.seed_everything(settings.seed, verbose=False)
+    device = eval_device(settings)
     model = new_model(encoder=encoder)
     bf16 = fast and resolve_precision(settings) == "bf16-mixed"
     fmt = torch.channels_last if fast else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device, memory_format=fmt)
     ema = [p.detach().clone() for p in model.parameters()] if fast else None
-    weight = torch.as_tensor(class_weights(train_ds.labels, NUM_CLASSES))
+    weight = torch.as_tensor(class_weights(train_ds.labels, NUM_CLASSES)).to(device)
     collate = AugmentCollate(settings.augment)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, collate_fn=collate)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=settings.batch_size)
@@ -156,10 +166,12 @@ def run_plain(train_ds, val_ds, settings: TrainSettings, *, fast: bool = True, e
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + np.cos(np.pi * min(1.0, step / total))))
     clock = EpochClock()
     for _ in range(settings.max_epochs):
+        _sync()
         start = time.perf_counter()
         model.train()
         for x, y in train_loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)).float(), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,10 +180,12 @@ def run_plain(train_ds, val_ds, settings: TrainSettings, *, fast: bool = True, e
             if ema is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.01)
+        _sync()
         clock.train_parts.append(time.perf_counter() - start)
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            correct = sum(int((model(x.contiguous(memory_format=fmt)).argmax(1) == y).sum()) for x, y in val_loader)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            correct = sum(int((model(x.to(device).contiguous(memory_format=fmt)).argmax(1).cpu() == y).sum())
+                          for x, y in val_loader)
         assert 0 <= correct <= len(val_ds)
         clock.epochs.append(time.perf_counter() - start)
     return clock
@@ -210,19 +224,25 @@ def _cpu_times() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-def table_row(tmp: Path, size: int, encoder: str, *, batch: int, epochs: int, threads: int) -> dict:
-    """fit against the bare forward + backward + optimiser step (the recipe's CPU path) on the same batches."""
-    n = max(2 * batch, min(1024, int(2 * batch * (128 / size) ** 2 * (4 if encoder == "smallcnn" else 1))))
+def table_row(tmp: Path, size: int, encoder: str, *, batch: int, epochs: int, threads: int, device: str = "cpu",
+              precision: str = "auto", patches: int | None = None) -> dict:
+    """fit against the bare forward + backward + optimiser step (the recipe's path on ``device``) on the same
+    batches."""
+    n = patches or max(2 * batch, min(1024, int(2 * batch * (128 / size) ** 2 * (4 if encoder == "smallcnn" else 1))))
     cache, labels = random_cache(tmp / f"cache_{size}", n_patches=n, size=size)
     train_ds, val_ds = datasets(cache, labels, batch)
-    settings = TrainSettings(max_epochs=epochs, batch_size=batch, accelerator="cpu", progress=False, augment=Augment())
+    settings = TrainSettings(max_epochs=epochs, batch_size=batch, accelerator="gpu" if device == "cuda" else "cpu",
+                             precision=precision, progress=False, augment=Augment())
     u0, s0 = _cpu_times()
     fits = [run_fit(train_ds, val_ds, settings, tmp / f"fit_{size}_{encoder}", encoder=encoder)]
     u1, s1 = _cpu_times()
     bare = [run_plain(train_ds, val_ds, settings, encoder=encoder)]
     f, b = best_throughput(len(train_ds), fits, "train_parts"), best_throughput(len(train_ds), bare, "train_parts")
     (su, ss), (vu, vs) = fits[0].step_cpu, fits[0].val_cpu
-    return {"size": size, "encoder": f"{encoder} x3 (intermediate)", "patches": len(train_ds), "fit img/s": round(f, 1),
+    from cytofuse.training.fit import resolve_precision
+
+    return {"size": size, "encoder": f"{encoder} x3 (intermediate)", "device": device,
+            "precision": resolve_precision(settings), "patches": len(train_ds), "fit img/s": round(f, 1),
             "bare img/s": round(b, 1), "fit / bare": round(f / b, 2),
             "sys / user (fit)": round((s1 - s0) / max(u1 - u0, 1e-9), 3),
             "sys / user (steps)": round(ss / max(su, 1e-9), 3),
@@ -237,7 +257,8 @@ def print_table(args) -> None:
             if size > args.max_size or (args.sizes and size not in args.sizes) or (
                     args.encoders and encoder not in args.encoders):
                 continue
-            rows.append(table_row(Path(tmp), size, encoder, batch=args.batch, epochs=args.epochs, threads=args.threads))
+            rows.append(table_row(Path(tmp), size, encoder, batch=args.batch, epochs=args.epochs, threads=args.threads,
+                                  device=args.device, precision=args.precision, patches=args.table_patches))
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
         print("\n" + pd.DataFrame(rows).to_string(index=False))
         print("targets: fit / bare >= 0.9, sys / user <= 0.10")
@@ -359,6 +380,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true",
                         help="the table over patch sizes and encoders (fit vs bare step, system-time share)")
     parser.add_argument("--max-size", type=int, default=350, help="--table: largest patch size to include")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--table: where both sides train")
+    parser.add_argument("--precision", default="auto", help="--table: the fits' precision (auto, bf16-mixed, 32-true)")
+    parser.add_argument("--table-patches", type=int, help="--table: patches per row (default: fewer for larger "
+                        "patches, sized for the 2-core CPU)")
     parser.add_argument("--sizes", type=int, nargs="+", help="--table: only these patch sizes")
     parser.add_argument("--encoders", nargs="+", help="--table: only these encoders")
     parser.add_argument("--profile", action="store_true",

@@ -165,6 +165,36 @@ def test_bf16_autocast_agrees_with_fp32(model_dir, tmp_path):
         predict_images(model_dir, [image], out=tmp_path / "x", progress=False, precision="half")
 
 
+def test_device_names_are_checked_and_a_missing_gpu_is_named(model_dir, tmp_path):
+    from cytofuse.inference.predict import resolve_device
+
+    image = Image(_halves(), ("a", "b"))
+    with pytest.raises(InputError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        predict_images(model_dir, [image], out=tmp_path / "x", progress=False, device="gpu")
+    assert not (tmp_path / "x").exists()
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda:7", here=False) == "cuda:7"  # a cluster's workers resolve it themselves
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device 'cuda': this torch sees no CUDA device"):
+            predict_images(model_dir, [image], out=tmp_path / "x", progress=False, device="cuda")
+    else:
+        with pytest.raises(InputError, match=f"device 'cuda:99': torch sees {torch.cuda.device_count()} CUDA device"):
+            resolve_device("cuda:99")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prediction_on_the_gpu_agrees_with_the_cpu(model_dir, tmp_path):
+    image = Image(_halves(), ("a", "b"))
+    cpu = predict_images(model_dir, [image], out=tmp_path / "cpu", progress=False, precision="fp32", device="cpu")
+    gpu = predict_images(model_dir, [image], out=tmp_path / "gpu", progress=False, precision="fp32", device="cuda")
+    auto = predict_images(model_dir, [image], out=tmp_path / "auto", progress=False)  # cuda and bf16 by default
+    assert (cpu["decision"] == gpu["decision"]).all() and (cpu["decision"] == auto["decision"]).all()
+    assert np.abs(cpu["prob_a_bright"] - gpu["prob_a_bright"]).max() < 1e-3
+    assert np.abs(cpu["prob_a_bright"] - auto["prob_a_bright"]).max() < 0.02
+    patches = [pd.read_parquet(tmp_path / name / "patches.parquet") for name in ("cpu", "gpu")]
+    assert np.abs(patches[0]["prob_a_bright"] - patches[1]["prob_a_bright"]).max() < 1e-3
+
+
 # --------------------------------------------------------------------------- CV run and final model
 
 

@@ -257,6 +257,24 @@ def test_bf16_mixed_precision_on_cpu(toy, tmp_path):
     assert np.isfinite(result.history["val_loss"]).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_on_the_gpu_in_bf16_learns_and_is_evaluated_there(toy, tmp_path):
+    from cytofuse.models import create_model
+    from cytofuse.training.fit import eval_device, resolve_precision
+
+    train_ds, val_ds = toy
+    settings = _settings(max_epochs=8, accelerator="gpu", bn_recalibrate=True)
+    assert resolve_precision(settings) == "bf16-mixed" and eval_device(settings) == "cuda"
+    torch.manual_seed(0)
+    model = create_model("early", in_channels=2, num_classes=3, encoder="smallcnn", dropout=0.0)
+    result = fit(model, train_ds, val_ds, settings=settings, out_dir=tmp_path)
+    assert result.best_score >= 0.9 and np.isfinite(result.history["train_loss"]).all()
+    assert next(model.parameters()).device.type == "cpu"  # handed back on the CPU, as on a CPU-only machine
+    on_gpu, _ = predict_proba(model, val_ds, device="cuda", tta=True)
+    on_cpu, _ = predict_proba(model, val_ds, device="cpu", tta=True)
+    assert np.abs(on_gpu - on_cpu).max() < 1e-2 and (on_gpu.argmax(1) == on_cpu.argmax(1)).mean() >= 0.95
+
+
 def test_double_augmentation_warns(toy, tmp_path):
     train_ds, val_ds = toy
     augmented = PatchDataset(train_ds.cache, train_ds.rows, train_ds.labels, augment=Augment())

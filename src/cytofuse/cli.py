@@ -256,7 +256,9 @@ def predict(
     batch_size: int = typer.Option(64, help="Patches per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Threads that each cut a batch and run the model on it "
                                           "(default: one per core; 0: one batch at a time)."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 where the CPU has it natively)."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 where the device has it natively)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the first CUDA GPU torch sees, "
+                               "else the CPU)."),
     channel_names: Optional[str] = typer.Option(None, help="Comma-separated channel names for files that store none."),
     axes: Optional[str] = typer.Option(None, help="Axis order of .npy files, e.g. YXC."),
     heatmap_resolution: str = typer.Option("stride", help="stride (one value per patch-grid cell, the summary's "
@@ -282,7 +284,7 @@ def predict(
             model_dir, [as_image_path(i) for i in images], out=out, model_name=model, batch_size=batch_size, workers=workers,
             precision=precision, channel_names=_csv(channel_names), axes=axes, overwrite=overwrite,
             heatmap_resolution=heatmap_resolution, read_ahead=read_ahead, scheduler=check_scheduler(scheduler),
-            heatmap_format=format_,
+            heatmap_format=format_, device=device,
         )
     except (CytofuseError, FileExistsError) as exc:
         _fail(exc)

@@ -104,10 +104,39 @@ def preprocess(stack: np.ndarray, card: "ModelCard") -> "ImagePatches":
 # --------------------------------------------------------------------------- inference
 
 
-def _use_bf16(precision: str) -> bool:
+def _use_bf16(precision: str, device: str = "cpu") -> bool:
+    """Whether the model runs under bf16 autocast: asked for, or ``auto`` where ``device`` computes bf16 natively."""
     if precision not in ("fp32", "bf16", "auto"):
         raise InputError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-    return precision == "bf16" or (precision == "auto" and bf16_supported())
+    if precision != "auto":
+        return precision == "bf16"
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return bf16_supported()
+
+
+def resolve_device(device: str, *, here: bool = True) -> str:
+    """``device`` checked: "cpu", "cuda" or "cuda:N" (a device torch sees), or "auto" (cuda where there is one).
+
+    here: False only checks the name (a cluster's workers resolve it on their own machines)."""
+    import torch
+
+    device = str(device)
+    index = device.removeprefix("cuda").removeprefix(":")
+    if device not in ("auto", "cpu") and not (device.startswith("cuda") and (index == "" or index.isdigit())):
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not here or device == "cpu":
+        return device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: this torch sees no CUDA device (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__}); use device 'cpu' or 'auto'")
+    if index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
 
 
 def prepare_models(models: Sequence["torch.nn.Module"], *, device: str = "cpu") -> list["torch.nn.Module"]:
@@ -308,7 +337,7 @@ def predict_images(
     precision: Literal["fp32", "bf16", "auto"] = "auto",
     channel_names: Sequence[str] | None = None,
     axes: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     heatmap_resolution: Literal["full", "stride"] = "stride",
     heatmap_format: Literal["tiff", "ome-zarr"] = "tiff",
     read_ahead: bool = False,
@@ -319,7 +348,9 @@ def predict_images(
     model_dir_or_run: a model folder, or a CV run folder (its ``model_name`` folds form an ensemble).
     workers: threads that each cut a batch and run the model on it, one intra-op thread each (default:
         torch's thread count, one per core; 0: one batch at a time with torch's own threading).
-    precision: "bf16" autocast, "fp32", or "auto" (bf16 where the CPU computes it natively).
+    precision: "bf16" autocast, "fp32", or "auto" (bf16 where the device computes it natively).
+    device: "auto" (the first CUDA device where torch sees one, else the CPU), "cpu", "cuda" or "cuda:N"; with
+        ``scheduler``, every worker's own device of that name.
     channel_names / axes: passed to ``cytofuse.io.readers.read_image`` (names for files that store none).
     heatmap_resolution: "stride" (one pixel per stitching cell, the default) or "full" (image pixels); see
         the module notes.
@@ -346,6 +377,7 @@ def predict_images(
         raise InputError(f"heatmap_format must be one of {list(HEATMAP_FORMATS)}, got {heatmap_format!r}")
     scheduler = check_scheduler(scheduler, what="scheduler")
     _use_bf16(precision)  # checked here; decided where the model runs
+    device = resolve_device(device, here=scheduler is None)
     models, card = load_models(model_dir_or_run, model_name=model_name)
     names = _image_names(images)
     options = dict(batch_size=batch_size, workers=workers, precision=precision, channel_names=channel_names, axes=axes,
@@ -373,7 +405,7 @@ def _predict_here(models, card: "ModelCard", images: Sequence, names: list[str],
     from rich.progress import Progress
 
     workers = default_workers() if workers is None else workers
-    bf16 = _use_bf16(precision)
+    bf16 = _use_bf16(precision, next(models[0].parameters()).device.type)
     rows, tables = [], []
 
     def load(i: int, nice: int) -> tuple["Image", tuple[np.ndarray, "ImagePatches"]]:
@@ -440,6 +472,7 @@ def predict_file(model: tuple[str, str | None, str], item, name: str, folder: Pa
     ``folder``; return its summary row and patch table."""
     from dataclasses import replace
 
+    model = (*model[:2], resolve_device(model[2]))
     models, card = _worker_models(*model)
     if isinstance(item, tuple):
         path, given = item
@@ -448,7 +481,7 @@ def predict_file(model: tuple[str, str | None, str], item, name: str, folder: Pa
         image = _read(item, options["channel_names"], options["axes"])
     folder.mkdir(parents=True, exist_ok=True)  # a retried task finds it
     result = predict_image(image, models, card, name=name, folder=folder, batch_size=options["batch_size"],
-                           bf16=_use_bf16(options["precision"]), workers=options["workers"],
+                           bf16=_use_bf16(options["precision"], model[2]), workers=options["workers"],
                            heatmap_resolution=options["heatmap_resolution"], heatmap_format=options["heatmap_format"])
     _write_overlay(folder, result, card.class_names)
     return _summary_row(result, card.class_names), result.patches

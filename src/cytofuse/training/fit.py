@@ -153,12 +153,21 @@ class TrainSettings(BaseModel):
         return "best" if self.early_stopping else "last"
 
 
+def on_gpu(settings: TrainSettings) -> bool:
+    """Whether fits of ``settings`` train on a CUDA device (``accelerator`` gpu, or auto with one present)."""
+    return settings.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def eval_device(settings: TrainSettings) -> str:
+    """Where a fitted model of ``settings`` is evaluated: the device it trained on ("cuda" or "cpu")."""
+    return "cuda" if on_gpu(settings) else "cpu"
+
+
 def resolve_precision(settings: TrainSettings) -> str:
     """The Lightning precision of ``settings``: 'auto' becomes bf16-mixed where bf16 is native, else 32-true."""
     if settings.precision != "auto":
         return settings.precision
-    gpu = settings.accelerator == "gpu" or (settings.accelerator == "auto" and torch.cuda.is_available())
-    if gpu:
+    if settings.accelerator == "gpu" or on_gpu(settings):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     from cytofuse.runtime import bf16_supported
 
@@ -509,7 +518,7 @@ def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tup
         "batch_size": settings.batch_size,
         "num_workers": settings.num_workers,
         "persistent_workers": settings.num_workers > 0,
-        "pin_memory": settings.accelerator == "gpu",
+        "pin_memory": on_gpu(settings),
     }
     weights = balanced_weights(_labels_of(train_ds, "train_ds")) if settings.sampler == "weighted" else None
     sampler = EpochSampler(len(train_ds), seed=settings.seed, weights=weights)
@@ -730,7 +739,8 @@ def _finish(model: nn.Module, module: ClassifierModule, trainer: L.Trainer, out_
     if settings.select == "last" and not history.empty:  # the end of the budget: the last validated epoch
         best_epoch, best_score = int(history["epoch"].iloc[-1]), float(history["val_smoothed"].iloc[-1])
     if settings.bn_recalibrate:
-        recalibrate_batchnorm(model, train_loader)
+        recalibrate_batchnorm(model.to(eval_device(settings)), train_loader)
+        model.cpu()
     stopped_early = settings.early_stopping and _early_stopped(files.last_checkpoint)
     result = FitResult(best_epoch, best_score, history, files.weights, stopped_early)
     _warn_if_chance(history, model, out_dir)

@@ -330,14 +330,18 @@ def fit_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex,
                            measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
                            channels=[index.channel_names[i] for i in inputs])
     model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, folder)
-    tta, held = settings.tta, np.flatnonzero(fold == -1)
-    return FoldResult(
-        _predict(model, view, rows, folds, test, classes, fold=k, channels=inputs, tta=tta),
-        _predict(model, view, rows, folds, val_idx, classes, fold=k, channels=inputs, tta=tta)
+    from cytofuse.training.fit import eval_device
+
+    held = np.flatnonzero(fold == -1)
+    how = dict(channels=inputs, tta=settings.tta, device=eval_device(settings))
+    result = FoldResult(
+        _predict(model, view, rows, folds, test, classes, fold=k, **how),
+        _predict(model, view, rows, folds, val_idx, classes, fold=k, **how)
         if extras and cfg.cv.positive_class is not None else None,
-        _predict(model, view, rows, folds, held, classes, fold=-1, channels=inputs, tta=tta)
-        if extras and len(held) else None,
+        _predict(model, view, rows, folds, held, classes, fold=-1, **how) if extras and len(held) else None,
         count_parameters(model))
+    model.cpu()
+    return result
 
 
 def _fold_settings(cfg: RunConfig, *, progress: bool):
@@ -452,13 +456,13 @@ def _measured_on(folds: pd.DataFrame, n_folds: int, cfg: RunConfig) -> str:
 
 
 def _predict(model, cache, rows, folds: pd.DataFrame, idx: np.ndarray, classes: list[str], *, fold: int,
-             channels: list[int] | None = None, tta: bool = False) -> pd.DataFrame:
+             channels: list[int] | None = None, tta: bool = False, device: str = "cpu") -> pd.DataFrame:
     """Class probabilities of patches ``idx`` from the model's input ``channels`` only (never auxiliary ones)."""
     from cytofuse.training.cache import PatchDataset
     from cytofuse.training.fit import predict_proba
 
     ds = PatchDataset(cache, rows[idx], folds["y_true"].to_numpy()[idx], channels=channels)
-    proba, _ = predict_proba(model, ds, batch_size=128, tta=tta)
+    proba, _ = predict_proba(model, ds, batch_size=128, tta=tta, device=device)
     frame = folds.iloc[idx][["patch_id", "image_id", "group", "y_true"]].reset_index(drop=True)
     frame.insert(3, "fold", fold)
     for c, name in enumerate(classes):

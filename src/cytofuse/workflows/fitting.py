@@ -90,7 +90,7 @@ def teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: Pat
 
     from cytofuse.training.cache import PatchDataset
     from cytofuse.models import create_model
-    from cytofuse.training.fit import fit, predict_proba
+    from cytofuse.training.fit import eval_device, fit, predict_proba
 
     seen = ([inputs[channel]] if channel is not None else inputs) + aux
     L.seed_everything(settings.seed, verbose=False)
@@ -104,7 +104,7 @@ def teacher_targets(model_cfg, cache, rows, labels, fit_idx, val_idx, index: Pat
     teach_ds = PatchDataset(cache, rows[fit_idx], labels[fit_idx], channels=seen)
     fit(teacher, teach_ds, PatchDataset(cache, rows[val_idx], labels[val_idx], channels=seen), settings=settings,
         out_dir=FitFolder(out).teacher.root)
-    proba, _ = predict_proba(teacher, teach_ds, batch_size=128, tta=settings.tta)
+    proba, _ = predict_proba(teacher, teach_ds, batch_size=128, tta=settings.tta, device=eval_device(settings))
     soft = np.power(np.clip(proba.astype(np.float64), 1e-12, None), 1.0 / settings.distill_temperature)
     return (soft / soft.sum(1, keepdims=True)).astype(np.float32)
 
