@@ -90,7 +90,7 @@ def forward_only(models, n: int, *, size: int, batch: int, bf16: bool, workers: 
         return ensemble_proba(models, x[: min(batch, n - start)], bf16=bf16, tta=tta)
 
     with single_threaded_ops(workers > 0):
-        for _ in in_order(run, range(0, 4 * batch * max(workers, 1), batch), workers):  # warm-up
+        for _ in in_order(run, range(0, min(n, 4 * batch * max(workers, 1)), batch), workers):  # warm-up
             pass
         t = time.perf_counter()
         for _ in in_order(run, range(0, n, batch), workers):
