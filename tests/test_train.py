@@ -257,6 +257,15 @@ def test_bf16_mixed_precision_on_cpu(toy, tmp_path):
     assert np.isfinite(result.history["val_loss"]).all()
 
 
+def test_models_are_evaluated_on_the_device_they_trained_on():
+    from cytofuse.training.fit import eval_device, on_gpu
+
+    gpu = torch.cuda.is_available()
+    assert eval_device(_settings(accelerator="cpu")) == "cpu" and not on_gpu(_settings(accelerator="cpu"))
+    assert eval_device(_settings(accelerator="auto")) == ("cuda" if gpu else "cpu")
+    assert on_gpu(_settings(accelerator="gpu")) == gpu
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fit_on_the_gpu_in_bf16_learns_and_is_evaluated_there(toy, tmp_path):
     from cytofuse.models import create_model
