@@ -246,6 +246,39 @@ def test_a_space_of_choices_is_a_grid_searched_setting_by_setting_without_prunin
     assert next_grid_point(study, points, 0) == {"a": 2}
 
 
+def test_a_grid_setting_whose_process_fell_silent_is_free_again_and_the_leader_waits_for_living_ones():
+    import time
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    from cytofuse.workflows.tune import STALE_S, leader_waits, next_grid_point
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    points, dist = [{"a": 1}, {"a": 2}], {"a": CategoricalDistribution([1, 2])}
+
+    def start(value, worker, alive):
+        study.enqueue_trial({"a": value})
+        trial = study.ask(dist)
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("alive", alive)
+        return trial
+
+    living, silent = start(1, 1, time.time()), start(2, 2, time.time() - STALE_S - 60)
+    # the leader has nothing left to run but must wait: no trial has completed, and worker 1 is alive
+    assert next_grid_point(study, points, 3) == {"a": 2}  # worker 2's trial is taken for dead ...
+    assert study.trials[silent.number].state == TrialState.FAIL  # ... and failed, so its setting is free
+    start(2, 3, time.time())
+    assert next_grid_point(study, points, 0) is None and leader_waits(study)
+    study.tell(living, 0.8)
+    assert not leader_waits(study)  # a complete trial: the leader can refit
+    study = optuna.create_study(direction="maximize")
+    start(1, 1, time.time() - STALE_S - 60)
+    assert not leader_waits(study)  # nobody alive to wait for: the leader stops and says no trial completed
+
+
 # --------------------------------------------------------------------------- pruning
 
 

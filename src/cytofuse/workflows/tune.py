@@ -379,14 +379,16 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", worker)
+        trial.set_user_attr("alive", time.time())
         params = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
         trial_cfg = with_parameters(cfg, params)
         settings = trial_settings(trial_cfg, cfg.tune)
         out = work / name / "trials" / str(trial.number)
         reporter = EpochReporter(trial, epochs=None if settings.max_steps else settings.max_epochs)
         try:
-            fit_model(trial_cfg.models[0], view_of(trial_cfg.patches), rows, labels, fit_idx, val_idx, data.index,
-                      data.classes, settings, out, callbacks=[reporter])
+            with heartbeat(trial):
+                fit_model(trial_cfg.models[0], view_of(trial_cfg.patches), rows, labels, fit_idx, val_idx,
+                          data.index, data.classes, settings, out, callbacks=[reporter])
         finally:
             shutil.rmtree(out, ignore_errors=True)
         if not reporter.reported:
@@ -405,6 +407,9 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
             break
         if grid is not None:  # a space of choices: the next setting no process has finished or is running
             if (point := next_grid_point(study, grid[:trials], worker)) is None:
+                if worker == 0 and leader_waits(study):
+                    time.sleep(POLL_S)
+                    continue
                 break
             study.enqueue_trial(point)
             todo = 1
@@ -412,18 +417,45 @@ def search(name: str, cfg: RunConfig, data: RunData, pool: np.ndarray, storage, 
     return search_result(study, required=worker == 0)
 
 
+def running_elsewhere(study, worker: int) -> list:
+    """The running trials of processes other than ``worker`` whose heartbeat is recent. One silent for
+    ``STALE_S`` (its process died) is failed, so that its setting is free again."""
+    from optuna.trial import TrialState
+
+    live = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker", 0) == worker:
+            continue
+        alive = t.user_attrs.get("alive", t.datetime_start.timestamp() if t.datetime_start else time.time())
+        if float(alive) >= time.time() - STALE_S:
+            live.append(t)
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # finished or failed meanwhile
+            pass
+    return live
+
+
+def leader_waits(study) -> bool:
+    """Whether the leader, with no grid setting left to run, waits: no trial has completed yet and other
+    processes are running some (it needs a complete trial to refit)."""
+    from optuna.trial import TrialState
+
+    return not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and bool(running_elsewhere(study, 0))
+
+
 def next_grid_point(study, points: list[dict], worker: int) -> dict | None:
     """The first of ``points`` (the grid's settings, in order) without a complete or pruned trial in ``study``
-    and not being run by another process (a running trial of this process's own ``worker`` number is left by an
-    interrupted run, so its setting is run again); the process's turn among several such settings is its
+    and not being run by another living process (a running trial of this process's own ``worker`` number is left
+    by an interrupted run, so its setting is run again; see :func:`running_elsewhere`); the process's turn among several such settings is its
     ``worker`` number. None when every setting is done or taken."""
     from optuna.trial import TrialState
 
     taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
     queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     taken += [t.system_attrs.get("fixed_params", {}) for t in queued]
-    taken += [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-              if t.user_attrs.get("worker", 0) != worker]
+    taken += [t.params for t in running_elsewhere(study, worker)]
     free = [p for p in points if p not in taken]
     return free[worker % len(free)] if free else None
 
