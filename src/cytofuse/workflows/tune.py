@@ -803,8 +803,9 @@ def _tune(cfg: RunConfig, run_dir: Path, storage_obj, storage: str | None, *, wo
     for job in jobs:
         proba, params, by, value = refits[job.key]
         parts.setdefault(job.procedure, []).append(outer_frame(data, job.fold, proba))
-        if job.procedure == "tuned":  # the settings refitted (the study's best when its refit began)
-            found = results[f"outer_{job.fold}"]
+        if job.procedure == "tuned":  # the settings refitted (the study's best when its refit began) and the
+            # study's trial counts now: trials other processes finished after this one's search count too
+            found = search_result(open_study(f"outer_{job.fold}", storage_obj, cfg, seed=0))
             results[f"outer_{job.fold}"] = replace(found, params=params, value=float(value), refit_by=by)
         else:
             default_by[job.fold] = by
