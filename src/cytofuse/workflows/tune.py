@@ -447,9 +447,9 @@ def leader_waits(study) -> bool:
 
 def next_grid_point(study, points: list[dict], worker: int) -> dict | None:
     """The first of ``points`` (the grid's settings, in order) without a complete or pruned trial in ``study``
-    and not being run by another living process (a running trial of this process's own ``worker`` number is left
-    by an interrupted run, so its setting is run again; see :func:`running_elsewhere`); the process's turn among several such settings is its
-    ``worker`` number. None when every setting is done or taken."""
+    and not being run by another living process (:func:`running_elsewhere`; a running trial of this process's own
+    ``worker`` number is left by an interrupted run, so its setting is run again); the process's turn among
+    several such settings is its ``worker`` number. None when every setting is done or taken."""
     from optuna.trial import TrialState
 
     taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
@@ -521,8 +521,8 @@ def outer_frame(data: RunData, k: int, proba: np.ndarray) -> pd.DataFrame:
 
 
 REFITS = "refits"  # the study whose trials are the outer refits, claimed one at a time by every process
-HEARTBEAT_S = 30.0  # a process refitting writes the time into its trial at least this often
-STALE_S = 300.0  # a refit without a heartbeat for this long is taken to have died and is done again
+HEARTBEAT_S = 30.0  # a process refitting or running a search trial writes the time into it at least this often
+STALE_S = 300.0  # a refit or search trial silent for this long is taken to have died and is done again
 POLL_S = 2.0  # how often the leader looks for refits that other processes are running
 
 
@@ -544,9 +544,9 @@ def refit_jobs(cfg: RunConfig, n_folds: int) -> list[RefitJob]:
 
 @contextmanager
 def heartbeat(trial, every_s: float = HEARTBEAT_S):
-    """Writes the time into a refit's trial every ``every_s`` seconds while the block runs (fit, validation and
-    test-fold prediction alike), so that the other processes can tell a running refit from one whose process
-    died. A thread, so that no step of the refit has to remember to beat."""
+    """Writes the time into a refit's or a search trial's ``trial`` every ``every_s`` seconds while the block runs
+    (fit, validation and test-fold prediction alike), so that the other processes can tell a running trial from
+    one whose process died. A thread, so that no step of the fit has to remember to beat."""
     import threading
 
     stop = threading.Event()
@@ -558,7 +558,7 @@ def heartbeat(trial, every_s: float = HEARTBEAT_S):
             except Exception:  # noqa: BLE001 - taken for dead and finished elsewhere, or the storage is gone:
                 return  # the refit's own final write reports either
 
-    thread = threading.Thread(target=beat, name="cytofuse-refit-heartbeat", daemon=True)
+    thread = threading.Thread(target=beat, name="cytofuse-heartbeat", daemon=True)
     thread.start()
     try:
         yield
