@@ -317,6 +317,7 @@ def fit_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex,
     its test fold; with ``extras``, also the validation split (``cv.positive_class``) and the held-out set."""
     from cytofuse.config import model_channels
     from cytofuse.models import count_parameters
+    from cytofuse.training.fit import eval_device
 
     rows = cache.positions(folds["patch_id"].to_numpy())
     labels, groups = folds["y_true"].to_numpy(), folds["group"].to_numpy()
@@ -330,8 +331,6 @@ def fit_fold(model_cfg: ModelSettings, cfg: RunConfig, cache, index: PatchIndex,
                            measured_on=f"the {len(train)} patches of fold {k}'s training split (test fold excluded)",
                            channels=[index.channel_names[i] for i in inputs])
     model = fit_model(model_cfg, view, rows, labels, fit_idx, val_idx, index, classes, settings, folder)
-    from cytofuse.training.fit import eval_device
-
     held = np.flatnonzero(fold == -1)
     how = dict(channels=inputs, tta=settings.tta, device=eval_device(settings))
     result = FoldResult(

@@ -422,19 +422,23 @@ def running_elsewhere(study, worker: int) -> list:
     ``STALE_S`` (its process died) is failed, so that its setting is free again."""
     from optuna.trial import TrialState
 
-    live = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("worker", 0) == worker:
-            continue
-        alive = t.user_attrs.get("alive", t.datetime_start.timestamp() if t.datetime_start else time.time())
-        if float(alive) >= time.time() - STALE_S:
-            live.append(t)
-            continue
-        try:
-            study.tell(t.number, state=TrialState.FAIL)
-        except (RuntimeError, ValueError):  # finished or failed meanwhile
-            pass
-    return live
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker", 0) != worker and beating(study, t)]
+
+
+def beating(study, trial, *, since: float = float("-inf")) -> bool:
+    """Whether the process of a running ``trial`` (a refit or a search trial) is alive: its heartbeat is newer
+    than ``STALE_S`` ago and than ``since``. A silent trial is failed, so that its work is free again."""
+    from optuna.trial import TrialState
+
+    start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+    if float(trial.user_attrs.get("alive", start)) >= max(since, time.time() - STALE_S):
+        return True
+    try:
+        study.tell(trial.number, state=TrialState.FAIL)
+    except (RuntimeError, ValueError):  # finished or failed meanwhile by its process or another
+        pass
+    return False
 
 
 def leader_waits(study) -> bool:
@@ -593,15 +597,8 @@ def _refit_state(study, *, started: float):
             continue
         if t.state == TrialState.COMPLETE:
             finished.setdefault(key, t)
-        elif t.state == TrialState.RUNNING:
-            alive = float(t.user_attrs.get("alive", 0.0))
-            if alive < max(started, time.time() - STALE_S):
-                try:
-                    study.tell(t.number, state=TrialState.FAIL)
-                except (RuntimeError, ValueError):  # finished or failed meanwhile by its process or another
-                    pass
-            else:
-                live.add(key)
+        elif t.state == TrialState.RUNNING and beating(study, t, since=started):
+            live.add(key)
     return finished, live
 
 
