@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from torch import nn
 
 from cytofuse.training.cache import Augment, PatchDataset, build_patch_cache
 from cytofuse.errors import InputError
-from cytofuse.training.fit import FitResult, TrainSettings, fit, load_weights, predict_proba
+from cytofuse.training.fit import ChanceLevelWarning, FitResult, TrainSettings, fit, load_weights, predict_proba
 
 P = 16
 NO_AUG = Augment(enabled=False)
@@ -520,3 +521,64 @@ def test_fit_with_mixup_and_label_smoothing_learns_and_repeats(toy, tmp_path):
     assert not torch.equal(a.head.weight, plain.head.weight)
     keys = {fit_key(_model(), train_ds, val_ds, s) for s in (_settings(), settings, _settings(mixup=0.4))}
     assert len(keys) == 3
+
+
+def test_log_prior_values_and_missing_class():
+    from cytofuse.training.cache import log_prior
+
+    np.testing.assert_allclose(log_prior(np.array([0] * 30 + [1] * 10), 2), np.log([0.75, 0.25]), rtol=1e-6)
+    with pytest.raises(InputError, match=r"log_prior: class \['S'\] has no training sample"):
+        log_prior(np.array([0, 0, 2]), 3, class_names=["G1", "S", "G2"])
+
+
+def test_logit_adjustment_enters_the_losses_not_the_evaluated_logits(toy):
+    from cytofuse.training.fit import ClassifierModule
+
+    offset = np.log([0.6, 0.3, 0.1]).astype(np.float32)
+    module = ClassifierModule(TinyNet(), settings=_settings(class_weighting="logit_adjust"), logit_offset=offset)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.tensor([0, 1, 2])
+    total, weight = module._loss_terms(logits, y)
+    expected = F.cross_entropy(logits + torch.from_numpy(offset), y, reduction="sum")
+    assert float(total) == pytest.approx(float(expected), rel=1e-6) and float(weight) == 3.0
+    # a rare class's logit is lowered in the loss, so its loss is larger than without the adjustment
+    assert float(total) > float(F.cross_entropy(logits, y, reduction="sum"))
+    x = torch.from_numpy(_toy_patches(4, seed=1)[0])
+    module.eval()
+    torch.testing.assert_close(module.evaluated(x), module.model(x))  # what is evaluated and predicted is unadjusted
+
+
+def _overlapping(n: int, rare: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes told apart by a noisy brightness shift of channel 0 (overlapping: at best ~0.7 balanced
+    accuracy); class 1 is the rare one."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < rare).astype(np.int64)
+    level = labels * 1.0 + rng.normal(0.0, 1.0, n)
+    x = rng.normal(0.0, 0.2, size=(n, 2, P, P)).astype(np.float32) + level[:, None, None, None].astype(np.float32) * [[[1.0]], [[0.0]]]
+    return x.astype(np.float32), labels
+
+
+def test_logit_adjustment_raises_the_rare_class_recall(tmp_path):
+    """On overlapping classes with a 10 % minority, unweighted cross-entropy favours the majority; logit
+    adjustment moves the decision to where both classes' recalls balance."""
+    x, labels = _overlapping(600, 0.1, seed=0)
+    ids = [f"img{i}" for i in range(len(x))]
+    index = pd.DataFrame({"patch_id": np.arange(len(x), dtype=np.int64), "image_id": ids, "z": 0, "y": 0, "x": 0,
+                          "size": P, "label": labels.astype(str), "group": ids})
+    stats = pd.DataFrame({"image_id": ids, "lo_a": 0.0, "hi_a": 1.0, "lo_b": 0.0, "hi_b": 1.0})
+    cache = build_patch_cache(index, stats, load_image=lambda i: x[int(i[3:])][:, None], channels=["a", "b"],
+                              out=tmp_path / "cache", progress=False, dtype=np.float32)
+    rows = np.arange(len(x))
+    train_ds, val_ds = PatchDataset(cache, rows[:400], labels[:400]), PatchDataset(cache, rows[400:], labels[400:])
+    recall = {}
+    for weighting in ("none", "logit_adjust"):
+        model = _model(cls=lambda: TinyNet(num_classes=2))
+        with warnings.catch_warnings():  # the unweighted model may end at chance: that is the point
+            warnings.simplefilter("ignore", ChanceLevelWarning)
+            fit(model, train_ds, val_ds, settings=_settings(max_epochs=8, lr=3e-3, class_weighting=weighting, tta=False),
+                out_dir=tmp_path / weighting)
+        proba, _ = predict_proba(model, val_ds, tta=False)
+        pred, truth = proba.argmax(1), labels[400:]
+        recall[weighting] = [float((pred[truth == k] == k).mean()) for k in (0, 1)]
+    assert recall["none"][1] < 0.4 < recall["logit_adjust"][1] - 0.1, recall
+    assert np.mean(recall["logit_adjust"]) > np.mean(recall["none"]), recall

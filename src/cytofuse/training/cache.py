@@ -535,6 +535,14 @@ def class_weights(labels: np.ndarray, num_classes: int, *, class_names: Sequence
     return (counts.sum() / (num_classes * counts)).astype(np.float32)
 
 
+def log_prior(labels: np.ndarray, num_classes: int, *, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """The logit adjustment of ``labels``: the log of each class's frequency, e.g. 30 and 10 samples give
+    [log 0.75, log 0.25]. Added to the logits in the loss only, it leaves the plain logits aiming at
+    balanced accuracy (Menon et al. 2021). Errors naming the class when one has no sample."""
+    counts = _class_counts(labels, num_classes, class_names, "log_prior")
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Indices of one epoch drawn from ``(seed, epoch)`` alone: a permutation, or with ``weights`` a draw
     with replacement. The trainer calls ``set_epoch`` before each epoch, so a fit resumed at an epoch

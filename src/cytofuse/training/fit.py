@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights
+from cytofuse.training.cache import Augment, EpochSampler, balanced_weights, class_weights as inverse_class_weights, log_prior
 from cytofuse.errors import InputError
 from cytofuse.models.weights import load_weights, save_weights
 from cytofuse.runs import FitFolder, atomic_path, write_json_atomic
@@ -85,8 +85,10 @@ class TrainSettings(BaseModel):
     mixup: float = Field(
         0.0, ge=0, description="Mixup: each training batch is blended with a shuffled copy of itself, inputs and "
         "targets alike, by a weight drawn from Beta(mixup, mixup) (0: off; 0.2-0.4 typical).")
-    class_weighting: Literal["inverse", "none"] = Field(
-        "inverse", description="Cross-entropy class weights inverse to training class frequency, or none."
+    class_weighting: Literal["inverse", "none", "logit_adjust"] = Field(
+        "inverse", description="'inverse': cross-entropy class weights inverse to training class frequency; "
+        "'logit_adjust': unweighted cross-entropy of the logits plus the log of the training class frequencies "
+        "(Menon et al. 2021), so that the plain logits, as evaluated and predicted, aim at balanced accuracy; 'none'."
     )
     sampler: Literal["none", "weighted"] = Field(
         "none", description="'weighted' draws classes equally often (with replacement) instead of shuffling."
@@ -224,7 +226,8 @@ class ClassifierModule(L.LightningModule):
     """Wraps any cytofuse model: weighted cross-entropy, AdamW with warm-up + cosine, weight EMA, epoch history."""
 
     def __init__(self, model: nn.Module, *, settings: TrainSettings, class_weight: np.ndarray | None = None,
-                 history_path: Path | None = None, aux_targets: int = 0, feature_dim: int = 0) -> None:
+                 history_path: Path | None = None, aux_targets: int = 0, feature_dim: int = 0,
+                 logit_offset: np.ndarray | None = None) -> None:
         super().__init__()
         self.model = model
         # training-only channels as targets: the last aux_targets channels of each training batch, predicted
@@ -235,6 +238,9 @@ class ClassifierModule(L.LightningModule):
         self.history_path = history_path
         weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight), dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
+        # logit adjustment: added to the logits inside the losses only, never to what is evaluated or predicted
+        offset = None if logit_offset is None else torch.as_tensor(np.asarray(logit_offset), dtype=torch.float32)
+        self.register_buffer("logit_offset", offset, persistent=False)
         self.ema = _frozen_copy(model) if settings.ema else None
         self._ema_decay = settings.ema_decay or 0.99
         self.loader_batches = 1  # set by fit from the training loader
@@ -281,9 +287,14 @@ class ClassifierModule(L.LightningModule):
         for e, m in copied:
             e.copy_(m)
 
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits as the losses see them: float32, plus the log class prior under logit adjustment."""
+        logits = logits.float()
+        return logits if self.logit_offset is None else logits + self.logit_offset
+
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of weighted per-sample losses and sum of weights (their ratio is the weighted mean)."""
-        logits = logits.float()
+        logits = self._adjusted(logits)
         w = self.class_weight[y] if self.class_weight is not None else torch.ones(len(y), device=logits.device)
         if smoothing:  # each sample weighted by its label's class weight; torch's form would weight the smoothed
             log_p = F.log_softmax(logits, 1)  # share by every class's weight and pull towards the rarest classes
@@ -316,7 +327,7 @@ class ClassifierModule(L.LightningModule):
     def _branch_loss(self, branches, y: torch.Tensor) -> torch.Tensor:
         if isinstance(branches, torch.Tensor):
             branches = branches.unbind(1)
-        terms = [F.cross_entropy(b.float(), y, weight=self.class_weight) for b in branches]
+        terms = [F.cross_entropy(self._adjusted(b), y, weight=self.class_weight) for b in branches]
         return torch.stack(terms).mean()
 
     def _distill_loss(self, logits: torch.Tensor, soft: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -505,11 +516,15 @@ def _labels_of(ds: Dataset, name: str) -> np.ndarray:
 def _resolve_class_weights(model: nn.Module, train_ds: Dataset, settings: TrainSettings, given) -> np.ndarray | None:
     if given is not None:
         return np.asarray(given, dtype=np.float32)
-    if settings.class_weighting == "none":
+    if settings.class_weighting != "inverse":
         return None
     labels = _labels_of(train_ds, "train_ds")
-    num_classes = int(getattr(model, "num_classes", labels.max() + 1))
-    return inverse_class_weights(labels, num_classes)
+    return inverse_class_weights(labels, _num_classes(model, labels))
+
+
+def _num_classes(model: nn.Module, labels: np.ndarray) -> int:
+    return int(getattr(model, "num_classes", labels.max() + 1))
+
 
 
 def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tuple[DataLoader, DataLoader]:
@@ -674,11 +689,16 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     if state.get("completed") and FitFolder(out_dir).weights.is_file():
         return _stored_result(model, out_dir, state)
     weight = _resolve_class_weights(model, train_ds, settings, class_weights)
-    if weight is not None and settings.sampler == "weighted" and class_weights is None:
-        warnings.warn("fit: class_weighting='inverse' with sampler='weighted' corrects the imbalance twice", stacklevel=2)
+    offset = None
+    if settings.class_weighting == "logit_adjust" and class_weights is None:
+        labels = _labels_of(train_ds, "train_ds")
+        offset = log_prior(labels, _num_classes(model, labels))
+    if (weight is not None or offset is not None) and settings.sampler == "weighted" and class_weights is None:
+        warnings.warn(f"fit: class_weighting={settings.class_weighting!r} with sampler='weighted' corrects the "
+                      "imbalance twice", stacklevel=2)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = ClassifierModule(model, settings=settings, class_weight=weight, history_path=FitFolder(out_dir).history,
-                              aux_targets=auxiliary_targets, feature_dim=feature_dim)
+                              aux_targets=auxiliary_targets, feature_dim=feature_dim, logit_offset=offset)
     train_loader, val_loader = _loaders(train_ds, val_ds, settings)
     module.loader_batches = len(train_loader)
     last = FitFolder(out_dir).last_checkpoint
