@@ -73,15 +73,16 @@ def bbbc021_config(work: Path) -> dict | None:
             "models": [{"fusion": "early", "name": "early"}, {"fusion": "intermediate", "name": "intermediate"}]}
 
 
-def livedead_config(work: Path) -> dict | None:
+def livedead_config(work: Path, bin_factor: int = 2) -> dict | None:
     from realsets import livedead_crops
 
     root = data_root() / "livedead-brightfield"
     if not root.is_dir():
         return None
-    crops = livedead_crops(root, work / "livedead_crops")
+    folder = "livedead_crops" if bin_factor == 2 else f"livedead_crops_bin{bin_factor}"
+    crops = livedead_crops(root, work / folder, bin_factor=bin_factor)
     return {"data": {"images": str(crops), "group_pattern": r"^(.*)_(?:live|dead)_"},
-            "patches": {"size": 64, "min_ratio": 0.0},
+            "patches": {"size": 128 // bin_factor, "min_ratio": 0.0},
             "models": [{"fusion": "early", "name": "early"}]}
 
 
@@ -132,12 +133,13 @@ def _override(raw: dict, item: str) -> None:
     node[last] = yaml.safe_load(value)
 
 
-def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str, models: list[str] = ()) -> list[dict]:
+def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: str, models: list[str] = (),
+             options: dict | None = None) -> list[dict]:
     from cytofuse.config import validate_config
     from cytofuse.workflows.cv import run_cv
 
     make, level = TASKS[name]
-    raw = make(work)
+    raw = make(work, **(options or {}).get(name, {}))
     if raw is None:
         print(f"{name}: data not found under {data_root()}; skipped", flush=True)
         return []
@@ -269,6 +271,9 @@ def main() -> None:
                              "Default: the models the targets name (see DEFAULT_MODELS).")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytofuse-accuracy")
     parser.add_argument("--json", type=Path, help="Append the rows to this JSON-lines file.")
+    parser.add_argument("--livedead-bin", type=int, default=2, choices=[1, 2, 4],
+                        help="Bin the 128 px live/dead crops this many times (mean) before the CV; the patch is the "
+                             "whole binned crop (2: 64 px, the table's; 1: full resolution, about 4x the time).")
     parser.add_argument("--rescore-without-tta", type=Path, metavar="RUN",
                         help="Only re-score the fold models of a finished CV run with and without TTA.")
     parser.add_argument("--exposure-check", type=Path, metavar="RUN",
@@ -295,7 +300,7 @@ def main() -> None:
     rows = []
     for name in args.tasks:
         task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label,
-                             models=args.model)
+                             models=args.model, options={"livedead": {"bin_factor": args.livedead_bin}})
         rows += task_rows
         if task_rows:
             print(pd.DataFrame(task_rows).to_string(index=False, float_format="%.3f"), flush=True)
