@@ -526,7 +526,6 @@ def _num_classes(model: nn.Module, labels: np.ndarray) -> int:
     return int(getattr(model, "num_classes", labels.max() + 1))
 
 
-
 def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tuple[DataLoader, DataLoader]:
     """Training loader with an epoch-seeded order (augmentation happens in the training step); validation in order."""
     common = {
