@@ -73,14 +73,20 @@ def one_thread():
 def toy(tmp_path_factory):
     """A patch cache of 96 toy patches (one image each); the first 64 train, the rest validate."""
     x, labels = _toy_patches(96, seed=0)
+    return _split_datasets(x, labels, 64, tmp_path_factory.mktemp("toy") / "cache")
+
+
+def _split_datasets(x: np.ndarray, labels: np.ndarray, n_train: int, out) -> tuple[PatchDataset, PatchDataset]:
+    """A float32 patch cache of ``x`` (one image per patch, channels a and b); the first n_train train."""
     ids = [f"img{i}" for i in range(len(x))]
     index = pd.DataFrame({"patch_id": np.arange(len(x), dtype=np.int64), "image_id": ids, "z": 0, "y": 0, "x": 0,
                           "size": P, "label": labels.astype(str), "group": ids})
     stats = pd.DataFrame({"image_id": ids, "lo_a": 0.0, "hi_a": 1.0, "lo_b": 0.0, "hi_b": 1.0})
     cache = build_patch_cache(index, stats, load_image=lambda i: x[int(i[3:])][:, None], channels=["a", "b"],
-                              out=tmp_path_factory.mktemp("toy") / "cache", progress=False, dtype=np.float32)
+                              out=out, progress=False, dtype=np.float32)
     rows = np.arange(len(x))
-    return PatchDataset(cache, rows[:64], labels[:64]), PatchDataset(cache, rows[64:], labels[64:])
+    return (PatchDataset(cache, rows[:n_train], labels[:n_train]),
+            PatchDataset(cache, rows[n_train:], labels[n_train:]))
 
 
 def _settings(**kw) -> TrainSettings:
@@ -554,22 +560,16 @@ def _overlapping(n: int, rare: float, seed: int) -> tuple[np.ndarray, np.ndarray
     rng = np.random.default_rng(seed)
     labels = (rng.random(n) < rare).astype(np.int64)
     level = labels * 1.0 + rng.normal(0.0, 1.0, n)
-    x = rng.normal(0.0, 0.2, size=(n, 2, P, P)).astype(np.float32) + level[:, None, None, None].astype(np.float32) * [[[1.0]], [[0.0]]]
-    return x.astype(np.float32), labels
+    x = rng.normal(0.0, 0.2, size=(n, 2, P, P)).astype(np.float32)
+    x[:, 0] += level[:, None, None].astype(np.float32)
+    return x, labels
 
 
 def test_logit_adjustment_raises_the_rare_class_recall(tmp_path):
     """On overlapping classes with a 10 % minority, unweighted cross-entropy favours the majority; logit
     adjustment moves the decision to where both classes' recalls balance."""
     x, labels = _overlapping(600, 0.1, seed=0)
-    ids = [f"img{i}" for i in range(len(x))]
-    index = pd.DataFrame({"patch_id": np.arange(len(x), dtype=np.int64), "image_id": ids, "z": 0, "y": 0, "x": 0,
-                          "size": P, "label": labels.astype(str), "group": ids})
-    stats = pd.DataFrame({"image_id": ids, "lo_a": 0.0, "hi_a": 1.0, "lo_b": 0.0, "hi_b": 1.0})
-    cache = build_patch_cache(index, stats, load_image=lambda i: x[int(i[3:])][:, None], channels=["a", "b"],
-                              out=tmp_path / "cache", progress=False, dtype=np.float32)
-    rows = np.arange(len(x))
-    train_ds, val_ds = PatchDataset(cache, rows[:400], labels[:400]), PatchDataset(cache, rows[400:], labels[400:])
+    train_ds, val_ds = _split_datasets(x, labels, 400, tmp_path / "cache")
     recall = {}
     for weighting in ("none", "logit_adjust"):
         model = _model(cls=lambda: TinyNet(num_classes=2))
