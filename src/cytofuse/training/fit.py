@@ -513,17 +513,18 @@ def _labels_of(ds: Dataset, name: str) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def _resolve_class_weights(model: nn.Module, train_ds: Dataset, settings: TrainSettings, given) -> np.ndarray | None:
+def _imbalance(model: nn.Module, train_ds: Dataset, settings: TrainSettings,
+               given) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The loss's class weights and logit offset for ``settings.class_weighting`` (``given`` weights win)."""
     if given is not None:
-        return np.asarray(given, dtype=np.float32)
-    if settings.class_weighting != "inverse":
-        return None
+        return np.asarray(given, dtype=np.float32), None
+    if settings.class_weighting == "none":
+        return None, None
     labels = _labels_of(train_ds, "train_ds")
-    return inverse_class_weights(labels, _num_classes(model, labels))
-
-
-def _num_classes(model: nn.Module, labels: np.ndarray) -> int:
-    return int(getattr(model, "num_classes", labels.max() + 1))
+    num_classes = int(getattr(model, "num_classes", labels.max() + 1))
+    if settings.class_weighting == "logit_adjust":
+        return None, log_prior(labels, num_classes)
+    return inverse_class_weights(labels, num_classes), None
 
 
 def _loaders(train_ds: Dataset, val_ds: Dataset, settings: TrainSettings) -> tuple[DataLoader, DataLoader]:
@@ -687,12 +688,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, *, settings: Train
     state = _prepare(out_dir, key, resume)
     if state.get("completed") and FitFolder(out_dir).weights.is_file():
         return _stored_result(model, out_dir, state)
-    weight = _resolve_class_weights(model, train_ds, settings, class_weights)
-    offset = None
-    if settings.class_weighting == "logit_adjust" and class_weights is None:
-        labels = _labels_of(train_ds, "train_ds")
-        offset = log_prior(labels, _num_classes(model, labels))
-    if (weight is not None or offset is not None) and settings.sampler == "weighted" and class_weights is None:
+    weight, offset = _imbalance(model, train_ds, settings, class_weights)
+    if settings.class_weighting != "none" and settings.sampler == "weighted" and class_weights is None:
         warnings.warn(f"fit: class_weighting={settings.class_weighting!r} with sampler='weighted' corrects the "
                       "imbalance twice", stacklevel=2)
     L.seed_everything(settings.seed, workers=True, verbose=False)
