@@ -56,6 +56,7 @@ def jurkat_config(work: Path) -> dict | None:
     cells = jurkat_cells(root, work / "jurkat_cells")
     return {"data": {"images": str(cells)}, "patches": {"size": 40, "min_ratio": 0.0},
             "models": [{"fusion": "intermediate", "channels": ["BF", "DF"], "name": "BF+DF"},
+                       {"fusion": "early", "channels": ["BF", "DF"], "name": "BF+DF, early"},
                        {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "name": "BF+DF, DNA training-only"},
                        {"fusion": "intermediate", "channels": ["BF", "DF"], "auxiliary": ["DNA"], "auxiliary_mode": "distill",
                         "name": "BF+DF, DNA distilled"},
@@ -162,6 +163,37 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
         rows.append({"task": name, "variant": label, "model": model, "kind": result.kinds.get(model, "model"),
                      "level": level, "bacc": bacc.mean, "bacc_sd": bacc.sd,
                      "mcc": metrics.stat("mcc", level).mean, "minutes": round(minutes, 1)})
+    return rows
+
+
+def seed_rows(name: str, work: Path, labels: list[str], models: list[str], *, variant: str) -> list[dict]:
+    """Each of ``models``'s spread over the runs ``labels`` of one task (the same folds, one training seed each): the mean
+    and sd over seeds of the fold-mean balanced accuracy, and the seed ensemble, i.e. the fold models of all
+    seeds averaged (their test-fold probabilities), scored as one model by the package's metrics."""
+    import numpy as np
+    import pandas as pd
+
+    from cytofuse.evaluation.metrics import RunMetrics, evaluate_run, prob_columns
+    from cytofuse.runs import RunFolder
+
+    _, level = TASKS[name]
+    rows = []
+    for model in models:
+        folders = [RunFolder(work / f"run_{name}_{label}").model(model) for label in labels]
+        stored = [json.loads(f.metrics.read_text()) for f in folders]
+        means = [RunMetrics(m, source=str(f.metrics)).stat("balanced_accuracy", level).mean for m, f in zip(stored, folders)]
+        frames = [pd.read_parquet(f.predictions).sort_values("patch_id", ignore_index=True) for f in folders]
+        classes = stored[0]["cv"]["classes"]
+        cols = prob_columns(classes)
+        ensemble = frames[0].copy()
+        ensemble[cols] = np.mean([f[cols].to_numpy() for f in frames], axis=0)
+        metrics = RunMetrics({"cv": evaluate_run(ensemble, classes=classes)}, source=f"{model} seed ensemble")
+        bacc = metrics.stat("balanced_accuracy", level)
+        base = {"task": name, "model": model, "kind": "model", "level": level}
+        rows.append({**base, "variant": f"{variant}: {len(labels)} seeds", "bacc": float(np.mean(means)),
+                     "bacc_sd": float(np.std(means, ddof=1)), "mcc": float("nan"), "minutes": float("nan")})
+        rows.append({**base, "variant": f"{variant}: seed ensemble", "bacc": bacc.mean, "bacc_sd": bacc.sd,
+                     "mcc": metrics.stat("mcc", level).mean, "minutes": float("nan")})
     return rows
 
 
@@ -274,6 +306,9 @@ def main() -> None:
     parser.add_argument("--livedead-bin", type=int, default=2, choices=[1, 2, 4],
                         help="Bin the 128 px live/dead crops this many times (mean) before the CV; the patch is the "
                              "whole binned crop (2: 64 px, the table's; 1: full resolution, about 4x the time).")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="Run each task this many times with train.seed 0, 1, ... on the same folds and add each "
+                             "model's mean ± sd over seeds and its seed ensemble (probabilities averaged) to the table.")
     parser.add_argument("--rescore-without-tta", type=Path, metavar="RUN",
                         help="Only re-score the fold models of a finished CV run with and without TTA.")
     parser.add_argument("--exposure-check", type=Path, metavar="RUN",
@@ -299,8 +334,15 @@ def main() -> None:
         return
     rows = []
     for name in args.tasks:
-        task_rows = run_task(name, args.work, folds=args.folds, overrides=args.overrides, label=args.label,
-                             models=args.model, options={"livedead": {"bin_factor": args.livedead_bin}})
+        labels = [args.label] if args.seeds == 1 else [f"{args.label}_seed{s}" for s in range(args.seeds)]
+        task_rows = []
+        for seed, label in enumerate(labels):
+            seed_set = [] if args.seeds == 1 else [f"train.seed={seed}"]
+            task_rows += run_task(name, args.work, folds=args.folds, overrides=[*args.overrides, *seed_set],
+                                  label=label, models=args.model, options={"livedead": {"bin_factor": args.livedead_bin}})
+        if args.seeds > 1 and task_rows:
+            deep = sorted({row["model"] for row in task_rows if row["kind"] == "model"})
+            task_rows += seed_rows(name, args.work, labels, deep, variant=args.label)
         rows += task_rows
         if task_rows:
             print(pd.DataFrame(task_rows).to_string(index=False, float_format="%.3f"), flush=True)
