@@ -8,7 +8,7 @@ missing are skipped with a message.
 
 | task | data | level | models |
 |---|---|---|---|
-| jurkat | Jurkat 7 cell-cycle phases, one 40 px tile per cell (BF, DF; DNA training-only) | patch = cell | intermediate BF+DF; the same with DNA as a training-only channel (modality dropout; distillation from a BF+DF+DNA teacher) |
+| jurkat | Jurkat 7 cell-cycle phases, one 40 px tile per cell (BF, DF; DNA training-only) | patch = cell | intermediate BF+DF (early fusion beside it); the same with DNA as a training-only channel (modality dropout; distillation from a BF+DF+DNA teacher; reconstruction) |
 | bbbc021 | MCF-7 DMSO vs protein synthesis inhibitor, 68 px crops, grouped by field | patch = cell | early and intermediate over DAPI, tubulin, actin |
 | livedead | bright-field live vs dead crops (binned 2x to 64 px), grouped by source field | patch = cell | early |
 | hepg2 | HepG2 vs Huh7 whole fields (blue plane), grouped by image | image | early on 128 px patches |
@@ -22,10 +22,12 @@ the table, ``--model NAME`` the named ones. The CV's fits run two side by side (
 Every task trains with the package's defaults (the recipe of ``cytofuse.training.fit``, 30 epochs) except
 for what the table names. ``--set section.field=value`` changes a setting in every task's config (e.g.
 ``--set train.ema=false``), which is how the ablation table of ``benchmarks/README.md`` is
-made: one change at a time against the defaults, on the same folds.
+made: one change at a time against the defaults, on the same folds. ``--seeds N`` repeats each task with
+``train.seed`` 0 .. N-1 on the same folds and adds each model's mean ± sd over seeds and its seed ensemble, the
+spread a difference between two settings has to exceed.
 
     python benchmarks/accuracy.py [--tasks jurkat bbbc021 livedead hepg2 demo] [--folds 5] [--set k=v ...]
-                                  [--model all] [--jobs 2] [--threads 2]
+                                  [--model all] [--seeds 1] [--jobs 2] [--threads 2]
 """
 
 from __future__ import annotations
