@@ -168,10 +168,10 @@ def run_task(name: str, work: Path, *, folds: int, overrides: list[str], label: 
     return rows
 
 
-def seed_rows(name: str, work: Path, labels: list[str], models: list[str], *, variant: str) -> list[dict]:
-    """Each of ``models``'s spread over the runs ``labels`` of one task (the same folds, one training seed each): the mean
-    and sd over seeds of the fold-mean balanced accuracy, and the seed ensemble, i.e. the fold models of all
-    seeds averaged (their test-fold probabilities), scored as one model by the package's metrics."""
+def seed_rows(name: str, work: Path, seed_runs: list[dict], *, variant: str) -> list[dict]:
+    """Each deep model's spread over the rows ``seed_runs`` of one task (the same folds, one training seed per
+    run): the mean and sd over seeds of the fold-mean balanced accuracy, and the seed ensemble, i.e. the fold
+    models of all seeds averaged (their test-fold probabilities), scored as one model by the package's metrics."""
     import numpy as np
     import pandas as pd
 
@@ -180,20 +180,21 @@ def seed_rows(name: str, work: Path, labels: list[str], models: list[str], *, va
 
     _, level = TASKS[name]
     rows = []
-    for model in models:
-        folders = [RunFolder(work / f"run_{name}_{label}").model(model) for label in labels]
-        stored = [json.loads(f.metrics.read_text()) for f in folders]
-        means = [RunMetrics(m, source=str(f.metrics)).stat("balanced_accuracy", level).mean for m, f in zip(stored, folders)]
-        frames = [pd.read_parquet(f.predictions).sort_values("patch_id", ignore_index=True) for f in folders]
-        classes = stored[0]["cv"]["classes"]
+    for model in sorted({row["model"] for row in seed_runs if row["kind"] == "model"}):
+        runs = [row for row in seed_runs if row["model"] == model]
+        folders = [RunFolder(work / f"run_{name}_{row['variant']}").model(model) for row in runs]
+        classes = json.loads(folders[0].metrics.read_text())["cv"]["classes"]
         cols = prob_columns(classes)
+        frames = [pd.read_parquet(f.predictions).sort_values("patch_id", ignore_index=True) for f in folders]
         ensemble = frames[0].copy()
         ensemble[cols] = np.mean([f[cols].to_numpy() for f in frames], axis=0)
         metrics = RunMetrics({"cv": evaluate_run(ensemble, classes=classes)}, source=f"{model} seed ensemble")
         bacc = metrics.stat("balanced_accuracy", level)
+        means = [row["bacc"] for row in runs]
         base = {"task": name, "model": model, "kind": "model", "level": level}
-        rows.append({**base, "variant": f"{variant}: {len(labels)} seeds", "bacc": float(np.mean(means)),
-                     "bacc_sd": float(np.std(means, ddof=1)), "mcc": float("nan"), "minutes": float("nan")})
+        rows.append({**base, "variant": f"{variant}: {len(runs)} seeds", "bacc": float(np.mean(means)),
+                     "bacc_sd": float(np.std(means, ddof=1)), "mcc": float(np.mean([row["mcc"] for row in runs])),
+                     "minutes": float(sum(row["minutes"] for row in runs))})
         rows.append({**base, "variant": f"{variant}: seed ensemble", "bacc": bacc.mean, "bacc_sd": bacc.sd,
                      "mcc": metrics.stat("mcc", level).mean, "minutes": float("nan")})
     return rows
@@ -336,15 +337,14 @@ def main() -> None:
         return
     rows = []
     for name in args.tasks:
-        labels = [args.label] if args.seeds == 1 else [f"{args.label}_seed{s}" for s in range(args.seeds)]
+        seeds = [(args.label, [])] if args.seeds == 1 else \
+            [(f"{args.label}_seed{s}", [f"train.seed={s}"]) for s in range(args.seeds)]
         task_rows = []
-        for seed, label in enumerate(labels):
-            seed_set = [] if args.seeds == 1 else [f"train.seed={seed}"]
+        for label, seed_set in seeds:
             task_rows += run_task(name, args.work, folds=args.folds, overrides=[*args.overrides, *seed_set],
                                   label=label, models=args.model, options={"livedead": {"bin_factor": args.livedead_bin}})
         if args.seeds > 1 and task_rows:
-            deep = sorted({row["model"] for row in task_rows if row["kind"] == "model"})
-            task_rows += seed_rows(name, args.work, labels, deep, variant=args.label)
+            task_rows += seed_rows(name, args.work, task_rows, variant=args.label)
         rows += task_rows
         if task_rows:
             print(pd.DataFrame(task_rows).to_string(index=False, float_format="%.3f"), flush=True)
